@@ -1,0 +1,124 @@
+"""Report text scrubbing: golden cases in Chinese and English, tricky negatives, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from llava_ultra.cli import app
+from llava_ultra.data.reports import Report, read_reports, write_reports
+from llava_ultra.data.scrub import scrub_text
+
+ZH_GOLDEN = [
+    ("姓名：张三 性别：男 年龄：45岁", "姓名：[姓名] 性别：男 年龄：45岁"),
+    ("姓名张三丰性别男", "姓名[姓名]性别男"),
+    ("患者李建国，男，56岁，因颈部肿物就诊。", "患者[姓名]，男，56岁，因颈部肿物就诊。"),
+    ("患者：王小明，女", "患者：[姓名]，女"),
+    ("报告医师：欧阳娜娜  审核医师：王芳", "报告医师：[姓名]  审核医师：[姓名]"),
+    ("张先生，请于3日后复查。", "[姓名]先生，请于3日后复查。"),
+    ("身份证号：11010119900307123X，", "身份证号：[身份证号]，"),
+    ("身份证 110101900307123", "身份证 [身份证号]"),
+    ("手机13812345678，联系电话：0571-87654321", "手机[电话]，联系电话：[电话]"),
+    ("请致电 +86 139 1234 5678 或 (010)62345678", "请致电 [电话] 或 [电话]"),
+    (
+        "住院号：ZY20230101 门诊号 MZ123456 病历号: 0098765",
+        "住院号：[病历号] 门诊号 [病历号] 病历号: [病历号]",
+    ),
+    ("ID号：A00231", "ID号：[病历号]"),
+    ("出生日期：1980年3月5日，检查日期：2023-05-01", "出生日期：[出生日期]，检查日期：2023-05-01"),
+    ("出生年月：1975.06", "出生年月：[出生日期]"),
+    ("邮箱 zhangsan@example.com", "邮箱 [邮箱]"),
+]
+
+# Medical text that must come out unchanged.
+ZH_NEGATIVE = [
+    "甲状腺右叶见0.8cm×0.6cm低回声结节，边界清，TI-RADS 3类，CDFI：RI 0.65。",
+    "患者无明显诱因发现颈部肿物1月。",
+    "患者高血压病史5年，",
+    "患者黄疸3天。",
+    "患者，女，45岁，体检发现。",
+    "患者：无不适。",
+    "医生建议随访复查。",
+    "病人情况稳定，双侧颈部未见异常肿大淋巴结。",
+    "检查日期：2023-05-01，检查号位于报告右上角。",
+    "肝脏大小 12.5cm，门静脉内径1.1cm，胆囊 7.2×3.1cm。",
+]
+
+EN_GOLDEN = [
+    ("Patient: John Smith, 45 y/o male.", "Patient: [NAME], 45 y/o male."),
+    ("Patient John Smith was examined.", "Patient [NAME] was examined."),
+    ("Name: ZHANG^SAN Date of birth: March 5, 1980.", "Name: [NAME] Date of birth: [DOB]."),
+    ("Reported by: Dr. Emily Chen.", "Reported by: Dr. [NAME]."),
+    ("MRN: 12345678. DOB: 03/05/1980.", "MRN: [MRN]. DOB: [DOB]."),
+    ("Admission No. A1234567, Patient ID: P00123", "Admission No. [MRN], Patient ID: [MRN]"),
+    ("Tel: +1 555-123-4567", "Tel: [PHONE]"),
+    ("Call 13912345678 or +8613812345678.", "Call [PHONE] or [PHONE]."),
+    ("ID card 11010119900307123X on file", "ID card [ID] on file"),
+    ("Contact: li.si@hospital.org.cn", "Contact: [EMAIL]"),
+    ("Mrs. Wang Fang reports pain.", "Mrs. [NAME] reports pain."),
+]
+
+EN_NEGATIVE = [
+    "The patient presents with a 1.2 x 0.8 cm nodule. TI-RADS 4, BI-RADS 3.",
+    "Patient History: hypertension. Study name: Thyroid Ultrasound. Exam date: 2023-05-01.",
+    "Patient: Female, 45 years. thyroid: normal. Vmax 120 cm/s.",
+    "Age: 45. Sex: F. Left lobe 0.6 cm hypoechoic nodule, RI 0.65, PSV 35.2 cm/s.",
+    "Patient presents with right upper quadrant pain.",
+    "Follow-up in 6 months; 3 nodules, largest 12 x 9 x 8 mm.",
+    "Name:",
+    "Hospital course unremarkable.",
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), ZH_GOLDEN + EN_GOLDEN)
+def test_golden(text, expected):
+    assert scrub_text(text).text == expected
+
+
+@pytest.mark.parametrize("text", ZH_NEGATIVE + EN_NEGATIVE)
+def test_medical_text_is_kept(text):
+    result = scrub_text(text)
+    assert result.text == text and result.found == []
+
+
+def test_spans_refer_to_input_and_kinds_are_counted():
+    text = "姓名：张三，手机13812345678，出生日期：1980-03-05"
+    result = scrub_text(text)
+    assert [(kind, text[s:e]) for kind, (s, e) in result.found] == [
+        ("name", "张三"),
+        ("phone", "13812345678"),
+        ("birth_date", "1980-03-05"),
+    ]
+    assert result.counts == {"name": 1, "phone": 1, "birth_date": 1}
+
+
+def test_language_picks_placeholders_and_is_pure():
+    text = "Patient: John Smith"
+    assert scrub_text(text, "zh").text == "Patient: [姓名]"
+    assert scrub_text(text, "en") == scrub_text(text, "en")
+    with pytest.raises(ValueError, match="language"):
+        scrub_text(text, "fr")
+
+
+def test_scrub_cli_writes_scrubbed_reports_and_counts(tmp_path):
+    reports = [
+        Report("a", "thyroid", "患者张三，女，45岁", "甲状腺右叶结节0.8cm×0.6cm", "TI-RADS 3类", "zh", ["a.png"]),
+        Report(
+            "b", "breast", "Patient: John Smith", "Cyst 1.1 cm", "BI-RADS 2", "en", ["b.png"],
+            meta={"note": "MRN: 998877"},
+        ),
+        Report("c", "liver", "", "肝脏未见异常", "正常", "zh", ["c.png"]),
+    ]  # fmt: skip
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.csv"
+    write_reports(src, reports)
+    with src.open("a", encoding="utf-8") as fh:
+        fh.write("{broken\n")
+    res = CliRunner().invoke(app, ["scrub", str(src), str(dst)])
+    assert res.exit_code == 1  # the broken line is reported, not silently dropped
+    assert "name: 2" in res.output and "record_number: 1" in res.output and "2 changed" in res.output
+    assert f"{src}:4" in res.output
+    out = read_reports(dst)
+    assert out[0].history == "患者[姓名]，女，45岁" and out[0].findings == reports[0].findings
+    assert out[1].history == "Patient: [NAME]" and out[1].meta == {"note": "MRN: [MRN]"}
+    assert out[2] == reports[2]
+    assert CliRunner().invoke(app, ["scrub", str(src), str(src)]).exit_code == 2

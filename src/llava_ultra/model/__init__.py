@@ -1,1 +1,6 @@
-"""model subpackage."""
+"""The LLaVA-Ultra model: encoders (vision.py), fusion (fusion.py), frame selection (selector.py),
+the assembled model with generation and checkpoints (ultra.py), and the tiny tokenizer (tokenizer.py).
+
+Import from the submodules; this package file stays light so that `import llava_ultra.model` does
+not pull in transformers.
+"""

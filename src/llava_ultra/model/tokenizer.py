@@ -1,0 +1,152 @@
+"""Tokenizer for tiny models, and the conversation formats.
+
+`build_tiny_tokenizer` trains a byte-level BPE offline with `tokenizers` on the texts at hand, so
+tiny random-init models get a real tokenizer with no download. Byte-level means every string,
+Chinese included, round-trips exactly; there is deliberately no NFKC normaliser (it would rewrite
+full-width Chinese punctuation such as '，' into ',' and break the round trip). Special tokens
+have fixed ids: `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3, `<image>`=4. Like LLaMA's tokenizer it
+prepends `<s>` when `add_special_tokens=True`.
+
+Conversation formats (LLaVA's names):
+- 'vicuna_v1': "{system} USER: {q} ASSISTANT: {a}</s>USER: ..." - used for instruction tuning.
+- 'plain': "{image placeholder}{caption}\n" - stage 1 concept alignment, no roles.
+`render_conversation` returns segments flagged as target or not, so that collate can mask
+everything but the assistant's answers in the labels; `render_prompt` ends at "ASSISTANT:" for
+generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..errors import ConfigError, DataError
+
+PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4 in this order
+TEMPLATES = ("vicuna_v1", "plain")
+DEFAULT_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` (offline, deterministic for the same input).
+
+    The vocabulary holds the 5 special tokens, the 256 byte symbols, and merges up to
+    `vocab_size` (fewer when the texts are too small to support that many merges).
+    """
+    minimum = len(SPECIAL_TOKENS) + 256
+    if vocab_size < minimum:
+        raise ConfigError(
+            f"vocab_size={vocab_size} is too small for a byte-level BPE; use at least {minimum}"
+        )
+    texts = list(texts)
+    if not any(t.strip() for t in texts):
+        raise DataError("build_tiny_tokenizer got no text; pass the training reports' texts")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        extra_special_tokens={"image_token": IMAGE},
+    )
+    ids = fast.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    assert ids == list(range(len(SPECIAL_TOKENS))), ids  # fixed ids are part of the contract
+    return fast
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """Load a tokenizer saved beside a checkpoint (or any transformers tokenizer folder/hub id)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"no tokenizer could be loaded from {folder}: {exc}; save one there with tokenizer.save_pretrained"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------- conversations
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of rendered conversation; `is_target` marks text the model is trained to produce."""
+
+    text: str
+    is_target: bool
+
+
+def _check_messages(messages: list[dict[str, str]]) -> None:
+    if not messages:
+        raise DataError("conversation is empty; give at least one user message")
+    for i, msg in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg.get("role") != expected:
+            raise DataError(
+                f"conversation message {i} has role {msg.get('role')!r}, expected {expected!r}; "
+                f"messages must alternate user/assistant starting with user"
+            )
+
+
+def render_conversation(
+    messages: list[dict[str, str]],
+    template: str = "vicuna_v1",
+    system: str | None = None,
+    image_token: str = IMAGE,
+    eos_token: str = EOS,
+) -> list[Segment]:
+    """Render alternating user/assistant messages into segments (targets = assistant answers + EOS).
+
+    Messages are `{"role": "user"|"assistant", "content": str}`; the user content carries the image
+    placeholder where the images go. For 'plain' only the first exchange is used: the placeholder
+    followed by the answer (LLaVA's stage-1 format drops the question).
+    """
+    if template not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {template!r}; use one of {', '.join(TEMPLATES)}")
+    _check_messages(messages)
+    if template == "plain":
+        if len(messages) < 2:
+            raise DataError("the 'plain' template needs a user message and an assistant answer")
+        prefix = image_token if image_token in messages[0]["content"] else ""
+        return [Segment(prefix, False), Segment(messages[1]["content"] + "\n", True)]
+    segments = [Segment((DEFAULT_SYSTEM if system is None else system) + " ", False)]
+    for i in range(0, len(messages), 2):
+        segments.append(Segment(f"USER: {messages[i]['content']} ASSISTANT:", False))
+        if i + 1 < len(messages):
+            segments.append(Segment(f" {messages[i + 1]['content']}{eos_token}", True))
+    return segments
+
+
+def render_prompt(
+    messages: list[dict[str, str]],
+    template: str = "vicuna_v1",
+    system: str | None = None,
+    image_token: str = IMAGE,
+) -> str:
+    """The text a model continues to answer the last user message (ends with 'ASSISTANT:')."""
+    if template == "plain":
+        _check_messages(messages)
+        return image_token if image_token in messages[0]["content"] else ""
+    if len(messages) % 2 == 0:
+        raise DataError("render_prompt needs the conversation to end with a user message")
+    return "".join(s.text for s in render_conversation(messages, template, system, image_token))

@@ -1,0 +1,814 @@
+"""The LLaVA-Ultra model: encode -> fuse -> select -> scatter into the LLM -> loss / generate.
+
+Reading order follows the data. A batch has B samples; sample b has k_b images (its report's
+frames), M = sum k_b images in all, flattened in sample order:
+
+    pixel_values_clip (M, 3, S, S), pixel_values_sam (M, 3, S', S'), image_counts [k_1..k_B]
+    1. encode  : CLIP (M, N, Dc) and SAM (M, C, Gs, Gs), each in ONE batched call over all M images
+    2. fuse    : H_v = a*P1(CLIP) + (1-a)*P2(align(SAM))                               (M, N, D)
+    3. select  : feature scores s_fea (M,) -> top-m per sample (straight-through while training);
+                 with findings text, the attention teacher gives s_attn and the KD loss
+    4. scatter : the S selected images' tokens (S, N, D) replace the image placeholder tokens
+    5. LLM     : logits (B, T, V); loss = lm_loss + kd_weight * kd_loss
+
+Placeholders are expanded by collate, not here: the text of sample b holds exactly
+`cfg.image_tokens_for(k_b)` = images_into_llm(k_b) * N placeholder tokens. With selection on that is
+top_m images whatever k_b is, so the text length does not depend on which frame wins; only the
+selected images ever reach the LLM. A mismatch raises `DataError` naming both counts (as
+transformers' modeling_llava does). In mode 'none' only the images that will be used are encoded.
+
+Module names are a contract (state-dict prefixes that lora.py and convert.py rely on):
+    clip      transformers CLIPVisionModel    -> clip.embeddings.*, clip.encoder.*, clip.pre_layrnorm.*,
+              clip.post_layernorm.*  (transformers 5.x has no `vision_model.` level in CLIPVisionModel)
+    sam       transformers SamVisionModel | None -> sam.vision_encoder.*
+    fusion    fusion.clip_projector.linear_1/linear_2.*, fusion.sam_projector.*, fusion.align.*,
+              fusion.alpha_logit
+    selector  selector.token_weight.*, selector.score_head.*
+    llm       any AutoModelForCausalLM       -> llm.model.*, llm.lm_head.*
+
+dtype: 'auto' is float32 on CPU (never float16 there), bfloat16 on CUDA when supported, else float16.
+The LLM uses SDPA unless configured otherwise; the attention teacher switches to eager for its pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_model
+from torch import nn
+from transformers import (
+    CONFIG_MAPPING,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.initialization import no_init_weights
+
+from ..config import LLMConfig, ModelConfig, model_config_from_dict, to_dict
+from ..errors import CheckpointError, ConfigError, DataError
+from .fusion import Fusion
+from .selector import (
+    Selection,
+    Selector,
+    attention_teacher,
+    group,
+    indices_from_mask,
+    kd_loss,
+    select_features,
+    select_top,
+    straight_through,
+)
+from .vision import ImageProcessor, build_clip, build_sam, clip_tokens, sam_grid
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "llava-ultra"
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100
+
+
+def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
+    """The weight dtype for `name` ('auto' or an explicit dtype) on `device`."""
+    device = torch.device(device or "cpu")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise ConfigError("model.dtype='float16' does not run on CPU; use 'auto' or 'float32' there")
+    return getattr(torch, name)
+
+
+def build_llm(cfg: LLMConfig, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The causal LM from a hub id / folder or from inline config kwargs ('model_type' picks the family)."""
+    if cfg.inline is not None:
+        kwargs = dict(cfg.inline)
+        model_type = kwargs.pop("model_type", "llama")
+        if model_type not in CONFIG_MAPPING:
+            raise ConfigError(f"model.llm.inline.model_type={model_type!r} is not a transformers model type")
+        config = CONFIG_MAPPING[model_type](**kwargs)
+        return AutoModelForCausalLM.from_config(
+            config, attn_implementation=cfg.attn_implementation, dtype=dtype
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.path, attn_implementation=cfg.attn_implementation, dtype=dtype
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"model.llm.path={cfg.path!r} could not be loaded as a causal LM: {exc}. Original LLaVA / "
+            f"LLaVA-Med checkpoints must first be converted with `llava-ultra convert`"
+        ) from exc
+
+
+@dataclass
+class UltraOutput:
+    """What `UltraModel.forward` returns."""
+
+    loss: torch.Tensor | None
+    """lm_loss + kd_weight * kd_loss (None without labels and without a teacher)."""
+    lm_loss: torch.Tensor | None
+    """Next-token cross-entropy over labelled positions."""
+    kd_loss: torch.Tensor | None
+    """Selector distillation loss (mode 'feature+attention' with findings text), else None."""
+    logits: torch.Tensor
+    """(B, T, V)."""
+    selection: Selection
+    """Which images reached the LLM, with scores."""
+
+
+@dataclass
+class GenerationOutput:
+    """What `UltraModel.generate` returns."""
+
+    sequences: list[list[int]]
+    """New token ids per sample, without the prompt, EOS or padding."""
+    texts: list[str] | None
+    """Decoded answers cut before any stop string (when a tokenizer was given)."""
+    selection: Selection
+    """Which images were used."""
+
+
+class UltraModel(nn.Module):
+    """CLIP (+ SAM) -> fusion -> selector -> LLM. Build with `build_model` or `from_pretrained`."""
+
+    def __init__(
+        self, config: ModelConfig, clip: nn.Module, sam: nn.Module | None, llm: PreTrainedModel
+    ) -> None:
+        super().__init__()
+        if config.image_token_id is None:
+            raise ConfigError("model.image_token_id is unset; pass the tokenizer to build_model or set it")
+        self.config = config
+        self.clip = clip
+        self.sam = sam
+        llm_dim = llm.config.get_text_config().hidden_size
+        sam_channels = sam.config.output_channels if sam is not None else None
+        self.fusion = Fusion(
+            config.fusion, clip.config.hidden_size, llm_dim, config.vision.grid, sam_channels
+        )
+        self.selector = Selector(config.selector, llm_dim)
+        self.llm = llm
+
+    # ------------------------------------------------------------------------------- basics
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        """Turns PIL images into this model's `pixel_values_clip` / `pixel_values_sam`."""
+        return ImageProcessor(self.config.vision, self.config.sam)
+
+    def train(self, mode: bool = True) -> UltraModel:
+        """Like nn.Module.train, but frozen encoders (no trainable parameter) stay in eval mode."""
+        super().train(mode)
+        for encoder in (self.clip, self.sam):
+            if encoder is not None and not any(p.requires_grad for p in encoder.parameters()):
+                encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------- 1-2. encode and fuse
+
+    def encode_images(
+        self, pixel_values_clip: torch.Tensor, pixel_values_sam: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(M, 3, S, S) [+ (M, 3, S', S')] -> fused visual tokens H_v (M, N, D)."""
+        v = self.config.vision
+        tokens = clip_tokens(self.clip, pixel_values_clip.to(self.device), v.select_layer, v.select_feature)
+        grid = None
+        if self.sam is not None:
+            if pixel_values_sam is None:
+                raise DataError(
+                    "this model fuses SAM features: pass pixel_values_sam (ImageProcessor makes both)"
+                )
+            grid = sam_grid(self.sam, pixel_values_sam.to(self.device))  # (M, C, Gs, Gs)
+        return self.fusion(tokens.to(self.dtype), grid)  # (M, N, D)
+
+    # -------------------------------------------------------------------------------- 3. select
+
+    def _select(
+        self,
+        pixel_values_clip: torch.Tensor | None,
+        pixel_values_sam: torch.Tensor | None,
+        counts: list[int],
+        findings_ids: torch.Tensor | None,
+        findings_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, Selection, torch.Tensor | None]:
+        """Encode, score and select. Returns the chosen images' tokens (S, N, D), the selection, kd_loss."""
+        if pixel_values_clip is None or sum(counts) == 0:
+            return None, Selection(indices=[[] for _ in counts]), None
+        scfg = self.config.selector
+        if scfg.mode == "none":  # fixed choice: encode only the images that will be used
+            indices = self.selector.fixed_choice(counts)
+            offsets = np.cumsum([0, *counts[:-1]])
+            flat = torch.tensor([int(offsets[b]) + i for b, idx in enumerate(indices) for i in idx])
+            sam = pixel_values_sam[flat] if pixel_values_sam is not None else None
+            return self.encode_images(pixel_values_clip[flat], sam), Selection(indices=indices), None
+
+        feats = self.encode_images(pixel_values_clip, pixel_values_sam)  # (M, N, D)
+        scores, valid = group(self.selector.score(feats), counts)  # (B, K), (B, K)
+        chosen = select_top(scores, valid, scfg.top_m)  # (B, K) hard 0/1
+        multipliers = None
+        if self.training and scfg.straight_through and torch.is_grad_enabled():
+            multipliers = straight_through(scores, valid, chosen)
+        selected = select_features(feats, counts, chosen, multipliers)  # (S, N, D)
+
+        kd, teacher = None, None
+        if scfg.mode == "feature+attention" and findings_ids is not None:
+            if findings_mask is None:
+                findings_mask = torch.ones_like(findings_ids)
+            repeat = torch.tensor(counts, device=self.device)
+            text = self.llm.get_input_embeddings()(findings_ids.to(self.device))  # (B, T, D)
+            s_attn = attention_teacher(
+                self.llm,
+                feats.detach(),
+                text.repeat_interleave(repeat, dim=0),  # (M, T, D)
+                findings_mask.to(self.device).repeat_interleave(repeat, dim=0),  # (M, T)
+                scfg.attn_layers,
+            )
+            teacher, _ = group(s_attn, counts)
+            kd = kd_loss(teacher, scores, valid, scfg.teacher_temperature)
+        selection = Selection(
+            indices=indices_from_mask(chosen),
+            scores=scores.detach(),
+            teacher=teacher.masked_fill(~valid, float("-inf")) if teacher is not None else None,
+        )
+        return selected, selection, kd
+
+    # ------------------------------------------------------------------------------- 4. scatter
+
+    def embed(
+        self, input_ids: torch.Tensor, image_feats: torch.Tensor | None, selection: Selection
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, D) with the placeholder positions filled by the selected images' tokens."""
+        input_ids = input_ids.to(self.device)
+        is_image = input_ids == self.config.image_token_id  # (B, T)
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_image, 0))  # (B, T, D)
+        n_tokens = image_feats.shape[1] if image_feats is not None else self.config.tokens_per_image
+        found = is_image.sum(1).tolist()
+        for b, (have, idx) in enumerate(zip(found, selection.indices, strict=True)):
+            if have != len(idx) * n_tokens:
+                raise DataError(
+                    f"sample {b}: image tokens and features do not match: the text has {have} image "
+                    f"placeholder tokens but {len(idx)} selected image(s) x {n_tokens} tokens = "
+                    f"{len(idx) * n_tokens} features; collate must expand the placeholder to "
+                    f"ModelConfig.image_tokens_for(k) tokens"
+                )
+        if image_feats is None:
+            return embeds
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_feats.to(embeds.dtype))
+
+    # ---------------------------------------------------------------------------------- 5. LLM
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values_clip: torch.Tensor | None = None,
+        pixel_values_sam: torch.Tensor | None = None,
+        image_counts: Sequence[int] | torch.Tensor | None = None,
+        findings_ids: torch.Tensor | None = None,
+        findings_mask: torch.Tensor | None = None,
+    ) -> UltraOutput:
+        """Logits and losses for a batch (shapes in the module docstring; labels use -100 to ignore)."""
+        counts = _image_counts(image_counts, input_ids.shape[0], pixel_values_clip)
+        feats, selection, kd = self._select(
+            pixel_values_clip, pixel_values_sam, counts, findings_ids, findings_mask
+        )
+        embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # right or left padding
+        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).logits
+
+        lm_loss = None
+        if labels is not None:
+            targets = labels[:, 1:].to(self.device)  # (B, T-1): token t predicts t+1
+            if (targets != IGNORE_INDEX).any():
+                lm_loss = F.cross_entropy(
+                    logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                )
+            else:
+                lm_loss = logits.sum() * 0.0
+        parts = [
+            x for x in (lm_loss, None if kd is None else self.config.selector.kd_weight * kd) if x is not None
+        ]
+        loss = sum(parts[1:], parts[0]) if parts else None
+        return UltraOutput(loss=loss, lm_loss=lm_loss, kd_loss=kd, logits=logits, selection=selection)
+
+    # -------------------------------------------------------------------------------- generate
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values_clip: torch.Tensor | None = None,
+        pixel_values_sam: torch.Tensor | None = None,
+        image_counts: Sequence[int] | torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop_strings: Sequence[str] = (),
+        eos_token_id: int | Sequence[int] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> GenerationOutput:
+        """Decode answers with the LLM's KV cache: one prefill over the prompt embeddings, then one token
+        per step. Greedy by default; sampling with temperature / top_p / seed. Rows are left-padded
+        internally (so batched greedy equals one-by-one greedy). Stops at EOS, at a stop string (needs
+        `tokenizer`), or after `max_new_tokens`.
+        """
+        if stop_strings and tokenizer is None:
+            raise ConfigError("stop_strings need the tokenizer to decode; pass tokenizer=...")
+        if do_sample and temperature <= 0:
+            raise ConfigError(
+                f"temperature={temperature} must be > 0 when sampling; use do_sample=False for greedy"
+            )
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+        was_training = self.training
+        self.eval()
+        try:
+            counts = _image_counts(image_counts, input_ids.shape[0], pixel_values_clip)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            input_ids, attention_mask = _left_pad(input_ids, attention_mask)
+            feats, selection, _ = self._select(pixel_values_clip, pixel_values_sam, counts, None, None)
+            embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
+            mask = attention_mask.to(self.device).long()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            extra = (
+                {"logits_to_keep": 1}
+                if "logits_to_keep" in inspect.signature(self.llm.forward).parameters
+                else {}
+            )
+            out = self.llm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **extra
+            )
+            eos = _eos_ids(eos_token_id, tokenizer, self.llm)
+            generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+            done = [False] * len(rows)
+            for _ in range(max_new_tokens):
+                logits = out.logits[:, -1].float()  # (B, V)
+                token = _next_token(logits, do_sample, temperature, top_p, generator)  # (B,)
+                for b, t in enumerate(token.tolist()):
+                    if done[b]:
+                        continue
+                    if t in eos:
+                        done[b] = True
+                        continue
+                    rows[b].append(t)
+                    if stop_strings and any(s in tokenizer.decode(rows[b]) for s in stop_strings):
+                        done[b] = True
+                if all(done):
+                    break
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self.llm(
+                    input_ids=token.view(-1, 1),
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                )
+        finally:
+            self.train(was_training)
+        texts = None
+        if tokenizer is not None:
+            texts = [_cut(tokenizer.decode(r, skip_special_tokens=True), stop_strings) for r in rows]
+        return GenerationOutput(sequences=rows, texts=texts, selection=selection)
+
+    def prepare_inputs(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        images: Sequence[Sequence[Image.Image]],
+    ) -> dict[str, Any]:
+        """Tokenise prompts (each with one image placeholder where its images go), expand the placeholder
+        to the right number of tokens, left-pad, and preprocess the images: a batch for `generate`."""
+        if len(prompts) != len(images):
+            raise DataError(
+                f"got {len(prompts)} prompts but {len(images)} image lists; give one list per prompt"
+            )
+        token_id = self.config.image_token_id
+        rows = []
+        for i, (prompt, imgs) in enumerate(zip(prompts, images, strict=True)):
+            ids = tokenizer(prompt).input_ids
+            n_placeholders = ids.count(token_id)
+            if n_placeholders != (1 if imgs else 0):
+                raise DataError(
+                    f"prompt {i} has {n_placeholders} {self.config.image_token!r} placeholders for {len(imgs)} "
+                    f"image(s); put exactly one placeholder where the images go (none without images)"
+                )
+            if imgs:
+                at = ids.index(token_id)
+                ids = ids[:at] + [token_id] * self.config.image_tokens_for(len(imgs)) + ids[at + 1 :]
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        pixels = self.image_processor([im for imgs in images for im in imgs])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_counts": [len(imgs) for imgs in images],
+            **pixels,
+        }
+
+    # --------------------------------------------------------------------------- save and load
+
+    def resolved_config(self) -> ModelConfig:
+        """This model's config with every pretrained part described inline (rebuildable offline)."""
+
+        def inline(module: nn.Module, keep_type: bool) -> dict:
+            data = module.config.to_diff_dict()
+            for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
+                data.pop(key, None)
+            if not keep_type:
+                data.pop("model_type", None)
+            return data
+
+        c = self.config
+
+        def part(sub: Any, module: nn.Module | None, keep_type: bool = False) -> Any:
+            if module is None:
+                return sub
+            return dataclasses.replace(
+                sub, path=None, inline=inline(module, keep_type), origin=sub.origin or sub.path
+            )
+
+        return dataclasses.replace(
+            c,
+            vision=part(c.vision, self.clip),
+            sam=part(c.sam, self.sam),
+            llm=part(c.llm, self.llm, keep_type=True),
+        )
+
+    def save_pretrained(self, folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+        """Write config.json (resolved, inline), model.safetensors and, if given, the tokenizer files."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": to_dict(self.resolved_config()),
+        }
+        (folder / CONFIG_NAME).write_text(
+            json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, device: str | torch.device | None = None, dtype: str | None = None
+    ) -> UltraModel:
+        """Rebuild from a folder written by `save_pretrained`; strict: missing/unexpected keys raise."""
+        folder = Path(folder)
+        cfg = read_model_config(folder)
+        if dtype is not None:
+            cfg = dataclasses.replace(cfg, dtype=dtype)
+        weights = folder / WEIGHTS_NAME
+        if not weights.is_file():
+            raise CheckpointError(
+                f"{folder} has no {WEIGHTS_NAME}; save the model there with save_pretrained"
+            )
+        with no_init_weights():  # every weight is overwritten below; skip the random init
+            model = build_model(dataclasses.replace(cfg, dtype="float32"))
+        load_state_dict_strict(model, load_file(str(weights)), source=str(weights))
+        return model.to(device=device or "cpu", dtype=resolve_dtype(cfg.dtype, device))
+
+
+def read_model_config(folder: str | Path) -> ModelConfig:
+    """The `ModelConfig` saved in a checkpoint folder, with a clear error for foreign folders."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a llava-ultra checkpoint folder?")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("format") != FORMAT:
+        kind = data.get("model_type", "unknown")
+        raise CheckpointError(
+            f"{folder} is not a llava-ultra checkpoint (its config.json has model_type={kind!r}); "
+            f"convert it first with `llava-ultra convert`"
+        )
+    return model_config_from_dict(data["model"])
+
+
+def build_model(
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    device: str | torch.device | None = None,
+) -> UltraModel:
+    """Build the model from its config alone: pretrained parts from `path`, random init from `inline`.
+
+    With a tokenizer, `image_token_id` is taken from (and checked against) it, and the LLM's
+    embeddings grow to the tokenizer's size if it has more tokens (new rows use transformers' init).
+    """
+    dtype = resolve_dtype(cfg.dtype, device)
+    if tokenizer is not None:
+        token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ConfigError(
+                f"the tokenizer has no {cfg.image_token!r} token; add it (tokenizer.add_special_tokens) "
+                f"or build one with build_tiny_tokenizer"
+            )
+        if cfg.image_token_id is not None and cfg.image_token_id != token_id:
+            raise ConfigError(
+                f"model.image_token_id={cfg.image_token_id} but the tokenizer maps {cfg.image_token!r} to "
+                f"{token_id}; set model.image_token_id={token_id}"
+            )
+        cfg = dataclasses.replace(cfg, image_token_id=token_id)
+    llm = build_llm(cfg.llm, dtype=torch.float32)
+    if tokenizer is not None and len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer))
+    model = UltraModel(cfg, build_clip(cfg.vision), build_sam(cfg.sam), llm)
+    return model.to(device=device or "cpu", dtype=dtype)
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str = "checkpoint",
+    allow_missing: Sequence[str] = (),
+) -> None:
+    """Load `state_dict` into `model`; any missing, unexpected or mis-shaped key is a `CheckpointError`
+    listing them. A key tied to another (shared storage, e.g. tied embeddings) may be absent when its
+    twin is present. Keys starting with a prefix in `allow_missing` may be absent (new modules)."""
+    expected = model.state_dict()
+    by_storage: dict[int, list[str]] = {}
+    for key, tensor in expected.items():
+        if tensor.numel():
+            by_storage.setdefault(tensor.data_ptr(), []).append(key)
+    twins = {k: keys for keys in by_storage.values() for k in keys}
+    missing = [
+        k
+        for k in expected
+        if k not in state_dict
+        and not any(t in state_dict for t in twins.get(k, ()))
+        and not k.startswith(tuple(allow_missing))
+    ]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
+        for k in state_dict
+        if k in expected and state_dict[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or shapes:
+
+        def listing(name: str, keys: list[str]) -> str:
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+            return f"{len(keys)} {name}: {shown}" if keys else ""
+
+        parts = [
+            listing("missing", missing),
+            listing("unexpected", unexpected),
+            listing("wrong shape", shapes),
+        ]
+        raise CheckpointError(
+            f"{source} does not match the model ({'; '.join(p for p in parts if p)}). Check that the config "
+            f"beside the weights is the one they were trained with, or convert the checkpoint."
+        )
+    model.load_state_dict(state_dict, strict=False)
+
+
+# ------------------------------------------------------------------------------- llava-hf weights
+
+LLAVA_HF_KEY_MAP = {
+    # source prefix -> our prefix; the longest matching prefix wins. Covers transformers 5.x in-memory
+    # names (model.vision_tower.*), its saved names (vision_tower.*, language_model.model.*) and the
+    # hub's llava-hf files (vision_tower.vision_model.*).
+    "model.vision_tower.vision_model.": "clip.",
+    "model.vision_tower.": "clip.",
+    "vision_tower.vision_model.": "clip.",
+    "vision_tower.": "clip.",
+    "model.multi_modal_projector.": "fusion.clip_projector.",
+    "multi_modal_projector.": "fusion.clip_projector.",
+    "model.language_model.": "llm.model.",
+    "language_model.model.": "llm.model.",
+    "language_model.lm_head.": "llm.lm_head.",
+    "lm_head.": "llm.lm_head.",
+}
+
+
+def map_keys(state_dict: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename keys by longest matching prefix; keys with no match are kept (and reported by a strict load)."""
+    prefixes = sorted(key_map, key=len, reverse=True)
+    out = {}
+    for key, tensor in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        out[key_map[prefix] + key[len(prefix) :] if prefix else key] = tensor
+    return out
+
+
+def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers folder: model.safetensors or a sharded index."""
+    folder = Path(folder)
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+
+
+def model_config_from_llava_hf(folder: str | Path) -> ModelConfig:
+    """A plain-LLaVA `ModelConfig` (SAM off, selection off) equivalent to a llava-hf config.json."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("model_type") != "llava":
+        raise CheckpointError(
+            f"{path} has model_type={data.get('model_type')!r}, expected 'llava' (llava-hf format)"
+        )
+    layer = data.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ConfigError(
+            f"{path}: vision_feature_layer={layer} (several layers) is not supported; use one layer"
+        )
+    if data.get("projector_hidden_act", "gelu") != "gelu" or not data.get("multimodal_projector_bias", True):
+        raise ConfigError(f"{path}: only a biased Linear-GELU-Linear projector (mlp2x_gelu) is supported")
+    strategy = data.get("vision_feature_select_strategy", "default")
+    vision = CLIPVisionConfig(**{k: v for k, v in data["vision_config"].items() if k != "model_type"})
+    cfg = {
+        "vision": {
+            "inline": data["vision_config"],
+            "select_layer": layer,
+            "select_feature": {"default": "patch", "full": "cls_patch"}[strategy],
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+        },
+        "sam": {"enabled": False},
+        "fusion": {"projector_type": "mlp2x_gelu"},
+        "selector": {"mode": "none", "none_strategy": "first"},
+        "llm": {"inline": data["text_config"]},
+        "image_token_id": data.get("image_token_id", data.get("image_token_index")),
+    }
+    return model_config_from_dict(cfg)
+
+
+def load_llava_hf_weights(model: UltraModel, folder: str | Path, allow_missing: Sequence[str] = ()) -> None:
+    """Copy a llava-hf checkpoint's weights into `model` (strictly, via LLAVA_HF_KEY_MAP)."""
+    state = map_keys(read_safetensors(folder), LLAVA_HF_KEY_MAP)
+    load_state_dict_strict(model, state, source=str(folder), allow_missing=allow_missing)
+
+
+# ------------------------------------------------------------------------------ sanity check
+
+
+@dataclass
+class NoiseCheck:
+    """Does the model look at the image? Compare its output on real images with noise images."""
+
+    image_matters: bool
+    """True when the next-token logits move by more than the tolerance."""
+    max_logit_diff: float
+    """Largest absolute change of the first answer token's logits."""
+    answer_changed: bool
+    """Whether the greedy answers differ."""
+    answer_real: str
+    """Greedy answer with the real images."""
+    answer_noise: str
+    """Greedy answer with noise images."""
+
+
+def noise_image_check(
+    model: UltraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    images: Sequence[Image.Image],
+    prompt: str,
+    *,
+    max_new_tokens: int = 16,
+    seed: int = 0,
+    atol: float = 1e-4,
+) -> NoiseCheck:
+    """Replace `images` by uniform noise of the same sizes and report whether the output changes.
+
+    `prompt` is the text the model continues (e.g. `render_prompt(...)`) with one image placeholder;
+    if it has none, one is put in front. A model whose logits do not move ignores its images (a
+    re-initialised or zeroed projector, a vision tower that did not load): `image_matters` is False.
+    """
+    if not images:
+        raise DataError("noise_image_check needs at least one image")
+    if model.config.image_token not in prompt:
+        prompt = f"{model.config.image_token}\n{prompt}"
+    rng = np.random.default_rng(seed)
+    noise = [Image.fromarray(rng.integers(0, 256, (im.height, im.width, 3), dtype=np.uint8)) for im in images]
+    answers, last_logits = [], []
+    for imgs in (list(images), noise):
+        batch = model.prepare_inputs(tokenizer, [prompt], [imgs])
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(**batch).logits[0, -1].float()
+        model.train(was_training)
+        last_logits.append(logits)
+        answers.append(model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=tokenizer).texts[0])
+    diff = float((last_logits[0] - last_logits[1]).abs().max())
+    return NoiseCheck(
+        image_matters=diff > atol,
+        max_logit_diff=diff,
+        answer_changed=answers[0] != answers[1],
+        answer_real=answers[0],
+        answer_noise=answers[1],
+    )
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _image_counts(
+    counts: Sequence[int] | torch.Tensor | None, batch: int, pixels: torch.Tensor | None
+) -> list[int]:
+    """Per-sample image counts, checked against the number of images given."""
+    total = 0 if pixels is None else int(pixels.shape[0])
+    if counts is None:
+        if total not in (0, batch):
+            raise DataError(
+                f"{total} images for {batch} samples: pass image_counts (images per sample) with the pixels"
+            )
+        return [total // batch] * batch if batch else []
+    counts = [int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
+    if len(counts) != batch or any(c < 0 for c in counts):
+        raise DataError(
+            f"image_counts {counts} must hold one non-negative count per sample ({batch} samples)"
+        )
+    if sum(counts) != total:
+        raise DataError(
+            f"image_counts add up to {sum(counts)} images but pixel_values_clip holds {total} images"
+        )
+    return counts
+
+
+def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the right end (left padding), keeping their order."""
+    if bool(attention_mask[:, -1].all()):
+        return input_ids, attention_mask
+    ids, mask = torch.zeros_like(input_ids), torch.zeros_like(attention_mask)
+    width = input_ids.shape[1]
+    for b in range(input_ids.shape[0]):
+        real = input_ids[b][attention_mask[b].bool()]
+        ids[b, width - len(real) :] = real
+        mask[b, width - len(real) :] = 1
+    return ids, mask
+
+
+def _eos_ids(
+    eos: int | Sequence[int] | None, tokenizer: PreTrainedTokenizerBase | None, llm: nn.Module
+) -> set[int]:
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+
+def _next_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: argmax, or a temperature / nucleus sample."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _cut(text: str, stop_strings: Sequence[str]) -> str:
+    """Text before the first occurrence of any stop string."""
+    cuts = [text.find(s) for s in stop_strings if s in text]
+    return text[: min(cuts)] if cuts else text

@@ -1,0 +1,170 @@
+"""Frozen vision encoders (CLIP, SAM) built on transformers' own classes, and their preprocessing.
+
+Encoders are plain `transformers.CLIPVisionModel` / `SamVisionModel` instances, so real weights load
+with `from_pretrained` (a hub id or local folder at home) and tiny random-init ones come from inline
+config kwargs. Both are frozen: `requires_grad=False` and eval mode.
+
+Shapes (M = images in the batch, all k frames of all samples encoded in one call):
+- `clip_tokens`: pixels (M, 3, S, S) -> hidden_states[select_layer] -> (M, G*G, Dc) for 'patch'
+  (CLS dropped) or (M, 1 + G*G, Dc) for 'cls_patch', where G = S / patch_size.
+- `sam_grid`: pixels (M, 3, S', S') -> neck output, channels-first (M, C, Gs, Gs). It stays a grid
+  because the aligner in fusion.py pools/convolves it onto the CLIP grid before flattening.
+
+Preprocessing is plain PIL + torch (no torchvision). One aspect step is shared by both encoders
+(`pad` to a square with the mean colour as LLaVA v1.5 does, `crop` centre-square, or `resize`), so
+that CLIP's and SAM's token grids cover the same pixels and can be fused token by token. Then CLIP
+gets a bicubic resize to its side and CLIP normalisation; SAM gets its longest-side resize, ImageNet
+normalisation and zero padding at the bottom/right (a no-op for the square input, kept so the function
+is SAM's own preprocessing for any input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel, SamVisionConfig, SamVisionModel
+
+from ..config import SamConfig, VisionConfig
+from ..errors import ConfigError, DataError
+
+
+def _inline_kwargs(inline: dict) -> dict:
+    return {k: v for k, v in inline.items() if k != "model_type"}
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients and switch to eval mode (in place); returns the module."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_clip(cfg: VisionConfig) -> CLIPVisionModel:
+    """A frozen CLIP vision tower from a hub id / folder or from inline config kwargs."""
+    if cfg.inline is not None:
+        model = CLIPVisionModel(CLIPVisionConfig(**_inline_kwargs(cfg.inline)))
+    else:
+        try:
+            model = CLIPVisionModel.from_pretrained(cfg.path)
+        except OSError as exc:
+            raise ConfigError(f"model.vision.path={cfg.path!r} could not be loaded: {exc}") from exc
+    for key in ("image_size", "patch_size"):
+        if getattr(model.config, key) != getattr(cfg, key):
+            raise ConfigError(
+                f"model.vision.{key}={getattr(cfg, key)} but the CLIP encoder has {key}="
+                f"{getattr(model.config, key)}; set model.vision.{key}={getattr(model.config, key)}"
+            )
+    return freeze(model)
+
+
+def build_sam(cfg: SamConfig) -> SamVisionModel | None:
+    """A frozen SAM image encoder, or None when SAM is disabled."""
+    if not cfg.enabled:
+        return None
+    if cfg.inline is not None:
+        model = SamVisionModel(SamVisionConfig(**_inline_kwargs(cfg.inline)))
+    else:
+        try:
+            model = SamVisionModel.from_pretrained(cfg.path)
+        except OSError as exc:
+            raise ConfigError(f"model.sam.path={cfg.path!r} could not be loaded: {exc}") from exc
+    if model.config.image_size != cfg.image_size:
+        raise ConfigError(
+            f"model.sam.image_size={cfg.image_size} but the SAM encoder has image_size="
+            f"{model.config.image_size}; set model.sam.image_size={model.config.image_size}"
+        )
+    return freeze(model)
+
+
+def _needs_grad(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def clip_tokens(
+    model: CLIPVisionModel, pixels: torch.Tensor, select_layer: int, select_feature: str
+) -> torch.Tensor:
+    """(M, 3, S, S) -> (M, N, Dc) tokens of hidden layer `select_layer` (CLS dropped for 'patch')."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and _needs_grad(model)):
+        out = model(pixel_values=pixels.to(model.dtype), output_hidden_states=True)
+    hidden = out.hidden_states[select_layer]  # (M, 1 + G*G, Dc)
+    return hidden[:, 1:] if select_feature == "patch" else hidden
+
+
+def sam_grid(model: SamVisionModel, pixels: torch.Tensor) -> torch.Tensor:
+    """(M, 3, S', S') -> (M, C, Gs, Gs) neck features, channels-first."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and _needs_grad(model)):
+        return model(pixel_values=pixels.to(model.dtype)).last_hidden_state
+
+
+# ------------------------------------------------------------------------------- preprocessing
+
+
+def to_square(image: Image.Image, mode: str, fill: Sequence[float]) -> Image.Image:
+    """Make an RGB image square: 'pad' with the `fill` colour (0-1 floats), 'crop' centre, or 'resize'."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    if mode == "pad":
+        colour = tuple(int(round(c * 255)) for c in fill)
+        canvas = Image.new("RGB", (side, side), colour)
+        canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        return canvas
+    if mode == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return image.crop((left, top, left + side, top + side))
+    if mode == "resize":
+        return image.resize((side, side), Image.Resampling.BICUBIC)
+    raise ConfigError(f"unknown image_aspect_ratio {mode!r}; use pad, crop or resize")
+
+
+def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
+    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def clip_pixels(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
+    """One square RGB image -> (3, S, S) CLIP input: bicubic resize + CLIP normalisation."""
+    side = cfg.image_size
+    return _normalise(image.resize((side, side), Image.Resampling.BICUBIC), cfg.image_mean, cfg.image_std)
+
+
+def sam_pixels(image: Image.Image, cfg: SamConfig) -> torch.Tensor:
+    """One RGB image -> (3, S', S') SAM input: longest side to S', normalise, zero-pad bottom/right."""
+    w, h = image.size
+    scale = cfg.image_size / max(w, h)
+    size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+    tensor = _normalise(image.resize(size, Image.Resampling.BILINEAR), cfg.image_mean, cfg.image_std)
+    out = torch.zeros(3, cfg.image_size, cfg.image_size)
+    out[:, : tensor.shape[1], : tensor.shape[2]] = tensor
+    return out
+
+
+class ImageProcessor:
+    """PIL images -> the pixel tensors `UltraModel` takes, for both encoders at once.
+
+    `__call__(images)` returns `{"pixel_values_clip": (M, 3, S, S), "pixel_values_sam": (M, 3, S', S')
+    or None}` for a flat list of M images (all frames of all samples, in order).
+    """
+
+    def __init__(self, vision: VisionConfig, sam: SamConfig) -> None:
+        self.vision, self.sam = vision, sam
+
+    def __call__(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor | None]:
+        if not images:
+            return {"pixel_values_clip": None, "pixel_values_sam": None}
+        squares = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise DataError(
+                    f"image {i} is a {type(image).__name__}, not a PIL image; open it with PIL first"
+                )
+            squares.append(to_square(image, self.vision.image_aspect_ratio, self.vision.image_mean))
+        clip = torch.stack([clip_pixels(im, self.vision) for im in squares])
+        sam = torch.stack([sam_pixels(im, self.sam) for im in squares]) if self.sam.enabled else None
+        return {"pixel_values_clip": clip, "pixel_values_sam": sam}

@@ -1,0 +1,298 @@
+"""The assembled model: parity with transformers' LLaVA, losses, placeholders, generation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from llava_ultra.errors import CheckpointError, ConfigError, DataError
+from llava_ultra.model.ultra import (
+    UltraModel,
+    build_model,
+    load_llava_hf_weights,
+    model_config_from_llava_hf,
+    noise_image_check,
+    resolve_dtype,
+)
+from tests.helpers import tiny_batch, tiny_images, tiny_model, tiny_model_config, tiny_tokenizer
+
+IMAGE_ID = 100
+N_PATCHES = 25  # 30 px / patch 6 -> 5 x 5
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    """A tiny llava-hf LlavaForConditionalGeneration saved to disk, as transformers' own tests build it."""
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=30,
+            patch_size=6,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            projection_dim=32,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+        image_token_index=IMAGE_ID,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    folder = tmp_path_factory.mktemp("llava_hf")
+    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    return folder
+
+
+def _llava_inputs(batch: int = 1):
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(3, 90, (batch, 6), generator=g)
+    ids = torch.cat([text[:, :2], torch.full((batch, N_PATCHES), IMAGE_ID), text[:, 2:]], dim=1)
+    pixels = torch.randn(batch, 3, 30, 30, generator=g)
+    return ids, pixels
+
+
+def test_parity_with_transformers_llava(llava_folder):
+    reference = LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
+    ours = build_model(model_config_from_llava_hf(llava_folder)).eval()
+    load_llava_hf_weights(ours, llava_folder)
+    assert ours.sam is None and ours.config.selector.mode == "none"
+
+    ids, pixels = _llava_inputs(batch=2)
+    with torch.no_grad():
+        want = reference(input_ids=ids, pixel_values=pixels).logits
+        got = ours(input_ids=ids, pixel_values_clip=pixels, image_counts=[1, 1]).logits
+    assert (want - got).abs().max().item() <= 1e-5
+
+    ids, pixels = ids[:1], pixels[:1]
+    ref_tokens = reference.generate(
+        input_ids=ids,
+        pixel_values=pixels,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=8,
+        do_sample=False,
+    )[0, ids.shape[1] :].tolist()
+    ref_tokens = ref_tokens[: ref_tokens.index(2)] if 2 in ref_tokens else ref_tokens  # ours drops EOS
+    got_tokens = ours.generate(
+        ids, pixel_values_clip=pixels, image_counts=[1], max_new_tokens=8, eos_token_id=2
+    )
+    assert got_tokens.sequences[0] == ref_tokens
+    assert len(ref_tokens) > 0
+
+
+def test_llava_loader_is_strict(llava_folder, tmp_path):
+    state = load_file(str(llava_folder / "model.safetensors"))
+    del state["multi_modal_projector.linear_2.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((llava_folder / "config.json").read_text())
+    model = build_model(model_config_from_llava_hf(tmp_path))
+    with pytest.raises(CheckpointError, match=r"fusion\.clip_projector\.linear_2\.weight.*extra\.weight"):
+        load_llava_hf_weights(model, tmp_path)
+
+
+def test_forward_losses_and_selection_shapes():
+    model = tiny_model().train()
+    batch = tiny_batch(model, [3, 2])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    findings = tiny_tokenizer()(["肝脏大小正常", "gallbladder focus"], padding=True, return_tensors="pt")
+    out = model(
+        **batch, labels=labels, findings_ids=findings.input_ids, findings_mask=findings.attention_mask
+    )
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert out.kd_loss is not None and out.kd_loss.item() >= 0
+    torch.testing.assert_close(out.loss, out.lm_loss + model.config.selector.kd_weight * out.kd_loss)
+    assert [len(i) for i in out.selection.indices] == [1, 1]
+    assert out.selection.scores.shape == (2, 3) and out.selection.scores[1, 2] == float("-inf")
+    assert out.selection.teacher.shape == (2, 3)
+    out.loss.backward()
+    assert model.selector.score_head.weight.grad.abs().sum() > 0
+    assert model.fusion.alpha_logit.grad is not None
+    assert all(p.grad is None for p in model.clip.parameters())  # frozen
+    assert not model.clip.training and not model.sam.training  # frozen encoders stay in eval mode
+
+
+def test_selected_frame_is_the_one_the_llm_sees():
+    model = tiny_model()
+    batch = tiny_batch(model, [4])
+    with torch.no_grad():
+        out = model(**batch)
+        best = int(out.selection.scores[0].argmax())
+        assert out.selection.indices == [[best]]
+        only = {k: v for k, v in batch.items()}
+        only["pixel_values_clip"] = batch["pixel_values_clip"][best : best + 1]
+        only["pixel_values_sam"] = batch["pixel_values_sam"][best : best + 1]
+        only["image_counts"] = [1]
+        alone = model(**only)
+    torch.testing.assert_close(out.logits, alone.logits)
+
+
+def test_image_count_mismatch_names_both_counts():
+    model = tiny_model()
+    batch = tiny_batch(model, [2])
+    ids = batch["input_ids"]
+    batch["input_ids"] = torch.cat([ids, torch.full((1, 3), model.config.image_token_id)], dim=1)
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    with pytest.raises(
+        DataError, match=r"19 image placeholder tokens.*1 selected image\(s\) x 16 tokens = 16"
+    ):
+        model(**batch)
+    with pytest.raises(DataError, match=r"add up to 3 images but pixel_values_clip holds 2"):
+        model(**tiny_batch(model, [2]) | {"image_counts": [3]})
+
+
+def test_none_mode_all_images_reach_the_llm():
+    model = tiny_model(**{"selector.mode": "none", "selector.none_strategy": "all"})
+    batch = tiny_batch(model, [3, 1])
+    assert int((batch["input_ids"][0] == model.config.image_token_id).sum()) == 3 * 16
+    with torch.no_grad():
+        out = model(**batch)
+    assert out.selection.indices == [[0, 1, 2], [0]] and out.kd_loss is None
+
+
+def test_batched_greedy_equals_unbatched():
+    model = tiny_model(seed=3)
+    tok = tiny_tokenizer()
+    prompts = ["<image>\n肝脏大小?", "USER: <image> What is the examination site? ASSISTANT:"]
+    images = [tiny_images(2, seed=1), tiny_images(1, seed=2)]
+    together = model.generate(**model.prepare_inputs(tok, prompts, images), max_new_tokens=6, eos_token_id=[])
+    for i in range(2):
+        alone = model.generate(
+            **model.prepare_inputs(tok, prompts[i : i + 1], images[i : i + 1]),
+            max_new_tokens=6,
+            eos_token_id=[],
+        )
+        assert alone.sequences[0] == together.sequences[i]
+        assert alone.selection.indices[0] == together.selection.indices[i]
+    assert all(len(s) == 6 for s in together.sequences)
+
+
+def test_generation_cache_matches_full_forward():
+    """Greedy tokens from the KV-cache loop equal argmax of a full forward over prompt + answer."""
+    model = tiny_model(seed=5)
+    batch = tiny_batch(model, [2])
+    out = model.generate(**batch, max_new_tokens=5, eos_token_id=[])
+    ids = torch.cat([batch["input_ids"], torch.tensor([out.sequences[0]])], dim=1)
+    with torch.no_grad():
+        logits = model(**(batch | {"input_ids": ids, "attention_mask": torch.ones_like(ids)})).logits
+    prompt_len = batch["input_ids"].shape[1]
+    assert logits[0, prompt_len - 1 : -1].argmax(-1).tolist() == out.sequences[0]
+
+
+def test_sampling_is_seeded_and_stop_strings_cut():
+    model = tiny_model(seed=1)
+    batch = tiny_batch(model, [1])
+    kwargs = dict(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9, eos_token_id=[])
+    a, b = model.generate(**batch, seed=7, **kwargs), model.generate(**batch, seed=7, **kwargs)
+    assert a.sequences == b.sequences
+    tok = tiny_tokenizer()
+    full = model.generate(**batch, max_new_tokens=8, eos_token_id=[], tokenizer=tok)
+    stop = full.texts[0][2:4]
+    assert stop, full.texts
+    cut = model.generate(**batch, max_new_tokens=8, eos_token_id=[], tokenizer=tok, stop_strings=[stop])
+    assert cut.texts[0] == full.texts[0][: full.texts[0].find(stop)]
+    assert len(cut.sequences[0]) < len(full.sequences[0])
+    with pytest.raises(ConfigError, match="tokenizer"):
+        model.generate(**batch, stop_strings=["x"])
+
+
+def test_save_load_round_trip_and_strict_load(tmp_path):
+    model = tiny_model(seed=2)
+    folder = model.save_pretrained(tmp_path / "ckpt", tokenizer=tiny_tokenizer())
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["format"] == "llava-ultra" and saved["model"]["llm"]["inline"]["model_type"] == "llama"
+    assert (folder / "tokenizer.json").is_file()
+    loaded = UltraModel.from_pretrained(folder)
+    batch = tiny_batch(model, [2, 1])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+    state = load_file(str(folder / "model.safetensors"))
+    del state["fusion.clip_projector.linear_1.weight"]
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 missing: fusion\.clip_projector\.linear_1\.weight"):
+        UltraModel.from_pretrained(folder)
+
+
+def test_from_pretrained_rejects_foreign_folder(llava_folder):
+    with pytest.raises(CheckpointError, match="model_type='llava'.*llava-ultra convert"):
+        UltraModel.from_pretrained(llava_folder)
+
+
+def test_noise_check_detects_a_blind_model():
+    tok = tiny_tokenizer()
+    images = tiny_images(2, size=(40, 56), seed=4)
+    seeing = noise_image_check(tiny_model(), tok, images, "USER: <image> 肝脏? ASSISTANT:", max_new_tokens=4)
+    assert seeing.image_matters and seeing.max_logit_diff > 1e-4
+
+    blind = tiny_model(**{"sam.enabled": False})
+    with torch.no_grad():  # a zeroed projector: the LLM gets constant visual tokens
+        blind.fusion.clip_projector.linear_2.weight.zero_()
+        blind.fusion.clip_projector.linear_2.bias.zero_()
+    result = noise_image_check(blind, tok, images, "USER: <image> 肝脏? ASSISTANT:", max_new_tokens=4)
+    assert not result.image_matters and result.max_logit_diff == 0.0 and not result.answer_changed
+
+
+def test_dtype_policy():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(ConfigError, match="float16.*CPU"):
+        resolve_dtype("float16", "cpu")
+
+
+def test_tokenizer_and_config_must_agree_on_image_token():
+    with pytest.raises(ConfigError, match="image_token_id=7.*set model.image_token_id=4"):
+        build_model(tiny_model_config(image_token_id=7), tiny_tokenizer())
+
+
+def test_build_from_local_pretrained_folders(tmp_path):
+    """The `path:` branch users take at home: each part loaded with from_pretrained from a folder."""
+    source = tiny_model(seed=4)
+    source.clip.save_pretrained(tmp_path / "clip")
+    source.sam.save_pretrained(tmp_path / "sam")
+    source.llm.save_pretrained(tmp_path / "llm")
+    cfg = tiny_model_config(
+        **{
+            "vision.inline": None,
+            "vision.path": str(tmp_path / "clip"),
+            "sam.inline": None,
+            "sam.path": str(tmp_path / "sam"),
+            "llm.inline": None,
+            "llm.path": str(tmp_path / "llm"),
+        }
+    )
+    built = build_model(cfg, tiny_tokenizer()).eval()
+    for part in ("clip", "sam", "llm"):
+        want, got = getattr(source, part).state_dict(), getattr(built, part).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert built.resolved_config().llm.origin == str(tmp_path / "llm")
+    with pytest.raises(ConfigError, match="image_size=48 but the CLIP encoder has image_size=32"):
+        build_model(
+            tiny_model_config(
+                **{"vision.inline": None, "vision.path": str(tmp_path / "clip"), "vision.image_size": 48}
+            )
+        )
+
+
+def test_conv_alignment_in_the_full_model():
+    model = tiny_model(**{"fusion.align": "conv", "fusion.conv_channels": [8, 12]}).train()
+    batch = tiny_batch(model, [2, 2])
+    out = model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    assert model.fusion.align.convs[1].weight.grad.abs().sum() > 0

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -335,11 +335,17 @@ class UltraModel(nn.Module):
         stop_strings: Sequence[str] = (),
         eos_token_id: int | Sequence[int] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        on_selection: Callable[[Selection], None] | None = None,
+        on_token: Callable[[int, int, bool], bool | None] | None = None,
     ) -> GenerationOutput:
         """Decode answers with the LLM's KV cache: one prefill over the prompt embeddings, then one token
         per step. Greedy by default; sampling with temperature / top_p / seed. Rows are left-padded
         internally (so batched greedy equals one-by-one greedy). Stops at EOS, at a stop string (needs
         `tokenizer`), or after `max_new_tokens`.
+
+        Streaming hooks (used by serve/engine.py): `on_selection(selection)` is called once, before
+        decoding; `on_token(row, token_id, ended)` for every token a live row samples (EOS included;
+        `ended` says this token ended the row by EOS or stop string); returning True ends that row.
         """
         if stop_strings and tokenizer is None:
             raise ConfigError("stop_strings need the tokenizer to decode; pass tokenizer=...")
@@ -358,6 +364,8 @@ class UltraModel(nn.Module):
             input_ids, attention_mask = _left_pad(input_ids, attention_mask)
             feats, selection, _ = self._select(pixel_values_clip, pixel_values_sam, counts, None, None)
             embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
+            if on_selection is not None:
+                on_selection(selection)
             mask = attention_mask.to(self.device).long()
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             extra = (
@@ -380,9 +388,11 @@ class UltraModel(nn.Module):
                         continue
                     if t in eos:
                         done[b] = True
-                        continue
-                    rows[b].append(t)
-                    if stop_strings and any(s in tokenizer.decode(rows[b]) for s in stop_strings):
+                    else:
+                        rows[b].append(t)
+                        if stop_strings and any(s in tokenizer.decode(rows[b]) for s in stop_strings):
+                            done[b] = True
+                    if on_token is not None and on_token(b, t, done[b]):
                         done[b] = True
                 if all(done):
                     break
@@ -471,6 +481,10 @@ class UltraModel(nn.Module):
 
     def save_pretrained(self, folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
         """Write config.json (resolved, inline), model.safetensors and, if given, the tokenizer files."""
+        if getattr(self, "trainability", None) is not None:  # set by lora.apply_trainability
+            from .lora import save_checkpoint
+
+            return save_checkpoint(self, folder, tokenizer)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -492,6 +506,10 @@ class UltraModel(nn.Module):
     ) -> UltraModel:
         """Rebuild from a folder written by `save_pretrained`; strict: missing/unexpected keys raise."""
         folder = Path(folder)
+        if (folder / "trainability.json").is_file():  # a lora.save_checkpoint folder (adapters, hub parts)
+            from .lora import load_checkpoint
+
+            return load_checkpoint(folder, device, dtype)[0]
         cfg = read_model_config(folder)
         if dtype is not None:
             cfg = dataclasses.replace(cfg, dtype=dtype)

@@ -1,0 +1,755 @@
+"""Foreign checkpoints -> llava-ultra checkpoint folders (`llava-ultra convert`).
+
+Sources:
+- `llava` / `llava-med`: original LLaVA / LLaVA-Med v1.5 (`LlavaLlamaForCausalLM`,
+  `LlavaMistralForCausalLM`). Three kinds, told apart by the FILES present, never by the folder
+  name: a full checkpoint (model weights), a LoRA output (`adapter_config.json`, plus
+  `non_lora_trainables.bin` with `base_model.model.` prefixes; needs `--base`, the LLM it was
+  trained on), a stage-1 output (`mm_projector.bin` only; needs `--base`). Behaviour comes from
+  `config.json`: `mm_vision_tower`, `mm_hidden_size`, `mm_projector_type`, `mm_vision_select_layer`,
+  `mm_vision_select_feature`, `mm_use_im_start_end`, `image_aspect_ratio`. The CLIP tower's weights
+  are taken from the checkpoint when present (`model.vision_tower.vision_tower.vision_model.*`),
+  else from `mm_vision_tower` (a hub id; `--vision-tower` gives a local folder instead).
+- `llava-hf`: transformers' `LlavaForConditionalGeneration` folders (ultra.py's loader, generalised
+  to .bin weights).
+- `sam`: a SAM checkpoint in HF format (`vision_encoder.*`, from `SamModel` or `SamVisionModel`) or
+  the original format (`image_encoder.*`), written as an HF `SamVisionModel` folder usable as
+  `model.sam.path`. `--sam` injects the same into a LLaVA conversion (the paper's initialisation:
+  LLaVA-Med + SAM); the SAM projector, fusion weight and selector are then freshly initialised and
+  listed in the summary.
+
+Notable choices:
+- The image placeholder of LLaVA v1.5 is id -200 spliced in at tokenisation, not a vocabulary entry.
+  We add `<image>` to the tokenizer as a special token; when its id falls outside the LLM's
+  embedding table the table (and lm_head) grow by one row set to the mean of the existing rows. Our
+  model never looks the placeholder's embedding up (it is replaced by image features).
+  A tokenizer without a pad token gets pad = unk, as LLaVA v1.5 does.
+- The conversation template is recorded in the model config: `vicuna_v1` for LLaMA/Vicuna
+  checkpoints, `mistral_instruct` for Mistral ones (LLaVA-Med v1.5), `plain` for stage-1 outputs;
+  `--template` overrides.
+- Memory: tensors are mapped and checked against the architecture built on the meta device, then
+  written straight to safetensors, so peak memory is about one copy of the weights, in their own
+  dtype (a 7B fp16 checkpoint needs ~14 GB). The output is self-contained (every tower inline).
+- Strict: every weight the model needs must come from a source (or be a listed new module), and no
+  source tensor may be left over; otherwise `CheckpointError` lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken
+from transformers import (
+    CONFIG_MAPPING,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerBase,
+    SamVisionConfig,
+    SamVisionModel,
+)
+
+from ..config import ModelConfig, apply_overrides, model_config_from_dict, to_dict
+from ..errors import CheckpointError, ConfigError
+from .fusion import Fusion
+from .lora import TrainabilityConfig, write_checkpoint
+from .selector import Selector
+from .tokenizer import load_tokenizer
+from .ultra import LLAVA_HF_KEY_MAP, UltraModel, map_keys, model_config_from_llava_hf
+
+SOURCES = ("llava", "llava-med", "llava-hf", "sam")
+CONFIG_JUNK = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map")
+LLAVA_ARCHITECTURES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral"}
+LLAVA_MODEL_TYPES = {"llava_llama": "llama", "llava_mistral": "mistral", "llava": "llama"}
+LLAVA_ONLY_KEYS = (
+    "image_aspect_ratio",
+    "image_grid_pinpoints",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "use_mm_proj",
+)
+TEMPLATE_FOR_FAMILY = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}
+ASPECT = {"pad": "pad", None: "crop", "square": "crop"}  # LLaVA without 'pad': CLIP's resize + centre crop
+# New modules a conversion may initialise (never the CLIP projector: a missing one is an error).
+NEW_PREFIXES = ("fusion.sam_projector.", "fusion.alpha_logit", "fusion.align.", "selector.")
+SETTABLE = ("fusion.", "selector.", "dtype")
+# Buffers older transformers versions saved and current ones recompute (skipped, counted in the summary).
+LEGACY_BUFFERS = (".rotary_emb.inv_freq", "embeddings.position_ids")
+
+LLAVA_KEY_MAP = {  # original LLaVA names -> ours (longest prefix wins); the projector is mapped apart
+    "model.vision_tower.vision_tower.vision_model.": "clip.",
+    "model.": "llm.model.",
+    "lm_head.": "llm.lm_head.",
+}
+PROJECTOR_KEY_MAPS = {
+    "linear": {"model.mm_projector.": "fusion.clip_projector.linear_1."},
+    "mlp2x_gelu": {
+        "model.mm_projector.0.": "fusion.clip_projector.linear_1.",
+        "model.mm_projector.2.": "fusion.clip_projector.linear_2.",
+    },
+}
+SAM_RENAMES = (  # original segment-anything -> transformers SamVisionModel (HF's convert_sam_to_hf.py)
+    (r"^image_encoder\.", "vision_encoder."),
+    (r"\.patch_embed\.proj\.", ".patch_embed.projection."),
+    (r"\.blocks\.(\d+)\.", r".layers.\1."),
+    (r"\.layers\.(\d+)\.norm([12])\.", r".layers.\1.layer_norm\2."),
+    (r"\.neck\.0\.", ".neck.conv1."),
+    (r"\.neck\.1\.", ".neck.layer_norm1."),
+    (r"\.neck\.2\.", ".neck.conv2."),
+    (r"\.neck\.3\.", ".neck.layer_norm2."),
+)
+
+
+@dataclass
+class ConvertSummary:
+    """What a conversion did, for the CLI and for tests."""
+
+    out: Path
+    source: str
+    kind: str
+    """'full', 'lora', 'projector-only', 'llava-hf' or 'sam'."""
+    tensors: int
+    template: str | None = None
+    image_token_id: int | None = None
+    added_image_token: bool = False
+    grew_vocab: bool = False
+    initialised: list[str] = field(default_factory=list)
+    """Keys of freshly initialised new modules (SAM projector, fusion weight, selector)."""
+    ignored: int = 0
+    """Legacy buffers in the source that the model recomputes (rotary inv_freq, CLIP position_ids)."""
+
+    def render(self) -> str:
+        lines = [f"converted {self.source} ({self.kind}) -> {self.out}: {self.tensors} tensors"]
+        if self.template:
+            lines.append(f"  conversation template: {self.template}")
+        if self.image_token_id is not None:
+            how = "added to the tokenizer" if self.added_image_token else "already in the tokenizer"
+            grew = ", embeddings grew by one row (mean init)" if self.grew_vocab else ""
+            lines.append(f"  image token <image> = id {self.image_token_id} ({how}{grew})")
+        if self.ignored:
+            lines.append(f"  skipped {self.ignored} legacy buffers (rotary inv_freq / position_ids)")
+        if self.initialised:
+            lines.append(
+                f"  newly initialised ({len(self.initialised)} tensors): " + ", ".join(self.initialised)
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; the source folder must hold its config.json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, read with `weights_only=True` (no code execution)."""
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types
+        raise CheckpointError(f"{path} could not be read as a PyTorch state dict: {exc}") from exc
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path} does not hold a flat name -> tensor state dict")
+    return data
+
+
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """One weights file: .safetensors, or a pickled .bin / .pt / .pth."""
+    return load_file(str(path)) if path.suffix == ".safetensors" else torch_load(path)
+
+
+def has_weights(folder: Path) -> bool:
+    names = (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    )
+    return any((folder / n).is_file() for n in names)
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers-style folder: safetensors or pytorch_model*.bin, single or sharded."""
+    folder = Path(folder)
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (folder / single).is_file():
+            return read_tensor_file(folder / single)
+        if (folder / index).is_file():
+            shards = sorted(set(_read_json(folder / index)["weight_map"].values()))
+            return {k: v for shard in shards for k, v in read_tensor_file(folder / shard).items()}
+    raise CheckpointError(
+        f"{folder} has no model weights (model.safetensors, pytorch_model.bin or their .index.json shards)"
+    )
+
+
+def _clean(config: dict[str, Any]) -> dict[str, Any]:
+    """A transformers config dict as inline kwargs: no bookkeeping keys, no model_type."""
+    return {k: v for k, v in config.items() if k not in CONFIG_JUNK and k != "model_type"}
+
+
+# ----------------------------------------------------------------------------- architecture
+
+
+def _meta_model(cfg: ModelConfig) -> UltraModel:
+    """The model's architecture on the meta device: names, shapes and tied weights, no memory."""
+    from .ultra import build_llm
+    from .vision import build_clip, build_sam
+
+    with torch.device("meta"):
+        return UltraModel(cfg, build_clip(cfg.vision), build_sam(cfg.sam), build_llm(cfg.llm))
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict comparison of `state` with `model`'s state dict (works on meta models). Tied weights
+    (one parameter under several names) need only one of their names."""
+    expected = model.state_dict()
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    twins = {n: names for names in aliases.values() for n in names}
+    missing = [k for k in expected if not any(n in state for n in twins.get(k, [k]))]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+
+        def listing(name: str, keys: list[str]) -> str:
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+            return f"{len(keys)} {name}: {shown}" if keys else ""
+
+        parts = [
+            listing("missing", missing),
+            listing("unexpected", unexpected),
+            listing("wrong shape", shapes),
+        ]
+        raise CheckpointError(f"{source} does not match the model ({'; '.join(p for p in parts if p)})")
+
+
+def _new_modules(
+    cfg: ModelConfig, model: UltraModel, have: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Fresh (seeded) weights for the new modules the sources do not provide."""
+    llm_dim = model.llm.config.get_text_config().hidden_size
+    sam_channels = model.sam.config.output_channels if model.sam is not None else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fusion = Fusion(cfg.fusion, model.clip.config.hidden_size, llm_dim, cfg.vision.grid, sam_channels)
+        selector = Selector(cfg.selector, llm_dim)
+    fresh = {f"fusion.{k}": v for k, v in fusion.state_dict().items()}
+    fresh |= {f"selector.{k}": v for k, v in selector.state_dict().items()}
+    return {k: v for k, v in fresh.items() if k.startswith(NEW_PREFIXES) and k not in have}
+
+
+def _finish(
+    cfg_dict: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase | None,
+    out: Path,
+    summary: ConvertSummary,
+    overrides: Sequence[str],
+    source: str,
+) -> ConvertSummary:
+    """Apply overrides, validate, add new modules, check strictly and write the folder."""
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(SETTABLE)]
+    bad += [o for o in overrides if o.split("=", 1)[0].strip() == "fusion.projector_type"]
+    if bad:
+        raise ConfigError(
+            f"--set {', '.join(bad)}: only fusion.*, selector.* and dtype can be set at conversion (and not "
+            f"fusion.projector_type); everything else is read from the source checkpoint"
+        )
+    apply_overrides(cfg_dict, list(overrides), root=ModelConfig)
+    cfg = model_config_from_dict(cfg_dict)
+    model = _meta_model(cfg)
+    expected = model.state_dict()
+    stale = [k for k in state if k.endswith(LEGACY_BUFFERS) and k not in expected]
+    state = {k: v for k, v in state.items() if k not in stale}
+    fresh = _new_modules(cfg, model, state)
+    state = state | fresh
+    check_state(model, state, source)
+    write_checkpoint(out, cfg, TrainabilityConfig(), state, {}, {}, tokenizer)
+    summary.tensors = len(state)
+    summary.initialised = sorted(fresh)
+    summary.ignored = len(stale)
+    summary.template = cfg.template
+    return summary
+
+
+# ------------------------------------------------------------------------------------- SAM
+
+
+def sam_config_from_original(state: dict[str, torch.Tensor]) -> SamVisionConfig:
+    """Infer a `SamVisionConfig` from original-format `image_encoder.*` weights (shapes say it all)."""
+    try:
+        patch = state["image_encoder.patch_embed.proj.weight"]  # (D, 3, P, P)
+        blocks = sorted(
+            {int(m.group(1)) for k in state if (m := re.match(r"image_encoder\.blocks\.(\d+)\.", k))}
+        )
+        rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in blocks]  # (2*size-1, head_dim)
+        grid = state["image_encoder.pos_embed"].shape[1]
+        lin1 = state["image_encoder.blocks.0.mlp.lin1.weight"]
+        neck = state["image_encoder.neck.0.weight"]
+    except KeyError as exc:
+        raise CheckpointError(
+            f"original SAM weights lack {exc}; expected segment-anything's image_encoder.* keys with "
+            f"absolute and relative position embeddings"
+        ) from exc
+    hidden = patch.shape[0]
+    global_idx = [i for i, r in zip(blocks, rel, strict=True) if r.shape[0] == 2 * grid - 1]
+    windowed = [r.shape[0] for r in rel if r.shape[0] != 2 * grid - 1]
+    return SamVisionConfig(
+        hidden_size=hidden,
+        output_channels=neck.shape[0],
+        num_hidden_layers=len(blocks),
+        num_attention_heads=hidden // rel[0].shape[1],
+        image_size=grid * patch.shape[-1],
+        patch_size=patch.shape[-1],
+        qkv_bias="image_encoder.blocks.0.attn.qkv.bias" in state,
+        window_size=(windowed[0] + 1) // 2 if windowed else grid,
+        global_attn_indexes=global_idx,
+        mlp_dim=lin1.shape[0],
+        initializer_range=0.02,
+    )
+
+
+def rename_sam_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Original `image_encoder.*` keys -> transformers `vision_encoder.*` keys (prompt/mask parts dropped)."""
+    out = {}
+    for key, tensor in state.items():
+        if not key.startswith("image_encoder."):
+            continue
+        for pattern, repl in SAM_RENAMES:
+            key = re.sub(pattern, repl, key)
+        out[key] = tensor
+    return out
+
+
+def read_sam(src: str | Path) -> tuple[SamVisionConfig, dict[str, torch.Tensor]]:
+    """(config, `vision_encoder.*` state) of a SAM checkpoint: an HF folder or an original file."""
+    src = Path(src)
+    if src.is_dir():
+        if not (src / "config.json").is_file():
+            raise CheckpointError(f"{src} has no config.json; pass an HF SAM folder or an original .pth file")
+        config = SamVisionConfig.from_pretrained(str(src))
+        state = read_weights(src)
+    elif src.is_file():
+        state, config = read_tensor_file(src), None
+    else:
+        raise CheckpointError(f"SAM checkpoint {src} does not exist")
+    if any(k.startswith("image_encoder.") for k in state):
+        config = config or sam_config_from_original(state)
+        state = rename_sam_original(state)
+    elif config is None:
+        raise CheckpointError(
+            f"{src} has no image_encoder.* keys (original format); an HF-format SAM must be a folder with config.json"
+        )
+    vision = {k: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    if not vision:
+        raise CheckpointError(
+            f"{src} holds no SAM image-encoder weights (image_encoder.* or vision_encoder.*)"
+        )
+    with torch.device("meta"):
+        check_state(SamVisionModel(config), vision, str(src))
+    return config, vision
+
+
+def convert_sam(src: str | Path, out: str | Path) -> ConvertSummary:
+    """Write a SAM checkpoint as an HF `SamVisionModel` folder (config.json + model.safetensors)."""
+    config, state = read_sam(src)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return ConvertSummary(out=out, source=str(src), kind="sam", tensors=len(state))
+
+
+def _inject_sam(cfg_dict: dict[str, Any], state: dict[str, torch.Tensor], sam: str | Path) -> None:
+    config, vision = read_sam(sam)
+    cfg_dict["sam"] = {
+        "enabled": True,
+        "inline": _clean(config.to_diff_dict()),
+        "image_size": config.image_size,
+        "origin": str(sam),
+    }
+    state.update({f"sam.{k}": v for k, v in vision.items()})
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def _with_image_token(
+    tokenizer: PreTrainedTokenizerBase,
+    state: dict[str, torch.Tensor],
+    llm: dict[str, Any],
+    summary: ConvertSummary,
+) -> int:
+    """Make sure `<image>` is a token and the LLM's embedding table covers its id."""
+    if tokenizer.pad_token is None and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token  # LLaVA v1.5's choice
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+        summary.added_image_token = True
+    token_id = tokenizer.convert_tokens_to_ids("<image>")
+    for key in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
+        table = state.get(key)
+        if table is not None and token_id >= table.shape[0]:
+            grow = token_id + 1 - table.shape[0]
+            mean = table.float().mean(0, keepdim=True).to(table.dtype)
+            state[key] = torch.cat([table, mean.expand(grow, -1)])
+            summary.grew_vocab = True
+            llm["vocab_size"] = token_id + 1
+    summary.image_token_id = token_id
+    return token_id
+
+
+def _tokenizer(folders: Sequence[Path]) -> PreTrainedTokenizerBase:
+    for folder in folders:
+        if (folder / "tokenizer_config.json").is_file():
+            try:
+                return load_tokenizer(folder)
+            except ConfigError as exc:
+                if (folder / "tokenizer.model").is_file() and not (folder / "tokenizer.json").is_file():
+                    raise ConfigError(
+                        f"{exc}. {folder} has only a SentencePiece tokenizer.model: install "
+                        f"`pip install sentencepiece protobuf` so transformers can read it"
+                    ) from exc
+                raise
+    raise CheckpointError(
+        f"no tokenizer in {' or '.join(str(f) for f in folders)}; copy the LLM's tokenizer files "
+        f"(tokenizer_config.json, tokenizer.model / tokenizer.json) into the source folder"
+    )
+
+
+# --------------------------------------------------------------------------- original LLaVA
+
+
+@dataclass
+class LlavaFields:
+    """The multimodal settings of an original LLaVA config.json."""
+
+    family: str
+    vision_tower: str | None
+    mm_hidden_size: int | None
+    projector_type: str
+    select_layer: int
+    select_feature: str
+    aspect: str
+
+
+def llava_fields(config: dict[str, Any], path: Path) -> LlavaFields:
+    """Read and check the `mm_*` fields; unsupported settings raise with the field and the way out."""
+    archs = config.get("architectures") or []
+    family = next((LLAVA_ARCHITECTURES[a] for a in archs if a in LLAVA_ARCHITECTURES), None)
+    family = family or LLAVA_MODEL_TYPES.get(config.get("model_type", ""))
+    if family is None or "mm_vision_tower" not in config and "mm_projector_type" not in config:
+        raise CheckpointError(
+            f"{path} is not an original LLaVA config (architectures={archs}, model_type="
+            f"{config.get('model_type')!r}, no mm_* fields); supported: "
+            f"{', '.join(LLAVA_ARCHITECTURES)}. For transformers' LlavaForConditionalGeneration use --from llava-hf"
+        )
+    kind = config.get("mm_projector_type", "linear")
+    if kind not in PROJECTOR_KEY_MAPS:
+        raise ConfigError(
+            f"{path}: mm_projector_type={kind!r} is not supported; llava-ultra projects CLIP features with "
+            f"'linear' or 'mlp2x_gelu' (an 'identity' projector needs mm_hidden_size == the LLM width and "
+            f"has no weights to convert)"
+        )
+    if config.get("mm_use_im_start_end"):
+        raise ConfigError(
+            f"{path}: mm_use_im_start_end=true (image start/end tokens) is not supported; convert a checkpoint "
+            f"trained without them (LLaVA v1.5 / LLaVA-Med v1.5 use false)"
+        )
+    if config.get("mm_patch_merge_type", "flat") != "flat":
+        raise ConfigError(
+            f"{path}: mm_patch_merge_type={config['mm_patch_merge_type']!r} (LLaVA-NeXT) is not supported"
+        )
+    aspect = config.get("image_aspect_ratio")
+    if aspect not in ASPECT:
+        raise ConfigError(f"{path}: image_aspect_ratio={aspect!r} is not supported; use 'pad' or 'square'")
+    feature = config.get("mm_vision_select_feature", "patch")
+    if feature not in ("patch", "cls_patch"):
+        raise ConfigError(
+            f"{path}: mm_vision_select_feature={feature!r} is not supported; use patch or cls_patch"
+        )
+    return LlavaFields(
+        family=family,
+        vision_tower=config.get("mm_vision_tower"),
+        mm_hidden_size=config.get("mm_hidden_size"),
+        projector_type=kind,
+        select_layer=int(config.get("mm_vision_select_layer", -2)),
+        select_feature=feature,
+        aspect=ASPECT[aspect],
+    )
+
+
+def llm_config_from_llava(config: dict[str, Any], family: str) -> dict[str, Any]:
+    """The LLM's config kwargs (inline form, with model_type) without LLaVA's multimodal fields."""
+    kwargs = {
+        k: v
+        for k, v in config.items()
+        if not k.startswith(("mm_", "tune_mm_", "freeze_mm_", "unfreeze_mm_")) and k not in LLAVA_ONLY_KEYS
+    }
+    kwargs = _clean(kwargs)
+    return {**_clean(CONFIG_MAPPING[family](**kwargs).to_diff_dict()), "model_type": family}
+
+
+def _strip_peft(key: str) -> str:
+    key = key.removeprefix("base_model.model.")
+    return key[len("model.") :] if key.startswith("model.model.") else key
+
+
+def merge_lora_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Fold a PEFT LoRA output (adapter_config.json + adapter_model.*) into `state` (LLaVA names), in place."""
+    acfg = _read_json(folder / "adapter_config.json")
+    unsupported = {
+        "use_dora": acfg.get("use_dora"),
+        "fan_in_fan_out": acfg.get("fan_in_fan_out"),
+        "rank_pattern": acfg.get("rank_pattern"),
+        "alpha_pattern": acfg.get("alpha_pattern"),
+        "lora_bias": acfg.get("lora_bias"),
+    }
+    bad = {k: v for k, v in unsupported.items() if v}
+    if acfg.get("peft_type", "LORA") != "LORA" or bad:
+        raise ConfigError(
+            f"{folder}/adapter_config.json: unsupported adapter settings {bad or acfg.get('peft_type')}"
+        )
+    files = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (folder / n).is_file()]
+    if not files:
+        raise CheckpointError(f"{folder} has adapter_config.json but no adapter_model.safetensors / .bin")
+    r, alpha = int(acfg["r"]), float(acfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in read_tensor_file(files[0]).items():
+        key = _strip_peft(key)
+        match = re.fullmatch(r"(.+)\.(lora_A|lora_B)(?:\.default)?\.weight", key)
+        if match:
+            pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+        else:  # modules_to_save: a full replacement weight
+            state[key.replace(".modules_to_save.default", "")] = tensor
+    for module, ab in pairs.items():
+        target = f"{module}.weight"
+        if set(ab) != {"lora_A", "lora_B"} or target not in state:
+            raise CheckpointError(
+                f"{files[0]}: LoRA weights for {module} have {sorted(ab)} and the base has "
+                f"{'a' if target in state else 'no'} {target}; is --base the model the adapters were trained on?"
+            )
+        weight = state[target]
+        delta = ab["lora_B"].float() @ ab["lora_A"].float()
+        state[target] = (weight.float() + scale * delta.reshape(weight.shape)).to(weight.dtype)
+
+
+def convert_llava(
+    src: str | Path,
+    out: str | Path,
+    *,
+    source: str = "llava",
+    vision_tower: str | Path | None = None,
+    sam: str | Path | None = None,
+    base: str | Path | None = None,
+    template: str | None = None,
+    overrides: Sequence[str] = (),
+) -> ConvertSummary:
+    """Original LLaVA / LLaVA-Med v1.5 (full, LoRA or stage-1 output) -> our checkpoint folder."""
+    src = Path(src)
+    config = _read_json(src / "config.json")
+    fields = llava_fields(config, src / "config.json")
+    if (src / "adapter_config.json").is_file():
+        kind = "lora"
+    elif has_weights(src):
+        kind = "full"
+    elif (src / "mm_projector.bin").is_file() or (src / "mm_projector.safetensors").is_file():
+        kind = "projector-only"
+    else:
+        raise CheckpointError(
+            f"{src} has config.json but no weights: expected model.safetensors / pytorch_model.bin (full), "
+            f"adapter_config.json + adapter_model.* (LoRA) or mm_projector.bin (stage 1)"
+        )
+    if kind == "full" and base is not None:
+        raise ConfigError(
+            f"{src} is a full checkpoint (it has model weights); --base is only for LoRA / stage-1 outputs"
+        )
+    if kind != "full" and base is None:
+        what = (
+            "a LoRA output (adapter_config.json)"
+            if kind == "lora"
+            else "a stage-1 output (mm_projector.bin only)"
+        )
+        raise ConfigError(
+            f"{src} is {what}; pass --base with the LLM it was trained on (e.g. a Vicuna folder)"
+        )
+
+    if kind == "full":
+        state = read_weights(src)
+    else:
+        state = read_weights(base)
+        extra = next(
+            (
+                src / n
+                for n in (
+                    "non_lora_trainables.bin",
+                    "non_lora_trainables.safetensors",
+                    "mm_projector.bin",
+                    "mm_projector.safetensors",
+                )
+                if (src / n).is_file()
+            ),
+            None,
+        )
+        if extra is not None:
+            state.update({_strip_peft(k): v for k, v in read_tensor_file(extra).items()})
+        if kind == "lora":
+            merge_lora_weights(state, src)
+    state = {
+        ("model.mm_projector." + k.split("mm_projector.", 1)[1] if "mm_projector." in k else k): v
+        for k, v in state.items()
+    }
+    if not any(k.startswith("model.mm_projector.") for k in state):
+        raise CheckpointError(
+            f"{src} has no projector weights (model.mm_projector.*): the model would see images through a "
+            f"random projector. Convert a checkpoint that contains them (full, LoRA with non_lora_trainables, "
+            f"or stage-1 mm_projector.bin)"
+        )
+    if any(k.startswith("model.image_newline") for k in state):
+        raise ConfigError(
+            f"{src} has model.image_newline (LLaVA-NeXT); only LLaVA v1.5-style checkpoints are supported"
+        )
+
+    # the CLIP tower: weights from the checkpoint if present, else from mm_vision_tower / --vision-tower
+    tower = str(vision_tower or fields.vision_tower or "")
+    if not tower:
+        raise CheckpointError(f"{src}/config.json names no mm_vision_tower; pass --vision-tower PATH")
+    in_ckpt = any(k.startswith("model.vision_tower.") for k in state)
+    try:
+        clip_config = CLIPVisionConfig.from_pretrained(tower)
+        if not in_ckpt:
+            clip_state = CLIPVisionModel.from_pretrained(tower).state_dict()
+            state.update(
+                {f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in clip_state.items()}
+            )
+    except OSError as exc:
+        raise CheckpointError(
+            f"the CLIP tower {tower!r} could not be loaded ({exc}); pass --vision-tower with a local CLIP folder"
+        ) from exc
+    if fields.mm_hidden_size is not None and fields.mm_hidden_size != clip_config.hidden_size:
+        raise ConfigError(
+            f"{src}/config.json has mm_hidden_size={fields.mm_hidden_size} but the CLIP tower {tower!r} has "
+            f"hidden_size={clip_config.hidden_size}; pass the tower the checkpoint was trained with"
+        )
+    key_map = LLAVA_KEY_MAP | PROJECTOR_KEY_MAPS[fields.projector_type]
+    state = map_keys(state, key_map)
+
+    llm = llm_config_from_llava(config, fields.family)
+    summary = ConvertSummary(out=Path(out), source=f"{source} {src}", kind=kind, tensors=0)
+    tokenizer = _tokenizer([src] + ([Path(base)] if base is not None else []))
+    token_id = _with_image_token(tokenizer, state, llm, summary)
+    cfg_dict: dict[str, Any] = {
+        "vision": {
+            "inline": _clean(clip_config.to_diff_dict()),
+            "select_layer": fields.select_layer,
+            "select_feature": fields.select_feature,
+            "image_size": clip_config.image_size,
+            "patch_size": clip_config.patch_size,
+            "image_aspect_ratio": fields.aspect,
+            "origin": tower,
+        },
+        "sam": {"enabled": False},
+        "fusion": {"projector_type": fields.projector_type},
+        "selector": {"mode": "none", "none_strategy": "first"},
+        "llm": {"inline": llm, "origin": str(src if kind == "full" else base)},
+        "image_token_id": token_id,
+        "template": template or ("plain" if kind == "projector-only" else TEMPLATE_FOR_FAMILY[fields.family]),
+    }
+    if sam is not None:
+        _inject_sam(cfg_dict, state, sam)
+    return _finish(cfg_dict, state, tokenizer, Path(out), summary, overrides, str(src))
+
+
+def convert_llava_hf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    sam: str | Path | None = None,
+    template: str | None = None,
+    overrides: Sequence[str] = (),
+) -> ConvertSummary:
+    """transformers' `LlavaForConditionalGeneration` folder -> our checkpoint folder."""
+    src = Path(src)
+    cfg = model_config_from_llava_hf(src)
+    state = map_keys(read_weights(src), LLAVA_HF_KEY_MAP)
+    tokenizer = _tokenizer([src])
+    token_id = tokenizer.convert_tokens_to_ids(cfg.image_token)
+    if token_id != cfg.image_token_id:
+        raise CheckpointError(
+            f"{src}: config.json says image_token_index={cfg.image_token_id} but the tokenizer maps "
+            f"{cfg.image_token!r} to {token_id}; fix one of them"
+        )
+    cfg_dict = to_dict(dataclasses.replace(cfg, template=template or "vicuna_v1"))
+    cfg_dict["vision"]["origin"] = cfg_dict["llm"]["origin"] = str(src)
+    summary = ConvertSummary(
+        out=Path(out), source=f"llava-hf {src}", kind="llava-hf", tensors=0, image_token_id=token_id
+    )
+    if sam is not None:
+        _inject_sam(cfg_dict, state, sam)
+    return _finish(cfg_dict, state, tokenizer, Path(out), summary, overrides, str(src))
+
+
+def convert(
+    source: str,
+    src: str | Path,
+    out: str | Path,
+    *,
+    vision_tower: str | Path | None = None,
+    sam: str | Path | None = None,
+    base: str | Path | None = None,
+    template: str | None = None,
+    overrides: Sequence[str] = (),
+) -> ConvertSummary:
+    """Dispatch on `source` (one of SOURCES); see the module docstring."""
+    if source not in SOURCES:
+        raise ConfigError(f"--from {source!r} is not supported; use one of {', '.join(SOURCES)}")
+    if not Path(src).exists():
+        raise CheckpointError(f"source {src} does not exist")
+    if source == "sam":
+        used = {"--vision-tower": vision_tower, "--sam": sam, "--base": base, "--template": template}
+        given = [k for k, v in used.items() if v is not None] + (["--set"] if overrides else [])
+        if given:
+            raise ConfigError(f"--from sam converts one SAM checkpoint; {', '.join(given)} do not apply")
+        return convert_sam(src, out)
+    if source == "llava-hf":
+        if vision_tower is not None or base is not None:
+            raise ConfigError(
+                "--from llava-hf checkpoints hold their vision tower and LLM; drop --vision-tower / --base"
+            )
+        return convert_llava_hf(src, out, sam=sam, template=template, overrides=overrides)
+    return convert_llava(
+        src,
+        out,
+        source=source,
+        vision_tower=vision_tower,
+        sam=sam,
+        base=base,
+        template=template,
+        overrides=overrides,
+    )

@@ -23,9 +23,11 @@ Notable choices:
 - Randomness (which phrasing, which turns) comes from a `random.Random` seeded by
   (seed, language, report id, purpose), so a sample does not depend on the order or number of the
   other reports and re-runs are byte-identical.
-- Stage-2 conversations come from an `InstructionGenerator`; `TemplateGenerator` lives here and
-  an LLM-backed one registers itself with `register_generator`. Stage-1 captions and the eval
-  set are always template-built: they must stay short and exactly checkable.
+- Stage-2 conversations come from an `InstructionGenerator`; `TemplateGenerator` lives here, the
+  LLM-backed `llm_instruct.LLMGenerator` is registered as `llm` (imported on first use), and
+  others can be added with `register_generator`. A generator with a `prefetch(reports)` method
+  gets all reports of a split first (the LLM one runs them concurrently and resumably). Stage-1
+  captions and the eval set are always template-built: they must stay short and exactly checkable.
 - The eval set has one single-turn sample per (report, question type) with `question_type` and
   `answer_type` ("OPEN", or "CLOSED" for yes/no presence questions such as "是否存在结节？").
   History is not asked at eval time: it cannot be seen in the images.
@@ -405,7 +407,17 @@ class TemplateGenerator:
         )
 
 
-GENERATORS: dict[str, Callable[..., InstructionGenerator]] = {"template": TemplateGenerator}
+def _llm_generator(**options: Any) -> InstructionGenerator:
+    """`--generator llm`: imported on use, so the template path never loads the LLM client."""
+    from .llm_instruct import LLMGenerator
+
+    return LLMGenerator(**options)
+
+
+GENERATORS: dict[str, Callable[..., InstructionGenerator]] = {
+    "template": TemplateGenerator,
+    "llm": _llm_generator,
+}
 
 
 def register_generator(name: str, factory: Callable[..., InstructionGenerator]) -> None:
@@ -536,6 +548,10 @@ def build_instructions(
     cues = cue_flags(site_cue)
     result = InstructSet()
     seen: set[tuple[str, str]] = set()
+    prefetch = getattr(generator, "prefetch", None)
+    if callable(prefetch):  # batch generators (the LLM one) work on all reports at once
+        reports = list(reports)
+        prefetch(reports)
     for report in reports:
         result.reports += 1
         try:
@@ -578,9 +594,10 @@ class InstructSummary:
     counts: dict[str, dict[str, int]]
     bad: list[BadItem]
     skipped_files: list[str]
+    notes: list[str] = field(default_factory=list)
 
     def render(self, max_bad: int = 20) -> str:
-        lines = [f"instruction data -> {self.out_dir}"]
+        lines = [f"instruction data -> {self.out_dir}", *self.notes]
         for split, c in self.counts.items():
             lines.append(
                 f"  {split}: {c['reports']} reports -> stage1 {c['stage1']}, stage2 {c['stage2']}, eval {c['eval']}"
@@ -608,17 +625,20 @@ def run_instruct(
     site_cue: str = "both",
     seed: int = 0,
     generator: str = "template",
+    generator_options: dict[str, Any] | None = None,
 ) -> InstructSummary:
     """Build stage1/stage2/eval sets per split and write them, with `instruct_meta.json`, to out_dir.
 
     Outputs are `{stage1,stage2,eval}.<split>.json`, the split being the reports file name up to
     its first dot. Image paths stay relative to the reports' dataset root; `instruct_meta.json`
-    records that root as `image_root` (relative to out_dir when possible).
+    records that root as `image_root` (relative to out_dir when possible). `generator_options`
+    go to the generator's constructor (e.g. the LLM endpoint for `generator="llm"`); a generator
+    with `summary_lines()` adds them (usage, cost) to the summary and to `instruct_meta.json`.
     """
     if language not in LANGUAGE_CHOICES:
         raise DataError(f"unknown language {language!r}; use one of: {', '.join(LANGUAGE_CHOICES)}")
     cue_flags(site_cue)
-    gen = make_generator(generator, site_cue=site_cue)
+    gen = make_generator(generator, site_cue=site_cue, **(generator_options or {}))
     source, out = Path(reports_path), Path(out_dir)
     files = report_files(source)
     root = source if source.is_dir() else source.parent
@@ -664,9 +684,11 @@ def run_instruct(
         image_root = os.path.relpath(root.resolve(), out.resolve())
     except ValueError:  # different drives on Windows
         image_root = str(root.resolve())
+    notes = list(gen.summary_lines()) if callable(getattr(gen, "summary_lines", None)) else []
     meta = {
         "image_root": image_root,
         "generator": generator,
+        "generator_notes": notes,
         "seed": seed,
         "language": language,
         "site_cue": site_cue,
@@ -677,7 +699,7 @@ def run_instruct(
     (out / "instruct_meta.json").write_text(
         json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
-    return InstructSummary(out, counts, bad, skipped)
+    return InstructSummary(out, counts, bad, skipped, notes)
 
 
 def image_root_of(out_dir: Path | str) -> Path:

@@ -1,0 +1,562 @@
+"""One client for OpenAI-compatible chat endpoints (OpenAI, Azure OpenAI, vLLM, SGLang, ours).
+
+What this file owns: turning chat messages into one HTTP request and a `ChatResult`, with
+everything a reproducible, cheap and safe batch needs around that one request.
+
+Notable choices:
+- One send path. `ChatClient.chat` scrubs every message text with `data.scrub.scrub_text`, and
+  the request body, the cache key, the dry-run printout and the bytes on the wire are all built
+  from that scrubbed copy; nothing else in the package builds a request. Non-text content parts
+  (images) are refused: only text leaves the machine.
+- httpx directly (the `openai` package's own transport), so the exact body is known, Azure's
+  `api-version` query and `api-key` header are two lines, and retries are ours alone.
+- Retries: 429, 408, 409 and 5xx replies, timeouts and connection errors are retried with full-
+  jitter exponential backoff (`uniform(0, min(backoff_max, backoff_base * 2**n))`); a
+  `Retry-After` / `retry-after-ms` header replaces the backoff (capped at backoff_max). Other
+  4xx replies fail at once. Every failure that ends a request raises `LLMError` naming the URL:
+  an unreachable or misconfigured endpoint stops a batch loudly instead of being counted as bad
+  items.
+- Cache: SQLite (WAL; one connection per thread; safe across threads and processes) keyed by
+  sha256 of the canonical JSON of (model, scrubbed messages, sampling parameters, caller extra
+  such as a judge repeat index). The base URL and API key are not in the key, so the same model
+  behind another URL hits the same entries. Only successful replies are stored.
+- Concurrency: a semaphore bounds in-flight requests per client, whatever the caller's threads.
+- Accounting: prompt/completion tokens from each reply's `usage`, priced per model from
+  `PRICES` (USD per 1M tokens, longest-prefix match on the model name; override per run).
+- Dry run: prints the exact request (URL, non-secret headers, JSON body) that would be sent and
+  sends nothing; cache hits are served as usual because they would not be sent either.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import os
+import random
+import sqlite3
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from ..data.scrub import scrub_text
+from ..errors import ConfigError, LlavaUltraError
+
+DEFAULT_KEY_ENVS = ("LLAVA_ULTRA_LLM_API_KEY", "OPENAI_API_KEY")
+RETRY_STATUSES = frozenset({408, 409, 429})
+# USD per 1M (input, output) tokens: public list prices (mid 2025); check your provider's page.
+# Matched by the longest prefix of the model name, so dated snapshots inherit their family's price.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-3.5-turbo": (0.50, 1.50),
+    "deepseek-chat": (0.27, 1.10),
+}
+
+
+class LLMError(LlavaUltraError):
+    """The endpoint is unreachable, refused the request, or kept failing after every retry."""
+
+
+# --------------------------------------------------------------------------------- config
+
+
+@dataclass
+class ClientConfig:
+    """Where and how to send chat requests.
+
+    Attributes:
+        base_url: endpoint root ending before `/chat/completions`, e.g. `https://api.openai.com/v1`,
+            `http://127.0.0.1:8000/v1`, `https://RES.openai.azure.com/openai/deployments/DEPLOYMENT`.
+        model: model name sent in every request and part of the cache key; pin a dated snapshot.
+        api_key_env: environment variables tried in order for the API key; none set = no auth
+            header (local servers).
+        api_version: Azure `api-version` query value; when set the key goes in an `api-key` header.
+        timeout: seconds per HTTP request (connect + read).
+        max_attempts: tries per request, the first one included.
+        backoff_base: seconds; the n-th retry waits up to backoff_base * 2**n (full jitter).
+        backoff_max: longest wait between tries, Retry-After included.
+        concurrency: most requests in flight at once.
+        cache: SQLite file for replies; None disables caching.
+        dry_run: print what would be sent, send nothing.
+        temperature: sampling temperature (0 for judging).
+        max_tokens: reply length cap sent with each request (None: the server's default).
+        json_mode: send `response_format: {"type": "json_object"}` (OpenAI, vLLM, SGLang).
+        price: (input, output) USD per 1M tokens; None looks the model up in `PRICES`.
+    """
+
+    base_url: str
+    model: str
+    api_key_env: tuple[str, ...] = DEFAULT_KEY_ENVS
+    api_version: str | None = None
+    timeout: float = 60.0
+    max_attempts: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    concurrency: int = 4
+    cache: Path | None = None
+    dry_run: bool = False
+    temperature: float = 0.0
+    max_tokens: int | None = 1024
+    json_mode: bool = False
+    price: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"LLM base URL {self.base_url!r} is not an http(s) URL; pass e.g. "
+                "--base-url http://127.0.0.1:8000/v1 or https://api.openai.com/v1"
+            )
+        if not self.model.strip():
+            raise ConfigError("LLM model name is empty; pass the model (e.g. --model gpt-4o-2024-08-06)")
+        if isinstance(self.api_key_env, str):
+            self.api_key_env = tuple(n.strip() for n in self.api_key_env.split(",") if n.strip())
+        if self.timeout <= 0:
+            raise ConfigError(f"LLM timeout must be positive seconds, got {self.timeout}")
+        if self.backoff_base < 0 or self.backoff_max < 0:
+            raise ConfigError(
+                f"LLM backoff_base ({self.backoff_base}) and backoff_max ({self.backoff_max}) must be >= 0"
+            )
+        if self.max_attempts < 1 or self.concurrency < 1:
+            raise ConfigError(
+                f"LLM max_attempts ({self.max_attempts}) and concurrency ({self.concurrency}) must be >= 1"
+            )
+        if self.cache is not None:
+            self.cache = Path(self.cache)
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+    def api_key(self) -> str | None:
+        for name in self.api_key_env:
+            if os.environ.get(name):
+                return os.environ[name]
+        return None
+
+
+def parse_price(text: str | None) -> tuple[float, float] | None:
+    """'IN,OUT' (USD per 1M tokens) -> (IN, OUT); None/'' -> None."""
+    if not text:
+        return None
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(
+            f"price {text!r} is not 'IN,OUT' (USD per 1M tokens), e.g. --price 0.15,0.60"
+        ) from None
+    if a < 0 or b < 0:
+        raise ConfigError(f"price {text!r} is negative; give USD per 1M input and output tokens")
+    return a, b
+
+
+def price_for(model: str, override: tuple[float, float] | None = None) -> tuple[float, float] | None:
+    """(input, output) USD per 1M tokens for `model`: the override, else the longest PRICES prefix."""
+    if override is not None:
+        return override
+    hits = [name for name in PRICES if model.startswith(name)]
+    return PRICES[max(hits, key=len)] if hits else None
+
+
+# ------------------------------------------------------------------------------- scrubbing
+
+
+def scrub_messages(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """A copy of `messages` with every text scrubbed, and what was removed (kind -> count).
+
+    Content may be a string or a list of `{"type": "text", "text": ...}` parts; any other part
+    (an image) raises LLMError: this client sends text only.
+    """
+    found: Counter[str] = Counter()
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in ("system", "user", "assistant"):
+            raise LLMError(f"message {i} has role {role!r}; use system, user or assistant")
+        if isinstance(content, str):
+            result = scrub_text(content)
+            found.update(kind for kind, _ in result.found)
+            out.append({"role": role, "content": result.text})
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, Mapping) or part.get("type") != "text":
+                    raise LLMError(
+                        f"message {i} has a non-text content part {part!r}; only text is sent to the LLM"
+                    )
+                result = scrub_text(str(part.get("text", "")))
+                found.update(kind for kind, _ in result.found)
+                parts.append({"type": "text", "text": result.text})
+            out.append({"role": role, "content": parts})
+        else:
+            raise LLMError(f"message {i} content is {type(content).__name__}; give a string")
+    return out, found
+
+
+def cache_key(model: str, messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of (model, messages, params): base-URL independent."""
+    blob = json.dumps(
+        {"model": model, "messages": messages, "params": params},
+        ensure_ascii=False,
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------- cache
+
+
+class ReplyCache:
+    """SQLite table key -> (request JSON, response JSON); one connection per thread, WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._conn() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, model TEXT, "
+                "request TEXT NOT NULL, response TEXT NOT NULL, created REAL NOT NULL)"
+            )
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            self._local.conn = conn
+        return conn
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        row = self._conn().execute("SELECT response FROM replies WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put(self, key: str, model: str, request: Mapping[str, Any], response: Mapping[str, Any]) -> None:
+        with self._conn() as conn:  # one transaction: the row is written whole or not at all
+            conn.execute(
+                "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
+                (
+                    key,
+                    model,
+                    json.dumps(request, ensure_ascii=False),
+                    json.dumps(response, ensure_ascii=False),
+                    time.time(),
+                ),
+            )
+
+    def __len__(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+
+# ------------------------------------------------------------------------------ accounting
+
+
+@dataclass
+class Usage:
+    """Counters for one client; thread-safe through `add`."""
+
+    sent: int = 0
+    cache_hits: int = 0
+    dry_run: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+    scrubbed: Counter[str] = field(default_factory=Counter)
+    served_models: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: Any) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                if name in ("scrubbed", "served_models"):
+                    getattr(self, name).update(value)
+                else:
+                    setattr(self, name, getattr(self, name) + value)
+
+    def cost(self, price: tuple[float, float] | None) -> float | None:
+        if price is None:
+            return None
+        return (self.prompt_tokens * price[0] + self.completion_tokens * price[1]) / 1e6
+
+    def render(self, model: str, price: tuple[float, float] | None) -> str:
+        lines = [
+            f"llm {model}: {self.sent} requests sent, {self.cache_hits} cache hits, {self.retries} retries"
+            + (f", {self.dry_run} printed by dry run (nothing sent)" if self.dry_run else ""),
+            f"  tokens: {self.prompt_tokens} in + {self.completion_tokens} out"
+            f" (cache hits saved {self.cached_prompt_tokens} in + {self.cached_completion_tokens} out)",
+        ]
+        cost = self.cost(price)
+        if cost is None:
+            lines.append(
+                f"  cost: unknown (no price for {model!r}; pass --price IN,OUT in USD per 1M tokens)"
+            )
+        else:
+            lines.append(f"  cost: ${cost:.4f} at ${price[0]}/1M in, ${price[1]}/1M out")
+        if self.scrubbed:
+            kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.scrubbed.items()))
+            lines.append(f"  scrubbed before sending (occurrences over all requests): {kinds}")
+        served = {m for m in self.served_models if m != model}
+        if served:
+            lines.append(f"  note: the endpoint answered as {', '.join(sorted(served))} (requested {model})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """One reply: content is None in dry-run mode."""
+
+    content: str | None
+    key: str
+    served_model: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    cached: bool = False
+    dry_run: bool = False
+
+
+# ---------------------------------------------------------------------------------- client
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds asked for by `retry-after-ms` or `Retry-After` (seconds or an HTTP date), else None."""
+    if headers.get("retry-after-ms"):
+        try:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class ChatClient:
+    """Chat completions with scrubbing, retries, caching, a concurrency cap and accounting."""
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        out: TextIO | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.usage = Usage()
+        self.out = out if out is not None else sys.stdout
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._slots = threading.Semaphore(config.concurrency)
+        self._print_lock = threading.Lock()
+        self._cache = ReplyCache(config.cache) if config.cache is not None else None
+        self._http = httpx.Client(timeout=httpx.Timeout(config.timeout))
+
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @property
+    def price(self) -> tuple[float, float] | None:
+        return price_for(self.config.model, self.config.price)
+
+    def render_usage(self) -> str:
+        return self.usage.render(self.config.model, self.price)
+
+    def _params(self, temperature: float | None, max_tokens: int | None) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "temperature": self.config.temperature if temperature is None else temperature
+        }
+        limit = self.config.max_tokens if max_tokens is None else max_tokens
+        if limit is not None:
+            params["max_tokens"] = limit
+        if self.config.json_mode:
+            params["response_format"] = {"type": "json_object"}
+        return params
+
+    def request_key(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        cache_extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The cache key `chat` would use for these arguments (scrubbing included)."""
+        clean, _ = scrub_messages(messages)
+        params = self._params(temperature, max_tokens)
+        return cache_key(
+            self.config.model, clean, {**params, **({"extra": dict(cache_extra)} if cache_extra else {})}
+        )
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        cache_extra: Mapping[str, Any] | None = None,
+    ) -> ChatResult:
+        """Send `messages` (scrubbed first) and return the reply; the only way out of the machine.
+
+        `cache_extra` goes into the cache key only (e.g. {"repeat": 2} for independent judge
+        repeats); it is never sent.
+        """
+        clean, found = scrub_messages(messages)
+        params = self._params(temperature, max_tokens)
+        key = cache_key(
+            self.config.model, clean, {**params, **({"extra": dict(cache_extra)} if cache_extra else {})}
+        )
+        body = {"model": self.config.model, "messages": clean, **params}
+        self.usage.add(scrubbed=found)
+        if self._cache is not None:
+            hit = self._cache.get(key)
+            if hit is not None:
+                usage = _usage_of(hit)
+                self.usage.add(
+                    cache_hits=1,
+                    cached_prompt_tokens=usage.get("prompt_tokens", 0),
+                    cached_completion_tokens=usage.get("completion_tokens", 0),
+                )
+                return ChatResult(
+                    _content_of(hit, self.config.url), key, hit.get("model"), usage, cached=True
+                )
+        if self.config.dry_run:
+            self._print_request(body)
+            self.usage.add(dry_run=1)
+            return ChatResult(None, key, dry_run=True)
+        with self._slots:
+            reply = self._send(body)
+        usage = _usage_of(reply)
+        content = _content_of(reply, self.config.url)
+        self.usage.add(
+            sent=1,
+            prompt_tokens=usage.get("prompt_tokens", 0),
+            completion_tokens=usage.get("completion_tokens", 0),
+            served_models=[reply.get("model") or self.config.model],
+        )
+        if self._cache is not None:
+            self._cache.put(key, self.config.model, body, reply)
+        return ChatResult(content, key, reply.get("model"), usage)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = self.config.api_key()
+        if key:
+            if self.config.api_version:
+                headers["api-key"] = key
+            else:
+                headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _query(self) -> dict[str, str]:
+        return {"api-version": self.config.api_version} if self.config.api_version else {}
+
+    def _print_request(self, body: Mapping[str, Any]) -> None:
+        query = "".join(f"?{k}={v}" for k, v in self._query().items())
+        headers = {k: ("***" if k in ("Authorization", "api-key") else v) for k, v in self._headers().items()}
+        text = json.dumps(body, ensure_ascii=False, indent=2)
+        with self._print_lock:
+            print(f"--- dry run: POST {self.config.url}{query}", file=self.out)
+            print(f"headers: {json.dumps(headers)}", file=self.out)
+            print(text, file=self.out, flush=True)
+
+    def _send(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST `body` (already scrubbed) with retries; the single network call site."""
+        url = self.config.url
+        last = ""
+        for attempt in range(self.config.max_attempts):
+            wait: float | None = None
+            try:
+                response = self._http.post(url, json=body, headers=self._headers(), params=self._query())
+            except httpx.TimeoutException as exc:
+                last = f"timed out after {self.config.timeout}s ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                last = f"connection failed ({type(exc).__name__}: {exc})"
+            else:
+                if response.status_code == 200:
+                    try:
+                        payload = response.json()
+                    except ValueError:
+                        last = f"HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
+                    else:
+                        if isinstance(payload, dict):
+                            return payload
+                        last = f"HTTP 200 with a JSON body that is not an object: {response.text[:200]!r}"
+                    raise LLMError(
+                        f"{url} answered {last}; is this an OpenAI-compatible /chat/completions endpoint?"
+                    )
+                last = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code not in RETRY_STATUSES and response.status_code < 500:
+                    raise LLMError(f"{url} refused the request ({last}); {_hint(response.status_code)}")
+                wait = retry_after(response.headers)
+            if attempt + 1 == self.config.max_attempts:
+                break
+            if wait is None:
+                wait = self._rng.uniform(
+                    0, min(self.config.backoff_max, self.config.backoff_base * 2**attempt)
+                )
+            self.usage.add(retries=1)
+            self._sleep(min(wait, self.config.backoff_max))
+        raise LLMError(
+            f"LLM endpoint {url} failed {self.config.max_attempts} time(s); last error: {last}. "
+            "Check that the server is running and the URL is right (--base-url / --llm-base-url), "
+            "or raise --max-attempts / --timeout"
+        )
+
+
+def _hint(status: int) -> str:
+    if status in (401, 403):
+        return (
+            "set the API key in one of "
+            + ", ".join(DEFAULT_KEY_ENVS)
+            + " (or the variable named by --api-key-env)"
+        )
+    if status == 404:
+        return "check the base URL (it should end before /chat/completions) and the model / deployment name"
+    return "check the model name and request parameters"
+
+
+def _usage_of(reply: Mapping[str, Any]) -> dict[str, int]:
+    usage = reply.get("usage") or {}
+    return {
+        k: int(usage[k])
+        for k in ("prompt_tokens", "completion_tokens")
+        if isinstance(usage.get(k), int | float)
+    }
+
+
+def _content_of(reply: Mapping[str, Any], url: str) -> str:
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise LLMError(
+            f"{url} replied without choices[0].message.content: {json.dumps(reply)[:300]}; "
+            "is this an OpenAI-compatible chat endpoint?"
+        ) from None
+    return content if isinstance(content, str) else ""

@@ -1,0 +1,231 @@
+"""Tests for the OpenAI-compatible client: retries, timeouts, cache, scrubbing, dry run, accounting."""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import threading
+import time
+
+import pytest
+
+from llava_ultra.errors import ConfigError
+from llava_ultra.llm.client import (
+    ChatClient,
+    ClientConfig,
+    LLMError,
+    cache_key,
+    parse_price,
+    price_for,
+    retry_after,
+    scrub_messages,
+)
+
+MSG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a cyst?"}]
+PLANTED = "患者张三，男，52岁，身份证号110101199003071234。Patient: John Smith. 甲状腺右叶见低回声结节，大小约1.2×0.8cm。"
+SECRETS = ("张三", "John Smith", "110101199003071234")
+
+
+def client(url: str, sleeps: list[float] | None = None, **kw) -> ChatClient:
+    cfg = ClientConfig(base_url=url, model="test-model", backoff_base=0.01, **kw)
+    recorder = sleeps.append if sleeps is not None else (lambda s: None)
+    return ChatClient(cfg, sleep=recorder)
+
+
+def test_429_then_success_honours_retry_after(llm_server):
+    llm_server.script.extend([{"status": 429, "headers": {"Retry-After": "2"}}, {"content": "fine"}])
+    sleeps: list[float] = []
+    with client(llm_server.url, sleeps) as c:
+        result = c.chat(MSG)
+    assert result.content == "fine"
+    assert len(llm_server.requests) == 2
+    assert sleeps == [2.0]  # the server's Retry-After, not the 0.01 s backoff
+    assert c.usage.retries == 1 and c.usage.sent == 1
+
+
+def test_500_then_success_backs_off_with_jitter(llm_server):
+    llm_server.script.extend([{"status": 500}, {"status": 502}, {"content": "fine"}])
+    sleeps: list[float] = []
+    with client(llm_server.url, sleeps) as c:
+        assert c.chat(MSG).content == "fine"
+    assert len(llm_server.requests) == 3
+    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.01 and 0 <= sleeps[1] <= 0.02
+
+
+def test_timeout_then_success(llm_server):
+    llm_server.script.extend([{"delay": 1.5, "content": "too late"}, {"content": "fine"}])
+    with client(llm_server.url, timeout=0.3) as c:
+        assert c.chat(MSG).content == "fine"
+    assert len(llm_server.requests) == 2
+    assert c.usage.retries == 1
+
+
+def test_retries_exhausted_raise_naming_the_url(llm_server):
+    llm_server.script.extend([{"status": 503}] * 3)
+    with client(llm_server.url, max_attempts=3) as c, pytest.raises(LLMError, match="failed 3 time") as err:
+        c.chat(MSG)
+    assert llm_server.url in str(err.value) and "HTTP 503" in str(err.value)
+    assert len(llm_server.requests) == 3
+
+
+def test_client_errors_are_not_retried(llm_server):
+    llm_server.script.append({"status": 401})
+    with client(llm_server.url) as c, pytest.raises(LLMError, match="API key"):
+        c.chat(MSG)
+    assert len(llm_server.requests) == 1
+
+
+def test_unreachable_endpoint_is_a_loud_error(dead_url):
+    sleeps: list[float] = []
+    with client(dead_url, sleeps, max_attempts=2) as c, pytest.raises(LLMError) as err:
+        c.chat(MSG)
+    assert dead_url in str(err.value) and "connection failed" in str(err.value)
+    assert len(sleeps) == 1
+
+
+def test_cache_second_run_sends_nothing_and_ignores_base_url(llm_server, dead_url, tmp_path):
+    cache = tmp_path / "cache.sqlite3"
+    llm_server.responder = lambda body: "a cyst is a fluid-filled sac"
+    with client(llm_server.url, cache=cache) as c:
+        first = c.chat(MSG)
+    assert len(llm_server.requests) == 1 and not first.cached
+    # another process, another URL (nothing listening): served from the cache, zero requests
+    with client(dead_url, cache=cache) as c:
+        again = c.chat(MSG)
+    assert again.cached and again.content == first.content and again.usage == first.usage
+    assert c.usage.sent == 0 and c.usage.cache_hits == 1
+    assert len(llm_server.requests) == 1
+    # a different parameter or cache_extra is a different entry
+    with client(llm_server.url, cache=cache) as c:
+        c.chat(MSG, temperature=0.5)
+        c.chat(MSG, cache_extra={"repeat": 1})
+    assert len(llm_server.requests) == 3
+
+
+def test_cache_is_safe_under_concurrency(llm_server, tmp_path):
+    llm_server.responder = lambda body: body["messages"][-1]["content"].upper()
+    with client(llm_server.url, cache=tmp_path / "c.sqlite3", concurrency=4) as c:
+        threads = [
+            threading.Thread(target=c.chat, args=([{"role": "user", "content": f"q{i % 8}"}],))
+            for i in range(24)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert {c.chat([{"role": "user", "content": f"q{i}"}]).content for i in range(8)} == {
+            f"Q{i}" for i in range(8)
+        }
+    assert len(c._cache) == 8
+
+
+def test_planted_identifiers_never_reach_the_server(llm_server):
+    messages = [
+        {"role": "system", "content": "Rewrite."},
+        {"role": "user", "content": PLANTED},
+        {"role": "assistant", "content": [{"type": "text", "text": "Patient: John Smith"}]},
+    ]
+    with client(llm_server.url) as c:
+        c.chat(messages)
+    received = llm_server.received_text()
+    for secret in SECRETS:
+        assert secret not in received
+    assert "[姓名]" in received and "[身份证号]" in received and "1.2×0.8cm" in received
+    assert c.usage.scrubbed["name"] == 3 and c.usage.scrubbed["id_number"] == 1
+
+
+def test_non_text_content_is_refused(llm_server):
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    with client(llm_server.url) as c, pytest.raises(LLMError, match="only text"):
+        c.chat([{"role": "user", "content": image}])
+    assert llm_server.requests == []
+
+
+def test_dry_run_prints_scrubbed_request_and_sends_nothing(llm_server, monkeypatch):
+    monkeypatch.setenv("LLAVA_ULTRA_LLM_API_KEY", "sk-secret-value")
+    out = io.StringIO()
+    cfg = ClientConfig(base_url=llm_server.url, model="m", dry_run=True)
+    with ChatClient(cfg, out=out) as c:
+        result = c.chat([{"role": "user", "content": PLANTED}])
+    printed = out.getvalue()
+    assert result.content is None and result.dry_run
+    assert llm_server.requests == []
+    assert f"POST {llm_server.url}/chat/completions" in printed
+    assert "[姓名]" in printed and "sk-secret-value" not in printed and '"Authorization": "***"' in printed
+    for secret in SECRETS:
+        assert secret not in printed
+    assert c.usage.dry_run == 1 and c.usage.sent == 0
+
+
+def test_auth_headers_bearer_and_azure(llm_server, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "k1")
+    with ChatClient(ClientConfig(base_url=llm_server.url, model="m", api_key_env="MY_KEY")) as c:
+        c.chat(MSG)
+    with ChatClient(
+        ClientConfig(base_url=llm_server.url, model="m", api_key_env="MY_KEY", api_version="2024-10-21")
+    ) as c:
+        c.chat(MSG)
+    plain, azure = llm_server.requests
+    assert plain["headers"]["Authorization"] == "Bearer k1" and "api-key" not in plain["headers"]
+    assert azure["headers"]["api-key"] == "k1" and "Authorization" not in azure["headers"]
+    assert azure["query"] == {"api-version": ["2024-10-21"]} and plain["query"] == {}
+
+
+def test_request_body_and_usage_accounting(llm_server):
+    llm_server.responder = lambda body: "xyz"
+    llm_server.model_name = "test-model-2024-01-01"
+    with client(llm_server.url, price=(1.0, 2.0), max_tokens=64, json_mode=True) as c:
+        c.chat(MSG)
+        c.chat(MSG, temperature=0.2)
+    body = llm_server.bodies()[0]
+    assert body["model"] == "test-model" and body["temperature"] == 0.0 and body["max_tokens"] == 64
+    assert body["response_format"] == {"type": "json_object"}
+    prompt = len("Be brief.\nWhat is a cyst?")
+    assert c.usage.prompt_tokens == 2 * prompt and c.usage.completion_tokens == 6
+    assert c.usage.cost(c.price) == pytest.approx((2 * prompt * 1.0 + 6 * 2.0) / 1e6)
+    text = c.render_usage()
+    assert "2 requests sent" in text and "$" in text and "answered as test-model-2024-01-01" in text
+
+
+def test_concurrency_limit(llm_server):
+    llm_server.script.extend([{"delay": 0.15, "content": "x"}] * 6)
+    with client(llm_server.url, concurrency=2) as c:
+        threads = [threading.Thread(target=c.chat, args=(MSG,)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(llm_server.requests) == 6 and llm_server.max_inflight == 2
+
+
+def test_retry_after_forms():
+    assert retry_after({"retry-after": "3"}) == 3.0
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    date = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 <= retry_after({"retry-after": date}) <= 31
+    assert retry_after({}) is None and retry_after({"retry-after": "soon"}) is None
+
+
+def test_prices_and_config_errors():
+    assert price_for("gpt-4o-mini-2024-07-18") == (0.15, 0.60)
+    assert price_for("gpt-4o-2024-08-06") == (2.50, 10.00)
+    assert price_for("qwen2-72b") is None and price_for("qwen2-72b", (0.0, 0.0)) == (0.0, 0.0)
+    assert parse_price("0.5,1.5") == (0.5, 1.5) and parse_price(None) is None
+    with pytest.raises(ConfigError, match="IN,OUT"):
+        parse_price("cheap")
+    with pytest.raises(ConfigError, match="not an http"):
+        ClientConfig(base_url="api.openai.com", model="m")
+    with pytest.raises(ConfigError, match="model name is empty"):
+        ClientConfig(base_url="http://x", model=" ")
+    with pytest.raises(ConfigError, match="timeout"):
+        ClientConfig(base_url="http://x", model="m", timeout=0)
+    with pytest.raises(ConfigError, match="concurrency"):
+        ClientConfig(base_url="http://x", model="m", concurrency=0)
+
+
+def test_cache_key_is_canonical_and_scrubbed():
+    clean, found = scrub_messages([{"role": "user", "content": "姓名：张三"}])
+    assert clean == [{"role": "user", "content": "姓名：[姓名]"}] and found == {"name": 1}
+    a = cache_key("m", clean, {"temperature": 0, "max_tokens": 5})
+    assert a == cache_key("m", clean, {"max_tokens": 5, "temperature": 0})
+    assert a != cache_key("m2", clean, {"temperature": 0, "max_tokens": 5})

@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -265,9 +266,12 @@ class ModelConfig:
     """Its id; None means 'ask the tokenizer' at build time."""
     dtype: str = "auto"
     """'auto' = float32 on CPU, bfloat16 on CUDA when supported else float16; or an explicit dtype."""
+    template: str = "vicuna_v1"
+    """Conversation format the LLM was tuned with (recorded by `llava-ultra convert`, used to prompt it)."""
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, DTYPES)
+        _one_of("model.template", self.template, ("vicuna_v1", "mistral_instruct", "plain"))
         if not self.image_token:
             raise ConfigError("model.image_token is empty; use e.g. '<image>'")
         if self.sam.enabled and self.vision.select_feature == "cls_patch":
@@ -302,14 +306,222 @@ class ModelConfig:
         return self.selector.images_into_llm(k) * self.tokens_per_image
 
 
+TEMPLATES = ("vicuna_v1", "plain")
+OPTIMIZERS = ("adam", "adamw")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+COMPONENTS = ("clip", "sam", "projectors", "fusion", "selector", "llm")
+COMPONENT_MODES = ("frozen", "lora", "full")
+
+
+@dataclass
+class DataConfig:
+    """Instruction data for training (files written by `llava-ultra instruct`)."""
+
+    stage1: str | None = None
+    """Instruction JSON for stage 1 (concept alignment), e.g. data/instruct/stage1.train.json."""
+    stage2: str | None = None
+    """Instruction JSON for stage 2 (instruction tuning), e.g. data/instruct/stage2.train.json."""
+    image_root: str | None = None
+    """Folder the samples' image paths are relative to; None: `image_root` of the instruct_meta.json
+    beside the file, else the file's own folder."""
+    max_length: int | None = None
+    """Longest token sequence after expanding image placeholders; None: the LLM's max positions."""
+    max_bad_fraction: float = 0.01
+    """Largest fraction of skipped samples (missing/corrupt image, too long, malformed) before the
+    run aborts; every skipped sample is reported by id either way."""
+    findings_tokens: int = 64
+    """Findings-text tokens given to the selector's attention teacher (stage 2, 'feature+attention')."""
+    num_workers: int = 0
+    """DataLoader worker processes per training process (0 = load in the training process)."""
+    system: str | None = None
+    """System prompt for the 'vicuna_v1' template; None: LLaVA's default."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction={self.max_bad_fraction} must be in [0, 1]")
+        if self.max_length is not None:
+            _positive("data.max_length", self.max_length)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.findings_tokens < 0:
+            raise ConfigError(f"data.findings_tokens={self.findings_tokens} must be >= 0")
+
+
+@dataclass
+class StageConfig:
+    """Optimisation settings of one training stage (`Stage1Config` / `Stage2Config` set the defaults)."""
+
+    NAME: ClassVar[str] = "train.stage"
+    DEFAULT_TRAINABLE: ClassVar[dict[str, str]] = {}
+
+    template: str = "vicuna_v1"
+    """Conversation format: 'plain' (image + caption, LLaVA stage 1) or 'vicuna_v1'."""
+    trainable: dict[str, str] = field(default_factory=dict)
+    """Component -> frozen | lora | full (components: clip, sam, projectors, fusion, selector, llm),
+    merged over the stage's defaults (set a component to 'frozen' to freeze it); unnamed
+    components are frozen. Stage 1: projectors + fusion; stage 2 adds the selector and LoRA on the LLM."""
+    epochs: int = 1
+    """Passes over the data."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps (None: run all epochs)."""
+    lr: float = 1e-3
+    """Peak learning rate (the paper: Adam, 1e-3)."""
+    batch_size: int = 16
+    """Samples per process per micro-batch (global batch = batch_size x grad_accum x processes)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay floor as a fraction of lr."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 (Adam), not applied to biases and norms."""
+
+    def __post_init__(self) -> None:
+        name = self.NAME
+        _one_of(f"{name}.template", self.template, TEMPLATES)
+        self.trainable = {**self.DEFAULT_TRAINABLE, **self.trainable}
+        for part, mode in self.trainable.items():
+            _one_of(f"{name}.trainable component", part, COMPONENTS)
+            _one_of(f"{name}.trainable.{part}", mode, COMPONENT_MODES)
+        if all(mode == "frozen" for mode in self.trainable.values()):
+            raise ConfigError(f"{name}.trainable leaves nothing to train; mark a component 'full' or 'lora'")
+        _positive(f"{name}.lr", self.lr)
+        for key in ("epochs", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{name}.{key}={getattr(self, key)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{name}.max_steps={self.max_steps} must be >= 1 (or null for all epochs)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"{name}.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"{name}.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{name}.weight_decay={self.weight_decay} must be >= 0")
+
+
+@dataclass
+class Stage1Config(StageConfig):
+    """Stage 1, concept alignment: captions in the 'plain' format, projectors + fusion trainable."""
+
+    NAME: ClassVar[str] = "train.stage1"
+    DEFAULT_TRAINABLE: ClassVar[dict[str, str]] = {"projectors": "full", "fusion": "full"}
+
+    template: str = "plain"
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    """Stage 2, instruction tuning: conversations; projectors, fusion, selector and LoRA on the LLM."""
+
+    NAME: ClassVar[str] = "train.stage2"
+    DEFAULT_TRAINABLE: ClassVar[dict[str, str]] = {
+        "projectors": "full",
+        "fusion": "full",
+        "selector": "full",
+        "llm": "lora",
+    }
+
+    template: str = "vicuna_v1"
+    lr: float = 2e-4
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the LLM (stage 2)."""
+
+    r: int = 16
+    """Rank."""
+    alpha: int = 32
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """LLM module names that get adapters (matched inside the LLM only, never the vision towers)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            raise ConfigError(f"train.lora.r={self.r} and train.lora.alpha={self.alpha} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"train.lora.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """The two-stage recipe: which stages, where outputs go, and how to optimise."""
+
+    stages: list[int] = field(default_factory=lambda: [1, 2])
+    """Stages to run in order: [1, 2] chained, or [1] / [2] alone (stage 2 alone needs init_from)."""
+    output_dir: str = "runs/train"
+    """Run folder: <output_dir>/stage1, <output_dir>/stage2 (final checkpoints), checkpoints/, logs."""
+    init_from: str | None = None
+    """Checkpoint folder the first stage starts from (stage 2 alone: stage 1's output folder)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id; None: init_from's, else model.llm.path's, else a tiny byte-level
+    BPE trained on the training text (inline tiny models)."""
+    seed: int = 0
+    """Seeds model init, shuffling and every RNG; same seed and data give the same weights on CPU."""
+    optimizer: str = "adamw"
+    """'adam' or 'adamw'."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    mixed_precision: str = "auto"
+    """'auto' = bf16 autocast on a GPU that supports it, none on CPU; or 'no', 'bf16', 'fp16'."""
+    gradient_checkpointing: bool = False
+    """Recompute LLM activations in the backward pass (less memory, ~30 % slower)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N optimiser steps (0: only at the end of a stage)."""
+    keep_last: int = 2
+    """Resumable checkpoints kept per stage (older ones are deleted)."""
+    log_every: int = 1
+    """Write a metrics.jsonl line every N optimiser steps."""
+    progress: bool = True
+    """Show a progress bar (main process only)."""
+    tensorboard: bool = True
+    """Also log to TensorBoard under <output_dir>/tb when the tensorboard package is installed."""
+    find_unused_parameters: bool = False
+    """DDP only: set when some trainable parameter gets no gradient in a step."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings for components marked 'lora'."""
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    """Stage 1, concept alignment: projectors + fusion trainable, everything else frozen."""
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    """Stage 2, instruction tuning: projectors, fusion, selector and LoRA on the LLM."""
+
+    def __post_init__(self) -> None:
+        if not self.stages or any(s not in (1, 2) for s in self.stages) or self.stages != sorted(set(self.stages)):
+            raise ConfigError(f"train.stages={self.stages} must be [1], [2] or [1, 2]")
+        _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        if self.keep_last < 1 or self.save_every < 0 or self.log_every < 1:
+            raise ConfigError(
+                f"train.keep_last={self.keep_last} must be >= 1, train.save_every={self.save_every} >= 0 "
+                f"and train.log_every={self.log_every} >= 1"
+            )
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"train.max_grad_norm={self.max_grad_norm} must be >= 0")
+
+    def stage(self, n: int) -> StageConfig:
+        """The settings of stage n (1 or 2)."""
+        return self.stage1 if n == 1 else self.stage2
+
+
 @dataclass
 class Config:
     """The whole run. Sections are added as fields; `load_config` maps YAML keys onto them."""
 
     model: ModelConfig
     """The model (see `ModelConfig`)."""
-    # train: TrainConfig and data: DataConfig go here (added by the train/ and data/ owners);
-    # give them defaults so that model-only YAML files (converted checkpoints) still load.
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training recipe (see `TrainConfig`); unused by model-only files."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data (see `DataConfig`)."""
 
 
 # ------------------------------------------------------------------------------ dict <-> dataclass
@@ -361,6 +573,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            value = float(value)  # PyYAML reads '1e-4' (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)

@@ -72,13 +72,80 @@ def instruct(
     language: Annotated[str, typer.Option(help="Which reports to use: zh, en or both.")] = "both",
     site_cue: Annotated[str, typer.Option(help="Name the site in questions: with, without or both.")] = "both",
     seed: Annotated[int, typer.Option(help="Random seed; same seed gives identical files.")] = 0,
-    generator: Annotated[str, typer.Option(help="Stage-2 conversation generator (template).")] = "template",
+    generator: Annotated[
+        str, typer.Option(help="Stage-2 conversation generator: template or llm.")
+    ] = "template",
+    llm_base_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LLAVA_ULTRA_LLM_BASE_URL", help="[llm] Endpoint, e.g. http://127.0.0.1:8000/v1."
+        ),
+    ] = None,
+    llm_model: Annotated[
+        str | None,
+        typer.Option(envvar="LLAVA_ULTRA_LLM_MODEL", help="[llm] Model name (pin a dated snapshot)."),
+    ] = None,
+    llm_tasks: Annotated[
+        str, typer.Option(help="[llm] Comma list of conversation, detailed_description, complex_reasoning.")
+    ] = "conversation,detailed_description,complex_reasoning",
+    llm_extended: Annotated[
+        bool, typer.Option(help="[llm] Also write extended_answers (LoGra-Med extended captions).")
+    ] = True,
+    llm_api_key_env: Annotated[
+        str, typer.Option(help="[llm] Env variables holding the API key, tried in order.")
+    ] = "LLAVA_ULTRA_LLM_API_KEY,OPENAI_API_KEY",
+    llm_api_version: Annotated[str | None, typer.Option(help="[llm] Azure OpenAI api-version.")] = None,
+    llm_concurrency: Annotated[int, typer.Option(help="[llm] Requests in flight.")] = 4,
+    llm_temperature: Annotated[float, typer.Option(help="[llm] Sampling temperature.")] = 0.7,
+    llm_timeout: Annotated[float, typer.Option(help="[llm] Seconds per request.")] = 120.0,
+    llm_max_attempts: Annotated[int, typer.Option(help="[llm] Tries per request.")] = 5,
+    llm_json_mode: Annotated[bool, typer.Option(help="[llm] Send response_format json_object.")] = False,
+    llm_cache: Annotated[
+        Path | None, typer.Option(help="[llm] Reply cache (default OUT/llm_cache.sqlite3).")
+    ] = None,
+    llm_no_cache: Annotated[bool, typer.Option(help="[llm] Do not read or write the reply cache.")] = False,
+    llm_journal: Annotated[
+        Path | None, typer.Option(help="[llm] Resume journal (default OUT/llm_journal.jsonl).")
+    ] = None,
+    llm_dry_run: Annotated[bool, typer.Option(help="[llm] Print the requests, send nothing.")] = False,
+    llm_price: Annotated[
+        str | None, typer.Option(help="[llm] 'IN,OUT' USD per 1M tokens (default: built-in table).")
+    ] = None,
 ) -> None:
     """Turn reports into LLaVA-style instruction data: stage-1 captions, stage-2 conversations, eval QA."""
     from .data.instruct import run_instruct
 
+    options = None
+    if generator == "llm":
+        from .data.llm_instruct import cli_options
+
+        options = cli_options(
+            out,
+            base_url=llm_base_url,
+            model=llm_model,
+            tasks=llm_tasks,
+            extended=llm_extended,
+            api_key_env=llm_api_key_env,
+            api_version=llm_api_version,
+            concurrency=llm_concurrency,
+            temperature=llm_temperature,
+            timeout=llm_timeout,
+            max_attempts=llm_max_attempts,
+            json_mode=llm_json_mode,
+            cache=llm_cache,
+            no_cache=llm_no_cache,
+            journal=llm_journal,
+            dry_run=llm_dry_run,
+            price=llm_price,
+        )
     summary = run_instruct(
-        reports, out, language=language, site_cue=site_cue, seed=seed, generator=generator
+        reports,
+        out,
+        language=language,
+        site_cue=site_cue,
+        seed=seed,
+        generator=generator,
+        generator_options=options,
     )
     typer.echo(summary.render())
 
@@ -161,3 +228,398 @@ def scrub(
     typer.echo(summary.render())
     if not summary.ok:
         sys.exit(1)
+
+
+# --------------------------------------------------------------------------------- evaluation
+
+
+@app.command("eval")
+@_friendly
+def eval_cmd(
+    model: Annotated[Path, typer.Option(help="Checkpoint folder (config.json, weights, tokenizer).")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Dataset SPEC (e.g. ultra:eval.test.json, slake:/d/Slake1.0?lang=zh) or an eval JSON."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Run folder for predictions, scores, report and plots.")],
+    mode: Annotated[str, typer.Option(help="Metric mode: strict or llava-med.")] = "strict",
+    metric_tokenizer: Annotated[
+        str | None, typer.Option(help="Override the mode's metric tokenizer: whitespace, jieba or char.")
+    ] = None,
+    closed_variant: Annotated[str, typer.Option(help="llava-med mode: substring or legacy.")] = "substring",
+    batch_size: Annotated[int, typer.Option(help="Samples per generate call.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (default); > 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus mass when sampling.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling and bootstrap seed.")] = 0,
+    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Extra stop string (repeatable).")] = None,
+    shard: Annotated[str, typer.Option(help="Multi-process sharding: contiguous or strided.")] = "contiguous",
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (0 = none).")] = 1000,
+    device: Annotated[
+        str | None, typer.Option(help="cpu, cuda, ... (default: the process's own device).")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Weight dtype override, e.g. bfloat16.")] = None,
+    plots: Annotated[bool, typer.Option(help="Draw PNG plots.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing predictions.jsonl in --out.")] = False,
+) -> None:
+    """Generate answers for a dataset, save every prediction, and score them (data-parallel under torchrun)."""
+    from .eval.runner import EvalSettings, run_eval
+
+    settings = EvalSettings(
+        mode=mode,
+        metric_tokenizer=metric_tokenizer,
+        closed_variant=closed_variant,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        template=template,
+        system=system,
+        stop=tuple(stop or ()),
+        shard=shard,
+        limit=limit,
+        bootstrap=bootstrap,
+        device=device,
+        dtype=dtype,
+        plots=plots,
+    )
+    result = run_eval(model, data, out, settings, overwrite=overwrite)
+    if result is not None:
+        typer.echo(result.render())
+
+
+@app.command()
+@_friendly
+def score(
+    predictions: Annotated[Path, typer.Argument(help="predictions.jsonl (or the run folder holding it).")],
+    ground_truth: Annotated[
+        str, typer.Argument(help="The eval JSON or dataset SPEC the predictions answer.")
+    ],
+    mode: Annotated[str, typer.Option(help="Metric mode: strict or llava-med.")] = "strict",
+    metric_tokenizer: Annotated[
+        str | None, typer.Option(help="Override the mode's metric tokenizer: whitespace, jieba or char.")
+    ] = None,
+    closed_variant: Annotated[str, typer.Option(help="llava-med mode: substring or legacy.")] = "substring",
+    limit: Annotated[
+        int | None, typer.Option(help="Only the first N ground-truth samples (as eval --limit).")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (0 = none).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="Write scores.json, report.md and plots to this folder.")
+    ] = None,
+    plots: Annotated[bool, typer.Option(help="Draw PNG plots (with --out).")] = True,
+) -> None:
+    """Re-score saved predictions without the model (pairs by position, checks ids)."""
+    from .eval.report import compare_table, render_compare, render_report
+    from .eval.runner import EvalSettings, rescore
+
+    settings = EvalSettings(
+        mode=mode,
+        metric_tokenizer=metric_tokenizer,
+        closed_variant=closed_variant,
+        limit=limit,
+        bootstrap=bootstrap,
+        seed=seed,
+        plots=plots,
+    )
+    scores = rescore(predictions, ground_truth, settings, out)
+    if out is None:
+        typer.echo(render_report(scores))
+    else:
+        header, rows, _ = compare_table([(predictions.name, scores)])
+        typer.echo(f"scores -> {out}\n" + render_compare(header, rows, []))
+
+
+@app.command()
+@_friendly
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or their scores.json files).")],
+    subset: Annotated[
+        str | None,
+        typer.Option(
+            help="Also one row per value of: language, modality, answer_type, question_type, site, k, dataset."
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated metric keys (default: all, e.g. exact_match,f1,closed_accuracy)."),
+    ] = None,
+    ci: Annotated[bool, typer.Option(help="Show 95% bootstrap intervals.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the Markdown table to this file.")] = None,
+) -> None:
+    """One table across runs, like the paper's Table 2 (rows = runs, columns = metrics)."""
+    from .eval.report import METRICS, compare_table, read_scores, render_compare
+
+    keys = [k.strip() for k in metrics.split(",") if k.strip()] if metrics else list(METRICS)
+    loaded = [(p.name if p.is_dir() else p.parent.name, read_scores(p)) for p in runs]
+    text = render_compare(*compare_table(loaded, subset, keys, ci))
+    typer.echo(text, nl=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+
+
+@app.command()
+@_friendly
+def convert(
+    source: Annotated[str, typer.Option("--from", help="Source format: llava, llava-med, llava-hf or sam.")],
+    src: Annotated[Path, typer.Option(help="Source checkpoint folder (a SAM .pth file also works).")],
+    out: Annotated[
+        Path, typer.Option(help="Output folder (llava-ultra checkpoint; an HF SAM folder for sam).")
+    ],
+    vision_tower: Annotated[
+        str | None, typer.Option(help="Local CLIP folder or hub id instead of config.json's mm_vision_tower.")
+    ] = None,
+    sam: Annotated[
+        Path | None,
+        typer.Option(help="Also add this SAM (HF folder or original .pth) as the second encoder."),
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="The LLM a LoRA or stage-1 (mm_projector.bin) output was trained on.")
+    ] = None,
+    template: Annotated[
+        str | None, typer.Option(help="Conversation template: vicuna_v1, mistral_instruct or plain.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override fusion.* / selector.* / dtype, e.g. selector.mode=feature."),
+    ] = None,
+) -> None:
+    """Convert an original LLaVA / LLaVA-Med, llava-hf or SAM checkpoint into a llava-ultra folder."""
+    from .model.convert import convert as run_convert
+
+    summary = run_convert(
+        source,
+        src,
+        out,
+        vision_tower=vision_tower,
+        sam=sam,
+        base=base,
+        template=template,
+        overrides=set_ or [],
+    )
+    typer.echo(summary.render())
+
+
+# ------------------------------------------------------------------------------------ serving
+
+
+@app.command()
+@_friendly
+def serve(
+    ckpt: Annotated[
+        Path, typer.Argument(help="Checkpoint folder (save_pretrained or a training checkpoint).")
+    ],
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback by default.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LLAVA_ULTRA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/ routes."
+        ),
+    ] = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id clients pass (default: folder name).")
+    ] = None,
+    allow_remote_images: Annotated[
+        bool, typer.Option(help="Fetch http(s) image URLs from --allowed-hosts (off: data: URLs only).")
+    ] = False,
+    allowed_hosts: Annotated[
+        list[str] | None, typer.Option("--allowed-hosts", help="Host allowed for remote images ('*' = any).")
+    ] = None,
+    allowed_image_dir: Annotated[
+        list[Path] | None, typer.Option(help="Folder whose files file:// image URLs may name.")
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Requests decoded together (1 = one at a time).")] = 8,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a request waits for batch mates.")] = 5.0,
+    max_images: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    max_image_bytes: Annotated[int, typer.Option(help="Encoded bytes per image.")] = 10 * 2**20,
+    max_image_pixels: Annotated[int, typer.Option(help="Width x height per image.")] = 4096 * 4096,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens, images included.")] = 4096,
+    max_output_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    max_queue: Annotated[int, typer.Option(help="Queued requests before 503s.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str | None, typer.Option(help="Override the checkpoint's dtype.")] = None,
+    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible API (+ a web page at /)."""
+    import uvicorn
+
+    from .serve.app import ServerSettings, create_app
+    from .serve.engine import Engine, Limits, pick_device
+    from .serve.images import ImagePolicy
+
+    limits = Limits(
+        max_images=max_images,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+        max_prompt_tokens=max_prompt_tokens,
+        max_output_tokens=max_output_tokens,
+        max_queue=max_queue,
+    )
+    policy = ImagePolicy(
+        allow_remote=allow_remote_images,
+        allowed_hosts=tuple(allowed_hosts or ()),
+        allowed_dirs=tuple(allowed_image_dir or ()),
+    )
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        typer.secho(
+            f"warning: serving on {host} without --api-key: anyone who can reach this port can use the model",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    engine = Engine.from_checkpoint(
+        ckpt,
+        device=pick_device(device),
+        dtype=dtype,
+        limits=limits,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        template=template,
+        system=system,
+    )
+    settings = ServerSettings(
+        model_name=model_name or ckpt.resolve().name, api_key=api_key, image_policy=policy
+    )
+    typer.echo(f"serving {settings.model_name} on http://{host}:{port}/ (API under /v1)")
+    with engine:
+        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level)
+
+
+@app.command()
+@_friendly
+def chat(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Image for the first question (repeatable).")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="New tokens per answer (default: the limit).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+    system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
+) -> None:
+    """Chat in the terminal (reads stdin; /image PATH, /reset, /exit)."""
+    from .serve.chat import run_chat
+    from .serve.engine import Engine, SamplingParams, pick_device
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with Engine.from_checkpoint(
+        ckpt, device=pick_device(device), max_batch_size=1, template=template, system=system
+    ) as engine:
+        run_chat(engine, image or [], params, prompt="> " if sys.stdin.isatty() else "")
+
+
+@app.command()
+@_friendly
+def predict(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    data: Annotated[Path, typer.Option(help="JSONL of requests: id, images, question or messages.")],
+    out: Annotated[Path, typer.Option(help="JSONL of answers with the chosen frame.")],
+    max_tokens: Annotated[
+        int | None, typer.Option(help="New tokens per answer (default: the limit).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    max_batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    max_images: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    max_bad_fraction: Annotated[
+        float, typer.Option(help="Exit 1 when more than this fraction of lines is bad.")
+    ] = 0.1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+) -> None:
+    """Offline batch inference over a JSONL of requests; bad lines are counted and skipped."""
+    from .serve.engine import Engine, Limits, SamplingParams, pick_device
+    from .serve.predict import run_predict
+
+    with Engine.from_checkpoint(
+        ckpt,
+        device=pick_device(device),
+        max_batch_size=max_batch_size,
+        template=template,
+        limits=Limits(max_images=max_images),
+    ) as engine:
+        summary = run_predict(
+            engine,
+            data,
+            out,
+            SamplingParams(max_tokens=max_tokens, temperature=temperature),
+            max_bad_fraction=max_bad_fraction,
+        )
+    typer.echo(summary.render())
+    if not summary.ok:
+        sys.exit(1)
+
+
+@app.command()
+@_friendly
+def judge(
+    pred: Annotated[
+        Path, typer.Option(help="Predictions JSONL (question_id, text), LLaVA-Med answer format.")
+    ],
+    ref: Annotated[
+        Path, typer.Option(help="References: our eval/stage-2 JSON, or JSONL with question/answer/category.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="Folder for judge_raw.jsonl, judge_scores.json and the reply cache.")
+    ],
+    judge_model: Annotated[
+        str, typer.Option(envvar="LLAVA_ULTRA_JUDGE_MODEL", help="Judge model; pin a dated snapshot.")
+    ],
+    base_url: Annotated[
+        str,
+        typer.Option(
+            envvar="LLAVA_ULTRA_LLM_BASE_URL",
+            help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1.",
+        ),
+    ],
+    repeats: Annotated[int, typer.Option(help="Judge each item N times; the median counts.")] = 1,
+    temperature: Annotated[float, typer.Option(help="Judge temperature (protocol: 0).")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="Longest judge reply.")] = 1024,
+    api_key_env: Annotated[
+        str, typer.Option(help="Env variables holding the API key, tried in order.")
+    ] = "LLAVA_ULTRA_LLM_API_KEY,OPENAI_API_KEY",
+    api_version: Annotated[str | None, typer.Option(help="Azure OpenAI api-version.")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 120.0,
+    max_attempts: Annotated[int, typer.Option(help="Tries per request (429/5xx/timeouts are retried).")] = 5,
+    cache: Annotated[Path | None, typer.Option(help="Reply cache (default OUT/judge_cache.sqlite3).")] = None,
+    no_cache: Annotated[bool, typer.Option(help="Do not read or write the reply cache.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the requests, send nothing.")] = False,
+    price: Annotated[
+        str | None, typer.Option(help="'IN,OUT' USD per 1M tokens (default: built-in table).")
+    ] = None,
+) -> None:
+    """Score answers with an LLM judge (LLaVA-Med protocol): relative score per category and overall."""
+    from .eval.judge import CACHE_NAME, run_judge
+    from .llm.client import ClientConfig, parse_price
+
+    config = ClientConfig(
+        base_url=base_url,
+        model=judge_model,
+        api_key_env=api_key_env,
+        api_version=api_version,
+        timeout=timeout,
+        max_attempts=max_attempts,
+        concurrency=concurrency,
+        cache=None if no_cache else (cache or out / CACHE_NAME),
+        dry_run=dry_run,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        price=parse_price(price),
+    )
+    summary = run_judge(pred, ref, out, config, repeats=repeats)
+    typer.echo(summary.render())

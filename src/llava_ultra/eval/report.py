@@ -1,0 +1,466 @@
+"""Scoring a run: pair predictions with ground truth, score overall and per subset with bootstrap
+CIs, add the closed yes/no confusion and the selection evaluation; render Markdown; compare runs.
+
+What this file owns: `score_run` (predictions + ground-truth eval samples -> the `scores.json`
+dict), `render_report` (that dict -> `report.md`), `compare_table` / `render_compare` (several
+runs -> one table shaped like the paper's Table 2), and reading/writing those files.
+
+Notable choices:
+- Pairing is by position with ids checked, as LLaVA-Med's `run_eval.py` does; a length or id
+  mismatch raises naming the first mismatching record instead of scoring shifted pairs.
+- The live run and `llava-ultra score` both go through `score_run` on the same records, so a
+  re-score reproduces the live numbers exactly (pinned by a test).
+- Overall numbers are `metrics.score`'s output unchanged (mode, tokenizer, BLEU variant and
+  closed rule travel with them); subsets re-aggregate `metrics.score_samples` rows with
+  `metrics.aggregate`, so a subset of everything equals the overall numbers.
+- Every metric gets a 95% percentile bootstrap CI over samples (`metrics.bootstrap_ci`, seeded:
+  reports are reproducible); corpus sacreBLEU is reported per subset without a CI.
+- Subsets: language, modality, answer type, question type, site, k (frames per sample) and
+  dataset, each where the ground truth has values. Missing values show as '(none)'.
+- The confusion matrix labels closed yes/no questions with the strict yes/no cue rule in both
+  modes (llava-med's substring rule has no notion of a predicted label); other closed answers
+  are left out of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from . import metrics
+from .selection import make_case, selection_report
+
+SCORES_NAME = "scores.json"
+REPORT_NAME = "report.md"
+PER_SAMPLE_NAME = "per_sample.jsonl"
+
+METRICS = (*metrics.METRIC_KEYS, "closed_accuracy")
+METRIC_LABELS = {
+    "exact_match": "EM",
+    "f1": "F1",
+    "precision": "Precision",
+    "recall": "Recall",
+    "bleu": "BLEU",
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_3": "BLEU-3",
+    "closed_accuracy": "Closed acc",
+}
+SUBSETS = ("language", "modality", "answer_type", "question_type", "site", "k", "dataset")
+NONE_LABEL = "(none)"
+
+
+# ------------------------------------------------------------------------ ground-truth fields
+
+
+def reference(sample: Mapping[str, Any]) -> str:
+    """The reference answer of a single-turn eval sample (its first gpt turn)."""
+    conv = sample.get("conversations") or []
+    if len(conv) < 2 or not isinstance(conv[1], Mapping) or not isinstance(conv[1].get("value"), str):
+        raise DataError(
+            f"ground-truth sample {sample.get('id', '<no id>')} has no answer turn; "
+            "give conversations [{'from': 'human', ...}, {'from': 'gpt', 'value': answer}]"
+        )
+    return conv[1]["value"]
+
+
+def subset_value(sample: Mapping[str, Any], dimension: str) -> str | None:
+    """The sample's value along a subset dimension ('k' = its number of frames), or None."""
+    if dimension == "k":
+        return str(len(sample.get("images") or []))
+    value = sample.get(dimension)
+    return None if value in (None, "") else str(value)
+
+
+# ------------------------------------------------------------------------------------ pairing
+
+
+def check_pairs(predictions: Sequence[Mapping[str, Any]], ground_truth: Sequence[Mapping[str, Any]]) -> None:
+    """Predictions pair with ground truth by position; raise DataError at the first mismatch.
+
+    Ids are compared first (so a shifted file names the first shifted record), then lengths.
+    """
+    for i, (pred, gt) in enumerate(zip(predictions, ground_truth, strict=False)):
+        if not isinstance(pred, Mapping) or "question_id" not in pred:
+            raise DataError(
+                f"prediction record {i} has no question_id; each line must be a JSON object with "
+                "question_id and text (LLaVA-Med answer format)"
+            )
+        if str(pred["question_id"]) != str(gt.get("id")):
+            raise DataError(
+                f"record {i}: prediction question_id {pred['question_id']!r} does not match ground-truth "
+                f"id {gt.get('id')!r}; predictions must follow the ground-truth order (same file, split "
+                "and language filter)"
+            )
+    if len(predictions) != len(ground_truth):
+        i = min(len(predictions), len(ground_truth))
+        extra = (
+            f"ground truth [{i}] id={ground_truth[i].get('id')!r} has no prediction"
+            if len(predictions) < len(ground_truth)
+            else f"prediction [{i}] question_id={predictions[i].get('question_id')!r} has no ground truth"
+        )
+        raise DataError(
+            f"{len(predictions)} predictions but {len(ground_truth)} ground-truth samples; first "
+            f"mismatch: {extra}. Score against the data the predictions were made on"
+        )
+
+
+def prediction_text(pred: Mapping[str, Any]) -> str | None:
+    """The answer text; a missing or null `text` counts as an empty prediction."""
+    text = pred.get("text")
+    if text is not None and not isinstance(text, str):
+        raise DataError(
+            f"prediction {pred.get('question_id')!r}: text is {type(text).__name__}, not a string"
+        )
+    return text
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def _values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    if key == "closed_accuracy":
+        return [
+            r["closed_hit"] * 100.0
+            for r in rows
+            if r["answer_type"] == "closed" and r["closed_hit"] is not None
+        ]
+    return [r[key] * 100.0 for r in rows if r["answer_type"] == "open"]
+
+
+def confidence_intervals(
+    rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int
+) -> dict[str, list[float] | None]:
+    """95% bootstrap CI (x 100) of every metric over `rows`; None for empty sets or n_boot = 0."""
+    out: dict[str, list[float] | None] = {}
+    for key in METRICS:
+        values = _values(rows, key)
+        if not values or n_boot <= 0:
+            out[key] = None
+            continue
+        out[key] = list(metrics.bootstrap_ci(values, n=n_boot, seed=seed))
+    return out
+
+
+def _subset_scores(
+    rows: Sequence[Mapping[str, Any]],
+    preds: Sequence[str | None],
+    refs: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    out = metrics.aggregate(rows)
+    out["ci"] = confidence_intervals(rows, n_boot, seed)
+    open_idx = [i for i, r in enumerate(rows) if r["answer_type"] == "open"]
+    bleu = metrics.corpus_sacrebleu(
+        [preds[i] for i in open_idx], [refs[i] for i in open_idx], [rows[i]["language"] for i in open_idx]
+    )
+    out["sacrebleu"] = bleu["sacrebleu"]
+    return out
+
+
+def closed_confusion(
+    rows: Sequence[Mapping[str, Any]], preds: Sequence[str | None], refs: Sequence[str]
+) -> dict[str, Any] | None:
+    """Reference yes/no x predicted yes/no/none counts for closed yes/no questions (strict cues)."""
+    counts = {"yes": {"yes": 0, "no": 0, "none": 0}, "no": {"yes": 0, "no": 0, "none": 0}}
+    for row, pred, ref in zip(rows, preds, refs, strict=True):
+        if row["answer_type"] != "closed":
+            continue
+        lang = row["language"]
+        ref_label = metrics.yes_no_label(metrics.normalize_strict(ref, lang))
+        if ref_label is None:
+            continue
+        pred_label = metrics.yes_no_label(metrics.normalize_strict(pred or "", lang)) or "none"
+        counts[ref_label][pred_label] += 1
+    total = sum(sum(r.values()) for r in counts.values())
+    if total == 0:
+        return None
+    return {
+        "reference_labels": ["yes", "no"],
+        "predicted_labels": ["yes", "no", "none"],
+        "counts": [[counts[r][p] for p in ("yes", "no", "none")] for r in ("yes", "no")],
+        "n": total,
+        "rule": "strict yes/no cues (whole words, Chinese synonyms); 'none' = no yes/no cue in the answer",
+    }
+
+
+def score_run(
+    predictions: Sequence[Mapping[str, Any]],
+    ground_truth: Sequence[Mapping[str, Any]],
+    *,
+    mode: str = "strict",
+    tokenizer: str | Mapping[str, str] | None = None,
+    closed_variant: str = "substring",
+    n_boot: int = 1000,
+    seed: int = 0,
+    run: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Score predictions (LLaVA-Med answer records) against ground-truth eval samples.
+
+    Returns (scores, per-sample rows). `scores` = `metrics.score` output + `ci`, `subsets`,
+    `confusion`, `selection` and the `run` description given. Rows carry the sample id, the
+    subset values and the per-sample metrics.
+    """
+    check_pairs(predictions, ground_truth)
+    preds = [prediction_text(p) for p in predictions]
+    refs = [reference(g) for g in ground_truth]
+    types = [str(g.get("answer_type") or "OPEN") for g in ground_truth]
+    langs = [str(g.get("language") or "auto") for g in ground_truth]
+    scores = metrics.score(preds, refs, types, langs, mode, tokenizer, closed_variant)
+    rows = metrics.score_samples(preds, refs, types, langs, mode, tokenizer, closed_variant)
+    scores["ci"] = confidence_intervals(rows, n_boot, seed)
+    scores["bootstrap"] = {"resamples": n_boot, "seed": seed, "level": 0.95, "kind": "percentile"}
+
+    subsets: dict[str, dict[str, Any]] = {}
+    for dim in SUBSETS:
+        values = [subset_value(g, dim) for g in ground_truth]
+        if all(v is None for v in values):
+            continue
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(values):
+            groups.setdefault(NONE_LABEL if v is None else v, []).append(i)
+        order = sorted(groups, key=lambda v: (v == NONE_LABEL, int(v) if dim == "k" else 0, v))
+        subsets[dim] = {
+            v: _subset_scores(
+                [rows[i] for i in groups[v]],
+                [preds[i] for i in groups[v]],
+                [refs[i] for i in groups[v]],
+                n_boot,
+                seed,
+            )
+            for v in order
+        }
+    scores["subsets"] = subsets
+    scores["confusion"] = closed_confusion(rows, preds, refs)
+    cases = [
+        make_case(
+            str(g.get("id")),
+            g.get("valid"),
+            p.get("selected"),
+            tuple(str(x) for x in g.get("images") or ()),
+        )
+        for p, g in zip(predictions, ground_truth, strict=True)
+    ]
+    scores["selection"] = selection_report(cases, n_boot, seed)
+    scores["run"] = dict(run or {})
+
+    per_sample = []
+    for row, pred, gt in zip(rows, predictions, ground_truth, strict=True):
+        out = {"id": gt.get("id"), **{d: subset_value(gt, d) for d in SUBSETS}}
+        out.update({k: row[k] for k in (*metrics.METRIC_KEYS, "closed_hit", "empty_prediction")})
+        out["selected"] = pred.get("selected")
+        per_sample.append(out)
+    return scores, per_sample
+
+
+# ----------------------------------------------------------------------------------- markdown
+
+
+def fmt(value: float | None, ci: Sequence[float] | None = None, digits: int = 2) -> str:
+    """'62.00 [58.10, 65.90]', '62.00' without a CI, '-' for a missing value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" + (" " + fmt_ci(ci, digits) if ci else "")
+
+
+def fmt_ci(ci: Sequence[float] | None, digits: int = 2) -> str:
+    """'[58.10, 65.90]', or '-' without an interval."""
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "-"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out
+
+
+def _metric_cells(entry: Mapping[str, Any], with_ci: bool = True) -> list[str]:
+    ci = entry.get("ci") or {}
+    return [fmt(entry.get(k), ci.get(k) if with_ci else None) for k in METRICS]
+
+
+def decoding_label(decoding: Mapping[str, Any]) -> str:
+    """'greedy, max_new_tokens=64, batch_size=8' or 'sampling (temperature=0.7, top_p=0.9, seed=0), ...'."""
+    if not decoding:
+        return "unknown (predictions made elsewhere)"
+    temp = decoding.get("temperature", 0)
+    head = (
+        "greedy"
+        if not temp
+        else f"sampling (temperature={temp}, top_p={decoding.get('top_p')}, seed={decoding.get('seed')})"
+    )
+    rest = [f"{k}={decoding[k]}" for k in ("max_new_tokens", "batch_size", "template") if k in decoding]
+    if decoding.get("stop"):
+        rest.append(f"stop={decoding['stop']}")
+    return ", ".join([head, *rest])
+
+
+def _selection_lines(sel: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "## Frame selection (selector vs random choice)",
+        "",
+        f"{sel['definition']}. {sel['n_samples']} samples, {sel['n_unlabelled']} without labels or "
+        f"selection, {sel['n_repeats_dropped']} repeats of the same frames dropped.",
+        "",
+    ]
+    header = ["subset", "n", "selector % [95% CI]", "random % [95% CI]", "lift [95% CI]"]
+
+    def row(name: str, s: Mapping[str, Any]) -> list[str]:
+        return [
+            name,
+            str(s["n"]),
+            fmt(s["rate"], s["rate_ci"]),
+            fmt(s["random_rate"], s["random_rate_ci"]),
+            fmt(s["lift"], s["lift_ci"]),
+        ]
+
+    rows = [row("all", sel["all"]), row("informative", sel["informative"])]
+    rows += [row(f"k={k}", s) for k, s in sel["by_k"].items()]
+    return lines + _table(header, rows) + [""]
+
+
+def render_report(scores: Mapping[str, Any]) -> str:
+    """The Markdown report of a scored run (the `scores.json` dict)."""
+    run = scores.get("run") or {}
+    lines = [
+        "# Evaluation report",
+        "",
+        f"- model: `{run.get('model', 'unknown')}`",
+        f"- data: `{run.get('data', 'unknown')}`",
+        f"- decoding: {decoding_label(run.get('decoding') or {})}",
+        f"- metric mode: **{scores['mode']}**; tokenizer: `{scores['tokenizer']}`",
+        f"- BLEU: {scores['bleu_variant']}",
+        f"- closed questions: {scores['closed_rule']}",
+        f"- samples: {scores['n']} ({scores['n_open']} open, {scores['n_closed']} closed, "
+        f"{scores['n_closed_scored']} closed scored); empty predictions: {scores['n_empty_predictions']} "
+        "(scored as 0)",
+    ]
+    if run.get("bad_records") is not None:
+        lines.append(f"- ground-truth records skipped as malformed: {run['bad_records']}")
+    if run.get("failed_samples"):
+        lines.append(f"- samples whose images could not be read (empty prediction): {run['failed_samples']}")
+    lines.append(
+        f"- corpus sacreBLEU (open questions): {fmt(scores.get('sacrebleu'))} `{scores['sacrebleu_signature']}`"
+    )
+    boot = scores.get("bootstrap") or {}
+    lines += [
+        f"- intervals: 95% percentile bootstrap over samples, {boot.get('resamples')} resamples, seed {boot.get('seed')}",
+        "",
+        "## Overall",
+        "",
+    ]
+    ci = scores.get("ci") or {}
+    overall = [[METRIC_LABELS[k], fmt(scores.get(k)), fmt_ci(ci.get(k))] for k in METRICS]
+    lines += _table(["metric", "value", "95% CI"], overall)
+    lines.append("")
+    header = ["n", *[METRIC_LABELS[k] for k in METRICS], "sacreBLEU"]
+    for dim, groups in scores.get("subsets", {}).items():
+        lines += [f"## By {dim.replace('_', ' ')}", ""]
+        rows = [[v, str(e["n"]), *_metric_cells(e), fmt(e.get("sacrebleu"))] for v, e in groups.items()]
+        lines += _table([dim, *header], rows) + [""]
+    conf = scores.get("confusion")
+    if conf:
+        lines += ["## Closed yes/no questions: confusion", "", f"Labels: {conf['rule']}.", ""]
+        rows = [
+            [f"reference {r}", *map(str, counts)]
+            for r, counts in zip(conf["reference_labels"], conf["counts"], strict=True)
+        ]
+        lines += _table(["", *[f"predicted {p}" for p in conf["predicted_labels"]]], rows) + [""]
+    if scores.get("selection"):
+        lines += _selection_lines(scores["selection"])
+    if scores.get("plots"):
+        lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in scores["plots"]] + [""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- files
+
+
+def write_scores(
+    out_dir: str | Path, scores: Mapping[str, Any], per_sample: Sequence[Mapping[str, Any]]
+) -> None:
+    """Write scores.json, per_sample.jsonl and report.md into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SCORES_NAME).write_text(json.dumps(scores, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    with (out / PER_SAMPLE_NAME).open("w", encoding="utf-8") as f:
+        for row in per_sample:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / REPORT_NAME).write_text(render_report(scores) + "\n", encoding="utf-8")
+
+
+def read_scores(path: str | Path) -> dict[str, Any]:
+    """A run's scores: `path` is a run folder holding scores.json, or the scores.json itself."""
+    path = Path(path)
+    file = path / SCORES_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(
+            f"{file} not found; pass a run folder written by `llava-ultra eval` / `llava-ultra score --out`"
+        )
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{file} is not valid JSON ({exc}); re-create it with `llava-ultra score`") from None
+    if not isinstance(data, dict) or "mode" not in data or "n" not in data:
+        raise DataError(f"{file} is not a llava-ultra scores file (no 'mode'/'n' keys)")
+    return data
+
+
+# ------------------------------------------------------------------------------------ compare
+
+
+def compare_table(
+    runs: Sequence[tuple[str, Mapping[str, Any]]],
+    subset: str | None = None,
+    metric_keys: Sequence[str] = METRICS,
+    with_ci: bool = False,
+) -> tuple[list[str], list[list[str]], list[str]]:
+    """(header, rows, notes) with one row per run (per run and subset value when `subset` is given).
+
+    Notes warn when runs were scored with different modes or tokenizers (their numbers are not
+    comparable) and name runs without the requested subset.
+    """
+    unknown = [k for k in metric_keys if k not in METRICS]
+    if unknown:
+        raise DataError(f"unknown metric {unknown[0]!r}; use any of: {', '.join(METRICS)}")
+    if subset is not None and subset not in SUBSETS:
+        raise DataError(f"unknown subset {subset!r}; use one of: {', '.join(SUBSETS)}")
+    header = ["run", "mode", "n", *[METRIC_LABELS[k] for k in metric_keys]]
+    rows: list[list[str]] = []
+    notes: list[str] = []
+
+    def cells(entry: Mapping[str, Any]) -> list[str]:
+        ci = entry.get("ci") or {}
+        return [fmt(entry.get(k), ci.get(k) if with_ci else None) for k in metric_keys]
+
+    for name, scores in runs:
+        if subset is None:
+            rows.append([name, scores["mode"], str(scores["n"]), *cells(scores)])
+            continue
+        groups = scores.get("subsets", {}).get(subset)
+        if not groups:
+            notes.append(f"{name} has no {subset} subsets (its ground truth carries no {subset})")
+            continue
+        label = "k=" if subset == "k" else ""
+        rows += [[f"{name} ({label}{v})", scores["mode"], str(e["n"]), *cells(e)] for v, e in groups.items()]
+        rows.append([f"{name} (all)", scores["mode"], str(scores["n"]), *cells(scores)])
+    for key in ("mode", "tokenizer", "closed_rule"):
+        seen = {s.get(key) for _, s in runs}
+        if len(seen) > 1:
+            notes.append(
+                f"runs differ in {key} ({', '.join(sorted(map(str, seen)))}): their numbers are not comparable"
+            )
+    return header, rows, notes
+
+
+def render_compare(header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str]) -> str:
+    """A Markdown table followed by the notes."""
+    lines = _table(header, rows)
+    if notes:
+        lines += [""] + [f"> note: {n}" for n in notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,637 @@
+"""Inference engine: load a checkpoint once, micro-batch concurrent requests, stream tokens.
+
+One background worker thread owns the model (eval mode, `torch.inference_mode`). Callers `prepare`
+a request (validation and limits happen here, on the caller's thread, so a bad request fails at once
+with a `RequestError` naming the parameter) and `submit` it; the worker collects queued requests for
+up to `max_wait_ms` after the oldest arrived, or until `max_batch_size` are ready, and runs ONE
+left-padded `UltraModel.generate` with the KV cache for them.
+
+Notable choices:
+- Grouping by sampling parameters: a batch shares one decoding rule, so only requests with the same
+  key are batched. Every greedy request (temperature 0) shares one key, so greedy traffic batches
+  fully and, thanks to left padding, batched output equals unbatched output. Sampling requests
+  batch by (temperature, top_p); a request with a `seed` always runs alone, so its answer depends
+  on its seed only and not on what else was in the queue. Per-request `max_tokens` and `stop`
+  differ freely inside a batch: rows end individually through the model's `on_token` hook.
+- Streaming: `generate`'s `on_token` hook hands each sampled token to the request's `Handle`, which
+  decodes the row so far and emits only text that is final - it holds back an incomplete UTF-8
+  character and any tail that could still grow into a stop string - so the concatenated deltas
+  equal the non-streamed answer. A row that ends (EOS, stop, length, cancel) is finished at once,
+  without waiting for the rest of its batch.
+- Multi-image and multi-turn: the images of all user turns form one study; the model gets one
+  image placeholder (at the start of the first user turn that carries images) and the adaptive
+  selector picks among all of them. `ChatResult.selection` names the chosen image(s) by their
+  position in request order and gives every image's score.
+- Limits (`Limits`) are checked before anything is queued: images per request, pixels per image,
+  prompt tokens, output tokens, prompt + output within the LLM's context, queue length.
+- Default decoding is greedy (temperature 0) - reproducible answers are the norm for a medical
+  assistant; pass a temperature to sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import CheckpointError, DataError
+from ..model.selector import Selection
+from ..model.tokenizer import TEMPLATES, load_tokenizer, render_prompt
+from ..model.ultra import UltraModel, read_model_config
+
+log = logging.getLogger(__name__)
+
+MAX_STOP_STRINGS = 4
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(DataError):
+    """A request the engine refuses; `param` names the offending field, `status` the HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; anything above is refused with a clear error."""
+
+    max_images: int = 8
+    """Images per request (all turns together)."""
+    max_image_bytes: int = 10 * 2**20
+    """Encoded size of one image (bytes of the PNG/JPEG file)."""
+    max_image_pixels: int = 4096 * 4096
+    """Width x height of one image."""
+    max_prompt_tokens: int = 4096
+    """Prompt length in tokens, visual tokens included."""
+    max_output_tokens: int = 1024
+    """Largest `max_tokens` a request may ask for (also the default, capped by the context)."""
+    max_queue: int = 256
+    """Requests waiting for the model; more are refused with 503 until the queue drains."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise DataError(f"limit {name}={getattr(self, name)} must be >= 1")
+        if self.max_output_tokens < 1 or self.max_queue < 1:
+            raise DataError("limits max_output_tokens and max_queue must be >= 1")
+
+
+@dataclass
+class Message:
+    """One chat turn as the engine sees it: role ('system' | 'user' | 'assistant'), text, images."""
+
+    role: str
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request (OpenAI names)."""
+
+    max_tokens: int | None = None
+    """New tokens at most; None = `Limits.max_output_tokens` capped by the context left."""
+    temperature: float = 0.0
+    """0 = greedy (the default); > 0 samples."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (sampling only)."""
+    stop: tuple[str, ...] = ()
+    """Up to 4 strings; the answer ends before the first one produced."""
+    seed: int | None = None
+    """Seed for sampling; a seeded request runs in a batch of its own (reproducible)."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def batch_key(self, request_id: int) -> tuple:
+        """Requests with equal keys may share a batch."""
+        if self.greedy:
+            return ("greedy",)
+        if self.seed is not None:
+            return ("seeded", request_id)
+        return ("sample", self.temperature, self.top_p)
+
+
+@dataclass(frozen=True)
+class SelectionInfo:
+    """Which image(s) of the request the selector sent to the LLM."""
+
+    num_images: int
+    chosen: list[int]
+    """Positions (0-based, in request order over all turns) of the image(s) the LLM saw."""
+    scores: list[float] | None
+    """The selector's score of every image (None when the model does not score: mode 'none')."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_images": self.num_images, "chosen": self.chosen, "scores": self.scores}
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A finished answer."""
+
+    text: str
+    finish_reason: str
+    """'stop' (EOS or a stop string) or 'length' (max_tokens reached)."""
+    selection: SelectionInfo | None
+    """None for a text-only request."""
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready to queue."""
+
+    prompt: str
+    images: list[Image.Image]
+    params: SamplingParams
+    """With `max_tokens` resolved."""
+    prompt_tokens: int
+
+
+Event = str | ChatResult | BaseException
+"""What a handle's listener receives: text deltas, then one ChatResult or one exception."""
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Text before the first occurrence of any stop string, and whether one occurred."""
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def stable_prefix(text: str, stops: Sequence[str]) -> str:
+    """The part of a growing answer that can no longer change: without a trailing incomplete
+    character (decoded as U+FFFD) and without a tail that could be the start of a stop string."""
+    text = text.rstrip("\ufffd")
+    keep = len(text)
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    return text[:keep]
+
+
+class Handle:
+    """One submitted request: receives its tokens from the worker and tells its listener."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        listener: Callable[[Event], None],
+        tokenizer: PreTrainedTokenizerBase,
+        request_id: int,
+    ) -> None:
+        self.prepared = prepared
+        self.request_id = request_id
+        self.key = prepared.params.batch_key(request_id)
+        self.arrived = time.monotonic()
+        self._listener = listener
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._sent = ""
+        self.selection: SelectionInfo | None = None
+        self.cancelled = False
+        self.finished = False
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the client went away); its row ends at the next step."""
+        self.cancelled = True
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self._listener(event)
+        except Exception:  # a listener that cannot take events any more: stop working for it
+            log.exception("request %d: listener failed; cancelling", self.request_id)
+            self.cancelled = True
+
+    def _decode(self) -> str:
+        return self._tokenizer.decode(self._tokens, skip_special_tokens=True)
+
+    def on_token(self, token: int, ended: bool) -> bool:
+        """Take one sampled token; True when this request is done."""
+        if self.finished:
+            return True
+        if self.cancelled:
+            self.finished = True
+            return True
+        if ended:  # EOS
+            self.finish("stop")
+            return True
+        self._tokens.append(token)
+        text, stopped = cut_at_stop(self._decode(), self.prepared.params.stop)
+        if stopped:
+            self.finish("stop")
+            return True
+        if len(self._tokens) >= self.prepared.params.max_tokens:
+            self.finish("length")
+            return True
+        safe = stable_prefix(text, self.prepared.params.stop)
+        if len(safe) > len(self._sent) and safe.startswith(self._sent):
+            self._emit(safe[len(self._sent) :])
+            self._sent = safe
+        return False
+
+    def finish(self, reason: str) -> None:
+        """Send the rest of the text and the final result."""
+        if self.finished:
+            return
+        self.finished = True
+        text, _ = cut_at_stop(self._decode(), self.prepared.params.stop)
+        if text.startswith(self._sent) and len(text) > len(self._sent):
+            self._emit(text[len(self._sent) :])
+        self._emit(
+            ChatResult(
+                text=text,
+                finish_reason=reason,
+                selection=self.selection,
+                prompt_tokens=self.prepared.prompt_tokens,
+                completion_tokens=len(self._tokens),
+            )
+        )
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.finished:
+            self.finished = True
+            self._emit(exc)
+
+
+class QueueListener:
+    """A listener that collects events in a thread-safe queue, for synchronous callers."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Event] = queue.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self.queue.put(event)
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Deltas, then the ChatResult; an exception event is raised."""
+        while True:
+            event = self.queue.get(timeout=timeout)
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, ChatResult):
+                return
+
+
+def pick_device(name: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_checkpoint(
+    folder: str | Path, device: str | None = None, dtype: str | None = None
+) -> tuple[UltraModel, PreTrainedTokenizerBase]:
+    """Model + tokenizer from a checkpoint folder, chosen by the files in it (never by its name):
+    a training checkpoint (trainability.json, LoRA adapters or non-LoRA trainables beside config.json)
+    loads with `llava_ultra.model.lora.load_checkpoint`; a folder written by
+    `UltraModel.save_pretrained` (config.json + model.safetensors) with `UltraModel.from_pretrained`.
+    Both load strictly; the tokenizer must be saved in the folder."""
+    from ..model import lora
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint {folder} is not a folder; pass a folder written by save_pretrained or by training"
+        )
+    read_model_config(folder)  # a clear error for folders that are not ours
+    training_files = (lora.TRAINABILITY_NAME, lora.ADAPTER_NAME, lora.NON_LORA_NAME)
+    if any((folder / name).is_file() for name in training_files):
+        model, tokenizer = lora.load_checkpoint(folder, device=device, dtype=dtype)
+    else:
+        model = UltraModel.from_pretrained(folder, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
+    if tokenizer is None:
+        raise CheckpointError(
+            f"{folder} holds no tokenizer; save the training tokenizer there (tokenizer.save_pretrained)"
+        )
+    token_id = tokenizer.convert_tokens_to_ids(model.config.image_token)
+    if token_id != model.config.image_token_id:
+        raise CheckpointError(
+            f"{folder}: the tokenizer maps {model.config.image_token!r} to {token_id} but the model expects "
+            f"{model.config.image_token_id}; save the tokenizer the model was trained with beside it"
+        )
+    return model.eval(), tokenizer
+
+
+class Engine:
+    """Serve one model to many concurrent callers. Use as a context manager or call `close()`."""
+
+    def __init__(
+        self,
+        model: UltraModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        limits: Limits | None = None,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        template: str = "vicuna_v1",
+        system: str | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise DataError(f"max_batch_size={max_batch_size} must be >= 1")
+        if max_wait_ms < 0:
+            raise DataError(f"max_wait_ms={max_wait_ms} must be >= 0")
+        if template not in TEMPLATES:
+            raise DataError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.limits = limits or Limits()
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000
+        self.template = template
+        self.system = system
+        context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
+        self.context_tokens: int | None = int(context) if context else None
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self._ids = itertools.count()
+        self._pending: collections.deque[Handle] = collections.deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name="llava-ultra-engine", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def from_checkpoint(
+        cls, folder: str | Path, device: str | None = None, dtype: str | None = None, **kwargs: Any
+    ) -> Engine:
+        """Load `folder` once (see `load_checkpoint`) and start the worker."""
+        model, tokenizer = load_checkpoint(folder, device=device, dtype=dtype)
+        return cls(model, tokenizer, **kwargs)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker; requests still queued fail with an error."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._worker.join(timeout=60)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    # ----------------------------------------------------------------------------- validation
+
+    def check_image(self, image: Image.Image, where: str) -> None:
+        """Refuse an image above the pixel limit."""
+        w, h = image.size
+        if w * h > self.limits.max_image_pixels:
+            raise RequestError(
+                f"{where} is {w}x{h} = {w * h} pixels, above this server's limit of "
+                f"{self.limits.max_image_pixels}; downscale it",
+                param=where,
+                code="image_too_large",
+            )
+
+    def prepare(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Prepared:
+        """Validate a conversation and its settings and render the prompt (RequestError if refused)."""
+        params = self._check_params(params or SamplingParams())
+        system_parts, turns, images = [], [], []
+        image_turn = None
+        token = self.model.config.image_token
+        for i, msg in enumerate(messages):
+            where = f"messages[{i}]"
+            try:
+                msg.text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise RequestError(
+                    f"{where}.content is not valid Unicode ({exc.reason}); send UTF-8 text",
+                    param=f"{where}.content",
+                ) from exc
+            if token in msg.text:
+                raise RequestError(
+                    f"{where}.content contains the reserved image placeholder {token!r}; remove it - "
+                    f"images go in image_url content parts",
+                    param=f"{where}.content",
+                )
+            if msg.role == "system":
+                if msg.images:
+                    raise RequestError(f"{where}: a system message cannot carry images", param=where)
+                system_parts.append(msg.text)
+                continue
+            if msg.role not in ("user", "assistant"):
+                raise RequestError(
+                    f"{where}.role={msg.role!r} is not supported; use system, user or assistant",
+                    param=f"{where}.role",
+                )
+            if msg.images and msg.role != "user":
+                raise RequestError(f"{where}: only user messages can carry images", param=where)
+            for j, image in enumerate(msg.images):
+                self.check_image(image, f"{where} image {j}")
+            if turns and turns[-1]["role"] == msg.role:  # consecutive same-role turns merge
+                turns[-1]["content"] = f"{turns[-1]['content']}\n{msg.text}"
+            else:
+                turns.append({"role": msg.role, "content": msg.text})
+            if msg.images and image_turn is None:
+                image_turn = len(turns) - 1
+            images.extend(msg.images)
+        if not turns:
+            raise RequestError("messages holds no user message; add one", param="messages")
+        if turns[0]["role"] != "user":
+            raise RequestError(
+                "the first non-system message must come from the user", param="messages[0].role"
+            )
+        if turns[-1]["role"] != "user":
+            raise RequestError(
+                "the last message must come from the user (the assistant answers it)", param="messages"
+            )
+        if len(images) > self.limits.max_images:
+            raise RequestError(
+                f"{len(images)} images in this request, above this server's limit of "
+                f"{self.limits.max_images}; send fewer frames",
+                param="messages",
+                code="too_many_images",
+            )
+        if image_turn is not None:
+            turns[image_turn]["content"] = f"{token}\n{turns[image_turn]['content']}"
+        system = "\n".join(system_parts) if system_parts else self.system
+        prompt = render_prompt(turns, self.template, system, token)
+        ids = self.tokenizer(prompt).input_ids
+        n_prompt = len(ids) - ids.count(self.model.config.image_token_id)
+        n_prompt += self.model.config.image_tokens_for(len(images))
+        if n_prompt > self.limits.max_prompt_tokens:
+            raise RequestError(
+                f"the prompt is {n_prompt} tokens (images included), above this server's limit of "
+                f"{self.limits.max_prompt_tokens}; shorten the conversation or send fewer images",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        room = self.limits.max_output_tokens
+        if self.context_tokens is not None:
+            room = min(room, self.context_tokens - n_prompt)
+        if room < 1:
+            raise RequestError(
+                f"the prompt is {n_prompt} tokens and fills the model's context of {self.context_tokens} "
+                f"tokens; shorten the conversation",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=room)
+        elif self.context_tokens is not None and n_prompt + params.max_tokens > self.context_tokens:
+            raise RequestError(
+                f"max_tokens={params.max_tokens} plus the prompt's {n_prompt} tokens exceeds the model's "
+                f"context of {self.context_tokens} tokens; ask for at most {room} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return Prepared(prompt=prompt, images=images, params=params, prompt_tokens=n_prompt)
+
+    def _check_params(self, p: SamplingParams) -> SamplingParams:
+        def bad(param: str, message: str) -> RequestError:
+            return RequestError(f"{param}={getattr(p, param)!r} {message}", param=param)
+
+        for name in ("temperature", "top_p"):
+            value = getattr(p, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+                raise bad(name, "must be a number")
+        if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int)):
+            raise bad("seed", "must be an integer")
+        if isinstance(p.stop, str) or not isinstance(p.stop, tuple | list):
+            raise bad("stop", "must be a list of strings")
+        if p.max_tokens is not None:
+            if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+                raise bad("max_tokens", "must be a positive integer")
+            if p.max_tokens > self.limits.max_output_tokens:
+                raise bad(
+                    "max_tokens", f"is above this server's limit of {self.limits.max_output_tokens} tokens"
+                )
+        if not 0 <= p.temperature <= 2:
+            raise bad("temperature", "must be between 0 and 2 (0 = greedy)")
+        if not 0 < p.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if len(p.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in p.stop):
+            raise bad("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
+        if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
+            raise bad("seed", f"must be an integer in [0, {MAX_SEED}]")
+        return p
+
+    # ------------------------------------------------------------------------------ submitting
+
+    def submit(self, prepared: Prepared, listener: Callable[[Event], None]) -> Handle:
+        """Queue a prepared request; `listener` gets its events on the worker thread."""
+        handle = Handle(prepared, listener, self.tokenizer, next(self._ids))
+        with self._cv:
+            if self._closed:
+                raise RequestError("the engine is shut down", code="engine_closed", status=503)
+            if len(self._pending) >= self.limits.max_queue:
+                raise RequestError(
+                    f"the server is busy ({len(self._pending)} requests queued); retry shortly",
+                    code="server_busy",
+                    status=503,
+                )
+            self._pending.append(handle)
+            self._cv.notify_all()
+        return handle
+
+    def stream(
+        self, messages: Sequence[Message], params: SamplingParams | None = None
+    ) -> Iterator[str | ChatResult]:
+        """Text deltas as they are produced, then the ChatResult (blocking; for scripts and the CLI)."""
+        listener = QueueListener()
+        handle = self.submit(self.prepare(messages, params), listener)
+        try:
+            yield from listener.events()
+        finally:
+            handle.cancel()
+
+    def generate(self, messages: Sequence[Message], params: SamplingParams | None = None) -> ChatResult:
+        """The finished answer to one conversation (blocking)."""
+        *_, result = self.stream(messages, params)
+        assert isinstance(result, ChatResult)
+        return result
+
+    # ---------------------------------------------------------------------------------- worker
+
+    def _take_batch(self) -> list[Handle] | None:
+        """Block until a batch is due; None when closed."""
+        with self._cv:
+            while True:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    for handle in self._pending:
+                        handle.fail(RequestError("the engine shut down", code="engine_closed", status=503))
+                    self._pending.clear()
+                    return None
+                key = self._pending[0].key
+                ready = sum(h.key == key for h in self._pending)
+                wait = self._pending[0].arrived + self.max_wait - time.monotonic()
+                if ready >= self.max_batch_size or wait <= 0:
+                    break
+                self._cv.wait(timeout=wait)
+            batch, rest = [], collections.deque()
+            for handle in self._pending:
+                (batch if handle.key == key and len(batch) < self.max_batch_size else rest).append(handle)
+            self._pending = rest
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            live = [h for h in batch if not h.cancelled]
+            if live:
+                try:
+                    self._run(live)
+                except Exception as exc:  # a bug or a runtime failure: report it, keep serving
+                    log.exception("batch of %d requests failed", len(live))
+                    for handle in live:
+                        handle.fail(exc)
+
+    def _run(self, batch: list[Handle]) -> None:
+        self.stats["requests"] += len(batch)
+        self.stats["batches"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
+        params = batch[0].prepared.params
+        inputs = self.model.prepare_inputs(
+            self.tokenizer, [h.prepared.prompt for h in batch], [h.prepared.images for h in batch]
+        )
+
+        def on_selection(selection: Selection) -> None:
+            for b, handle in enumerate(batch):
+                k = len(handle.prepared.images)
+                if k:
+                    scores = selection.scores[b, :k].tolist() if selection.scores is not None else None
+                    handle.selection = SelectionInfo(k, list(selection.indices[b]), scores)
+
+        with torch.inference_mode():
+            self.model.generate(
+                **inputs,
+                max_new_tokens=max(h.prepared.params.max_tokens for h in batch),
+                do_sample=not params.greedy,
+                temperature=params.temperature if not params.greedy else 1.0,
+                top_p=params.top_p,
+                seed=params.seed,
+                tokenizer=self.tokenizer,
+                on_selection=on_selection,
+                on_token=lambda b, token, ended: batch[b].on_token(token, ended),
+            )
+        for handle in batch:  # rows the loop ended without telling us (cancelled ones)
+            handle.finish("length")

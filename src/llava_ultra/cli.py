@@ -623,3 +623,98 @@ def judge(
     )
     summary = run_judge(pred, ref, out, config, repeats=repeats)
     typer.echo(summary.render())
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def parse_overrides(args: list[str]) -> list[str]:
+    """`--a.b value`, `--a.b=value` and `a.b=value` -> ['a.b=value', ...] for `load_config`."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key = arg[2:]
+            if "=" in key:
+                out.append(key)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                out.append(f"{key}={args[i + 1]}")
+                i += 1
+            else:
+                raise LlavaUltraError(f"override {arg} has no value; write {arg} VALUE or {arg}=VALUE")
+        elif "=" in arg:
+            out.append(arg)
+        else:
+            raise LlavaUltraError(
+                f"unexpected argument {arg!r}; overrides look like --train.lr 1e-4 or train.lr=1e-4"
+            )
+        i += 1
+    return out
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def train(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="Training YAML, e.g. configs/tiny.yaml.")],
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in train.output_dir from its last checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Delete the run already in train.output_dir and start over.")
+    ] = False,
+) -> None:
+    """Run the two-stage recipe (stage 1 alignment, stage 2 instruction tuning); overrides like --train.stage2.lr 1e-4.
+
+    Multi-GPU: accelerate launch --config_file configs/accelerate/ddp.yaml -m llava_ultra train --config ...
+    """
+    from .config import load_config
+    from .train.loop import train as run_train
+
+    cfg = load_config(config, parse_overrides(list(ctx.args)))
+    result = run_train(cfg, resume=resume, overwrite=overwrite)
+    for stage in result.stages if result.main_process else []:
+        typer.echo(
+            f"stage {stage.stage}: {stage.steps} steps, {len(stage.bad)} samples skipped -> {stage.folder}"
+        )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def quickstart(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for the data, the run and the results.")] = Path(
+        "runs/demo"
+    ),
+    reports: Annotated[int, typer.Option(help="SynthUS reports to generate.")] = 300,
+    steps1: Annotated[
+        int | None, typer.Option(help="Stage-1 optimiser steps (default: the preset's).")
+    ] = None,
+    steps2: Annotated[
+        int | None, typer.Option(help="Stage-2 optimiser steps (default: the preset's).")
+    ] = None,
+    eval_samples: Annotated[int, typer.Option(help="Test questions to evaluate.")] = 240,
+    fast: Annotated[bool, typer.Option(help="Smoke test: few reports, steps and questions.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Training preset (default configs/tiny.yaml).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data, init and shuffling.")] = 0,
+) -> None:
+    """Generate SynthUS, train the tiny model (stage 1 + 2) on CPU, and compare it with the untrained one."""
+    from .quickstart import QuickstartOptions, run_quickstart, usage_hint
+
+    opts = QuickstartOptions(
+        out=out,
+        reports=reports,
+        steps1=steps1,
+        steps2=steps2,
+        eval_samples=eval_samples,
+        fast=fast,
+        config=config,
+        seed=seed,
+        overrides=parse_overrides(list(ctx.args)),
+    )
+    result = run_quickstart(opts, echo=typer.echo)
+    typer.echo("")
+    typer.echo(result.table())
+    typer.echo(f"time: {', '.join(f'{k} {v:.0f}s' for k, v in result.seconds.items())}")
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    typer.echo(usage_hint(result.checkpoint, commands))

@@ -495,7 +495,11 @@ class TrainConfig:
     """Stage 2, instruction tuning: projectors, fusion, selector and LoRA on the LLM."""
 
     def __post_init__(self) -> None:
-        if not self.stages or any(s not in (1, 2) for s in self.stages) or self.stages != sorted(set(self.stages)):
+        if (
+            not self.stages
+            or any(s not in (1, 2) for s in self.stages)
+            or self.stages != sorted(set(self.stages))
+        ):
             raise ConfigError(f"train.stages={self.stages} must be [1], [2] or [1, 2]")
         _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)

@@ -61,13 +61,18 @@ def test_placeholders_expand_to_the_visual_tokens_that_reach_the_llm():
         assert (enc.labels[enc.input_ids == cfg.image_token_id] == IGNORE_INDEX).all()
     # selection on: one image's tokens whatever k is; 'all': k images' tokens
     assert tiny_model_config().image_tokens_for(3) == 16
-    assert tiny_model_config(**{"selector.mode": "none", "selector.none_strategy": "all"}).image_tokens_for(3) == 48
+    assert (
+        tiny_model_config(**{"selector.mode": "none", "selector.none_strategy": "all"}).image_tokens_for(3)
+        == 48
+    )
 
 
 def test_plain_template_learns_the_caption_only():
     tok, cfg = tiny_tokenizer(), tiny_model_config()
     enc = encode_sample(sample(1), tok, cfg, "plain")
-    learned = tok.decode([int(t) for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX])
+    learned = tok.decode(
+        [int(t) for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+    )
     assert learned == "肝脏超声。\n"
 
 

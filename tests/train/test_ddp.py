@@ -1,0 +1,39 @@
+"""A 2-process DDP run on CPU (torchrun, gloo) through the CLI: it completes and both ranks agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llava_ultra.config import to_dict
+from tests.train.conftest import train_config
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(instruct_dir: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    cfg = train_config(instruct_dir, out, **{"train.stage1.batch_size": 2, "train.stage2.batch_size": 2})
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "llava_ultra", "train", "--config", str(path), "--train.stage2.lr", "5e-3"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parents[2]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    prints = [r for r in records if r.get("event") == "rank_fingerprints"]
+    assert [p["stage"] for p in prints] == [1, 2]
+    assert all(len(p["values"]) == 2 and p["values"][0] == p["values"][1] for p in prints)
+    steps = [r for r in records if "event" not in r]
+    assert [r["samples"] for r in steps if r["stage"] == 1] == [4, 8, 12]  # 2 processes x batch 2
+    assert {r["lr"] for r in steps if r["stage"] == 2 and r["step"] == 1} == {5e-3}
+    assert (out / "stage2" / "config.json").is_file()
+    assert proc.stdout.count("stage 2: 3 steps, 0 samples skipped") == 1  # only the main process reports

@@ -718,3 +718,115 @@ def quickstart(
     typer.echo(f"time: {', '.join(f'{k} {v:.0f}s' for k, v in result.seconds.items())}")
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     typer.echo(usage_hint(result.checkpoint, commands))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def ablate(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for the shared data, the runs and results.md/json.")],
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated.")] = "0,1,2",
+    rows: Annotated[
+        str | None,
+        typer.Option(
+            help="Rows, comma-separated (default: all but no_ra_all): full, no_ve, no_ra, "
+            "no_funcb, no_stage2, no_site, no_ra_all."
+        ),
+    ] = None,
+    reports: Annotated[int, typer.Option(help="SynthUS reports (shared by all rows).")] = 600,
+    steps1: Annotated[int | None, typer.Option(help="Stage-1 steps (default: the preset's).")] = None,
+    steps2: Annotated[int | None, typer.Option(help="Stage-2 steps (default: the preset's).")] = None,
+    eval_samples: Annotated[int, typer.Option(help="Test questions to evaluate.")] = 240,
+    hard: Annotated[bool, typer.Option(help="Hard SynthUS: fewer valid frames, fainter findings.")] = False,
+    config: Annotated[Path | None, typer.Option(help="Training preset (default configs/tiny.yaml).")] = None,
+) -> None:
+    """Train and evaluate the paper's Table 3 ablation rows on SynthUS over seeds; extra args are overrides."""
+    from .eval.ablate import DEFAULT_ROWS, AblateOptions, run_ablation, split_list
+
+    opts = AblateOptions(
+        out=out,
+        rows=split_list(rows, str) if rows else DEFAULT_ROWS,
+        seeds=split_list(seeds, int),
+        reports=reports,
+        steps1=steps1,
+        steps2=steps2,
+        eval_samples=eval_samples,
+        hard=hard,
+        config=config,
+        overrides=parse_overrides(list(ctx.args)),
+    )
+    run_ablation(opts, echo=typer.echo)
+    typer.echo((out / "results.md").read_text(encoding="utf-8"))
+
+
+@app.command("cache-features", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def cache_features(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option(help="Training YAML whose model (or train.init_from) to use.")],
+    out: Annotated[Path, typer.Option(help="Cache folder; train with data.feature_cache=OUT.")],
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="Instruction JSON (repeatable); default: the config's data.stage1/stage2."),
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: float32 (exact) or float16 (half size).")] = (
+        "float32"
+    ),
+    batch_size: Annotated[int, typer.Option(help="Images per encoder call.")] = 32,
+    shard_mb: Annotated[int, typer.Option(help="Largest shard file in MiB.")] = 1024,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing cache in --out.")] = False,
+) -> None:
+    """Run the frozen vision encoders once per unique image and store their outputs for training."""
+    from .config import load_config
+    from .errors import ConfigError
+    from .train.feature_cache import build_cache, model_for_cache
+
+    cfg = load_config(config, parse_overrides(list(ctx.args)))
+    files = list(data or [p for p in (cfg.data.stage1, cfg.data.stage2) if p is not None])
+    if not files:
+        raise ConfigError("no instruction data: pass --data FILE or set data.stage1 / data.stage2")
+    summary = build_cache(
+        model_for_cache(cfg),
+        files,
+        out,
+        image_root=cfg.data.image_root,
+        dtype=dtype,
+        batch_size=batch_size,
+        shard_mb=shard_mb,
+        overwrite=overwrite,
+        log=lambda _: None,
+    )
+    typer.echo(summary.render())
+
+
+@app.command("logra-experiment", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_friendly
+def logra_experiment(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="Folder for data, runs, results.md and results.json.")] = Path(
+        "runs/logra"
+    ),
+    fractions: Annotated[str, typer.Option(help="Shares of the training reports, e.g. 0.1,1.")] = "0.1,1",
+    seeds: Annotated[str, typer.Option(help="Training seeds, e.g. 0,1,2.")] = "0,1",
+    reports: Annotated[int, typer.Option(help="SynthUS reports to generate.")] = 300,
+    steps1: Annotated[int, typer.Option(help="Stage-1 optimiser steps (every fraction).")] = 40,
+    steps2: Annotated[int, typer.Option(help="Stage-2 optimiser steps (every fraction).")] = 100,
+    eval_samples: Annotated[int, typer.Option(help="Test questions to evaluate.")] = 120,
+) -> None:
+    """Train the tiny preset on a fraction of SynthUS with and without the LoGra-Med loss; write the table."""
+    from .eval.ablate import split_list
+    from .eval.logra_experiment import LograOptions, run_experiment
+
+    opts = LograOptions(
+        out=out,
+        fractions=split_list(fractions, float),
+        seeds=split_list(seeds, int),
+        reports=reports,
+        steps1=steps1,
+        steps2=steps2,
+        eval_samples=eval_samples,
+        overrides=parse_overrides(list(ctx.args)),
+    )
+    payload = run_experiment(opts, echo=typer.echo)
+    typer.echo((Path(out) / "results.md").read_text(encoding="utf-8"))
+    typer.echo(f"total {payload['settings']['seconds'] / 60:.1f} min")

@@ -335,6 +335,9 @@ class DataConfig:
     """DataLoader worker processes per training process (0 = load in the training process)."""
     system: str | None = None
     """System prompt for the 'vicuna_v1' template; None: LLaVA's default."""
+    feature_cache: str | None = None
+    """Folder written by `llava-ultra cache-features`: training reads the frozen encoders' outputs
+    from it instead of decoding images and running CLIP / SAM (refused for a different encoder)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -448,6 +451,39 @@ class LoraSettings:
             raise ConfigError(f"train.lora.dropout={self.dropout} must be in [0, 1)")
 
 
+ALIGN_SOLVERS = ("lap", "ipfp")
+
+
+@dataclass
+class AlignSettings:
+    """LoGra-Med alignment loss settings (mirror `model.align.AlignConfig`; its weight is
+    `train.align_weight`). See docs/logra.md."""
+
+    k: int = 5
+    """kNN neighbours per node; must be below every aligned stage's batch_size."""
+    lam: float = 80.0
+    """Black-box differentiation strength lambda."""
+    hidden: int = 256
+    """Width of the GNN's two graph convolutions."""
+    solver: str = "lap"
+    """'lap' (linear assignment on unary costs) or 'ipfp' (quadratic-assignment heuristic)."""
+    noise: float = 0.1
+    """Gumbel noise scale on the affinities while training."""
+    ipfp_iters: int = 10
+    """Iterations of the 'ipfp' heuristic."""
+    stages: list[int] = field(default_factory=lambda: [1, 2])
+    """Stages that add the loss (when train.align_weight > 0)."""
+
+    def __post_init__(self) -> None:
+        _one_of("train.align.solver", self.solver, ALIGN_SOLVERS)
+        for key in ("k", "lam", "hidden", "ipfp_iters"):
+            _positive(f"train.align.{key}", getattr(self, key))
+        if self.noise < 0:
+            raise ConfigError(f"train.align.noise={self.noise} must be >= 0 (0 disables the noise)")
+        if any(s not in (1, 2) for s in self.stages):
+            raise ConfigError(f"train.align.stages={self.stages} may only hold 1 and 2")
+
+
 @dataclass
 class TrainConfig:
     """The two-stage recipe: which stages, where outputs go, and how to optimise."""
@@ -493,6 +529,10 @@ class TrainConfig:
     """Stage 1, concept alignment: projectors + fusion trainable, everything else frozen."""
     stage2: Stage2Config = field(default_factory=Stage2Config)
     """Stage 2, instruction tuning: projectors, fusion, selector and LoRA on the LLM."""
+    align_weight: float = 0.0
+    """Weight of the LoGra-Med multi-graph alignment loss added to the LM loss (0 = off)."""
+    align: AlignSettings = field(default_factory=AlignSettings)
+    """Settings of that loss (used only when align_weight > 0)."""
 
     def __post_init__(self) -> None:
         if (
@@ -510,6 +550,19 @@ class TrainConfig:
             )
         if self.max_grad_norm < 0:
             raise ConfigError(f"train.max_grad_norm={self.max_grad_norm} must be >= 0")
+        if self.align_weight < 0:
+            raise ConfigError(f"train.align_weight={self.align_weight} must be >= 0 (0 turns it off)")
+        for n in self.aligned_stages():
+            if self.align.k >= self.stage(n).batch_size:
+                raise ConfigError(
+                    f"train.align.k={self.align.k} needs a per-device batch above it, but "
+                    f"train.stage{n}.batch_size={self.stage(n).batch_size}; raise the batch size or "
+                    f"lower train.align.k (or drop {n} from train.align.stages)"
+                )
+
+    def aligned_stages(self) -> list[int]:
+        """The stages of this run that add the alignment loss (none when align_weight is 0)."""
+        return [n for n in self.stages if self.align_weight > 0 and n in self.align.stages]
 
     def stage(self, n: int) -> StageConfig:
         """The settings of stage n (1 or 2)."""

@@ -126,6 +126,13 @@ def quickstart_config(opts: QuickstartOptions, instruct_dir: Path, run_dir: Path
     return cfg
 
 
+def quickstart_synth(reports: int, seed: int, hard: bool = False) -> Any:
+    """The SynthUS settings quickstart (and `ablate`) train on: 1-6 frames per report, 128 px."""
+    from .data.synth import SynthConfig
+
+    return SynthConfig(reports=reports, seed=seed, k_min=1, k_max=6, image_size=128, hard=hard)
+
+
 # -------------------------------------------------------------------------------- evaluation
 
 
@@ -225,7 +232,7 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     """Generate data, train both stages of the tiny preset, evaluate untrained vs trained."""
     from .data.collate import image_root_for, read_instructions
     from .data.instruct import run_instruct
-    from .data.synth import SynthConfig, generate
+    from .data.synth import generate
     from .model.lora import load_checkpoint
     from .model.tokenizer import load_tokenizer
     from .train.loop import initial_model, train
@@ -240,9 +247,7 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
 
     t = time.perf_counter()
     reports = 36 if opts.fast else opts.reports
-    synth = generate(
-        out / "synthus", SynthConfig(reports=reports, seed=opts.seed, k_min=1, k_max=6, image_size=128)
-    )
+    synth = generate(out / "synthus", quickstart_synth(reports, opts.seed))
     echo(synth.render())
     instruct_dir = out / "instruct"
     echo(run_instruct(out / "synthus", instruct_dir, seed=opts.seed).render())

@@ -101,6 +101,9 @@ class Encoded:
     """(T,) int64: the token id where the model is trained to produce it, else IGNORE_INDEX."""
     findings_ids: np.ndarray | None = None
     """(F,) findings text ids for the selector's attention teacher (None when not requested)."""
+    extended_ids: np.ndarray | None = None
+    """(X,) extended-caption ids for the LoGra-Med alignment loss (None when not requested; empty
+    when the sample has no caption and cannot be extended: it then stays out of the graphs)."""
 
 
 def to_messages(sample: dict[str, Any], image_token: str) -> list[dict[str, str]]:
@@ -139,11 +142,14 @@ def encode_sample(
     *,
     system: str | None = None,
     findings_tokens: int = 0,
+    extended_tokens: int = 0,
 ) -> Encoded:
     """Token ids and labels of one sample (loss only on the assistant's answers, EOS included).
 
     `findings_tokens > 0` also tokenises the sample's findings text (at most that many tokens)
-    for the attention teacher. Raises DataError for a malformed sample.
+    for the attention teacher. `extended_tokens > 0` tokenises its extended caption (the LLM-written
+    `extended_caption`, else the template of `data/extend.py`; at most that many tokens) for the
+    LoGra-Med alignment loss. Raises DataError for a malformed sample.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(
@@ -189,7 +195,17 @@ def encode_sample(
     if findings_tokens > 0 and str(sample.get("findings") or "").strip():
         f_ids = tokenizer(str(sample["findings"]), add_special_tokens=False)["input_ids"]
         findings = np.asarray(f_ids[:findings_tokens], dtype=np.int64)
-    return Encoded(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), findings)
+    extended = None
+    if extended_tokens > 0:
+        from .extend import sample_extended_caption
+
+        try:
+            caption = sample_extended_caption(sample)
+        except DataError:  # no site / language to build one from: the sample trains without the view
+            caption = ""
+        x_ids = tokenizer(caption, add_special_tokens=False)["input_ids"] if caption else []
+        extended = np.asarray(x_ids[:extended_tokens], dtype=np.int64)
+    return Encoded(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), findings, extended)
 
 
 # ------------------------------------------------------------------------------ up-front check
@@ -247,6 +263,7 @@ def prepare_samples(
     max_bad_fraction: float,
     system: str | None = None,
     findings_tokens: int = 0,
+    extended_tokens: int = 0,
     source: str = "data",
 ) -> Prepared:
     """Encode every sample and check it fits `max_length` and that its images exist.
@@ -271,7 +288,13 @@ def prepare_samples(
                 )
                 continue
             enc = encode_sample(
-                sample, tokenizer, model_cfg, template, system=system, findings_tokens=findings_tokens
+                sample,
+                tokenizer,
+                model_cfg,
+                template,
+                system=system,
+                findings_tokens=findings_tokens,
+                extended_tokens=extended_tokens,
             )
         except DataError as exc:
             out.bad.append(BadSample(sid, "malformed", str(exc)))
@@ -358,10 +381,13 @@ def _pad(rows: Sequence[np.ndarray], value: int, side: str) -> torch.Tensor:
 
 
 class Collator:
-    """Items -> `{"inputs": UltraModel.forward kwargs or None, "bad": [BadSample], "samples": n}`.
+    """Items -> `{"inputs": UltraModel.forward kwargs or None, "bad": [BadSample], "samples": n,
+    "extended": {"input_ids", "attention_mask"} or None}`.
 
     Token rows are padded on the right (training) with `pad_id`, labels with IGNORE_INDEX; image
     tensors of all samples are concatenated in sample order (M = sum k) with `image_counts`.
+    `extended` holds the padded extended captions when the samples were encoded with them (an
+    empty caption is one pad token with mask 0); it is kept out of `inputs` (not a forward argument).
     """
 
     def __init__(self, pad_id: int, padding_side: str = "right") -> None:
@@ -373,7 +399,7 @@ class Collator:
         bad = [x for x in items if isinstance(x, BadSample)]
         good = [x for x in items if not isinstance(x, BadSample)]
         if not good:
-            return {"inputs": None, "bad": bad, "samples": 0}
+            return {"inputs": None, "bad": bad, "samples": 0, "extended": None}
         encs = [x["encoded"] for x in good]
         ids = _pad([e.input_ids for e in encs], self.pad_id, self.side)
         inputs: dict[str, Any] = {
@@ -400,7 +426,18 @@ class Collator:
                 0,
                 "right",
             )
-        return {"inputs": inputs, "bad": bad, "samples": len(good)}
+        extended = None
+        if any(e.extended_ids is not None for e in encs):
+            rows = [e.extended_ids if e.extended_ids is not None else np.zeros(0, np.int64) for e in encs]
+            extended = {
+                "input_ids": _pad(
+                    [r if len(r) else np.asarray([self.pad_id]) for r in rows], self.pad_id, "right"
+                ),
+                "attention_mask": _pad(
+                    [np.ones(max(len(r), 1), np.int64) * bool(len(r)) for r in rows], 0, "right"
+                ),
+            }
+        return {"inputs": inputs, "bad": bad, "samples": len(good), "extended": extended}
 
 
 # ----------------------------------------------------------------------------------- sampler

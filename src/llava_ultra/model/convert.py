@@ -63,7 +63,7 @@ from .fusion import Fusion
 from .lora import TrainabilityConfig, write_checkpoint
 from .selector import Selector
 from .tokenizer import load_tokenizer
-from .ultra import LLAVA_HF_KEY_MAP, UltraModel, map_keys, model_config_from_llava_hf
+from .ultra import LLAVA_HF_KEY_MAP, UltraModel, check_state_dict, map_keys, model_config_from_llava_hf
 
 SOURCES = ("llava", "llava-med", "llava-hf", "sam")
 CONFIG_JUNK = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map")
@@ -215,35 +215,6 @@ def _meta_model(cfg: ModelConfig) -> UltraModel:
         return UltraModel(cfg, build_clip(cfg.vision), build_sam(cfg.sam), build_llm(cfg.llm))
 
 
-def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Strict comparison of `state` with `model`'s state dict (works on meta models). Tied weights
-    (one parameter under several names) need only one of their names."""
-    expected = model.state_dict()
-    aliases: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
-    twins = {n: names for names in aliases.values() for n in names}
-    missing = [k for k in expected if not any(n in state for n in twins.get(k, [k]))]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-
-        def listing(name: str, keys: list[str]) -> str:
-            shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-            return f"{len(keys)} {name}: {shown}" if keys else ""
-
-        parts = [
-            listing("missing", missing),
-            listing("unexpected", unexpected),
-            listing("wrong shape", shapes),
-        ]
-        raise CheckpointError(f"{source} does not match the model ({'; '.join(p for p in parts if p)})")
-
-
 def _new_modules(
     cfg: ModelConfig, model: UltraModel, have: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -284,7 +255,7 @@ def _finish(
     state = {k: v for k, v in state.items() if k not in stale}
     fresh = _new_modules(cfg, model, state)
     state = state | fresh
-    check_state(model, state, source)
+    check_state_dict(model, state, source)
     write_checkpoint(out, cfg, TrainabilityConfig(), state, {}, {}, tokenizer)
     summary.tensors = len(state)
     summary.initialised = sorted(fresh)
@@ -367,7 +338,7 @@ def read_sam(src: str | Path) -> tuple[SamVisionConfig, dict[str, torch.Tensor]]
             f"{src} holds no SAM image-encoder weights (image_encoder.* or vision_encoder.*)"
         )
     with torch.device("meta"):
-        check_state(SamVisionModel(config), vision, str(src))
+        check_state_dict(SamVisionModel(config), vision, str(src))
     return config, vision
 
 

@@ -126,6 +126,10 @@ class UltraOutput:
     """(B, T, V)."""
     selection: Selection
     """Which images reached the LLM, with scores."""
+    image_features: torch.Tensor | None = None
+    """(S, N, D) the selected images' fused tokens as scattered into the LLM (None without images)."""
+    hidden_states: torch.Tensor | None = None
+    """(B, T, D) the LLM's last-layer hidden states, only with `forward(output_hidden_states=True)`."""
 
 
 @dataclass
@@ -186,13 +190,28 @@ class UltraModel(nn.Module):
     # ------------------------------------------------------------------- 1-2. encode and fuse
 
     def encode_images(
-        self, pixel_values_clip: torch.Tensor, pixel_values_sam: torch.Tensor | None
+        self,
+        pixel_values_clip: torch.Tensor | None,
+        pixel_values_sam: torch.Tensor | None,
+        clip_features: torch.Tensor | None = None,
+        sam_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(M, 3, S, S) [+ (M, 3, S', S')] -> fused visual tokens H_v (M, N, D)."""
+        """(M, 3, S, S) [+ (M, 3, S', S')] -> fused visual tokens H_v (M, N, D).
+
+        Precomputed encoder outputs (train/feature_cache.py) stand in for the pixels of their encoder:
+        `clip_features` (M, N, Dc) for CLIP's selected-layer tokens, `sam_features` (M, C, Gs, Gs) for
+        SAM's neck grid; the frozen encoder is then not run."""
         v = self.config.vision
-        tokens = clip_tokens(self.clip, pixel_values_clip.to(self.device), v.select_layer, v.select_feature)
+        if clip_features is not None:
+            tokens = clip_features.to(self.device)
+        else:
+            tokens = clip_tokens(
+                self.clip, pixel_values_clip.to(self.device), v.select_layer, v.select_feature
+            )
         grid = None
-        if self.sam is not None:
+        if self.sam is not None and sam_features is not None:
+            grid = sam_features.to(self.device)  # (M, C, Gs, Gs)
+        elif self.sam is not None:
             if pixel_values_sam is None:
                 raise DataError(
                     "this model fuses SAM features: pass pixel_values_sam (ImageProcessor makes both)"
@@ -209,19 +228,25 @@ class UltraModel(nn.Module):
         counts: list[int],
         findings_ids: torch.Tensor | None,
         findings_mask: torch.Tensor | None,
+        clip_features: torch.Tensor | None = None,
+        sam_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, Selection, torch.Tensor | None]:
-        """Encode, score and select. Returns the chosen images' tokens (S, N, D), the selection, kd_loss."""
-        if pixel_values_clip is None or sum(counts) == 0:
+        """Encode, score and select. Returns the chosen images' tokens (S, N, D), the selection, kd_loss.
+        Cached encoder outputs (`clip_features`, `sam_features`; see `encode_images`) replace pixels."""
+        if (pixel_values_clip is None and clip_features is None) or sum(counts) == 0:
             return None, Selection(indices=[[] for _ in counts]), None
         scfg = self.config.selector
         if scfg.mode == "none":  # fixed choice: encode only the images that will be used
             indices = self.selector.fixed_choice(counts)
             offsets = np.cumsum([0, *counts[:-1]])
             flat = torch.tensor([int(offsets[b]) + i for b, idx in enumerate(indices) for i in idx])
-            sam = pixel_values_sam[flat] if pixel_values_sam is not None else None
-            return self.encode_images(pixel_values_clip[flat], sam), Selection(indices=indices), None
+            pick = [None if x is None else x[flat] for x in (pixel_values_clip, pixel_values_sam)]
+            cached = [None if x is None else x[flat] for x in (clip_features, sam_features)]
+            return self.encode_images(*pick, *cached), Selection(indices=indices), None
 
-        feats = self.encode_images(pixel_values_clip, pixel_values_sam)  # (M, N, D)
+        feats = self.encode_images(
+            pixel_values_clip, pixel_values_sam, clip_features, sam_features
+        )  # (M, N, D)
         scores, valid = group(self.selector.score(feats), counts)  # (B, K), (B, K)
         chosen = select_top(scores, valid, scfg.top_m)  # (B, K) hard 0/1
         multipliers = None
@@ -286,18 +311,40 @@ class UltraModel(nn.Module):
         image_counts: Sequence[int] | torch.Tensor | None = None,
         findings_ids: torch.Tensor | None = None,
         findings_mask: torch.Tensor | None = None,
+        clip_features: torch.Tensor | None = None,
+        sam_features: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
     ) -> UltraOutput:
-        """Logits and losses for a batch (shapes in the module docstring; labels use -100 to ignore)."""
-        counts = _image_counts(image_counts, input_ids.shape[0], pixel_values_clip)
+        """Logits and losses for a batch (shapes in the module docstring; labels use -100 to ignore).
+
+        `output_hidden_states=True` also returns the LLM's last hidden states (LoGra-Med's text view).
+
+        `clip_features` (M, N, Dc) / `sam_features` (M, C, Gs, Gs): precomputed frozen-encoder outputs
+        (a feature cache) given instead of `pixel_values_clip` / `pixel_values_sam`."""
+        images = pixel_values_clip if pixel_values_clip is not None else clip_features
+        counts = _image_counts(image_counts, input_ids.shape[0], images)
         feats, selection, kd = self._select(
-            pixel_values_clip, pixel_values_sam, counts, findings_ids, findings_mask
+            pixel_values_clip,
+            pixel_values_sam,
+            counts,
+            findings_ids,
+            findings_mask,
+            clip_features,
+            sam_features,
         )
         embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # right or left padding
-        logits = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).logits
+        llm_out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            output_hidden_states=output_hidden_states,
+        )
+        logits = llm_out.logits
+        hidden = llm_out.hidden_states[-1] if output_hidden_states else None
 
         lm_loss = None
         if labels is not None:
@@ -314,7 +361,15 @@ class UltraModel(nn.Module):
             x for x in (lm_loss, None if kd is None else self.config.selector.kd_weight * kd) if x is not None
         ]
         loss = sum(parts[1:], parts[0]) if parts else None
-        return UltraOutput(loss=loss, lm_loss=lm_loss, kd_loss=kd, logits=logits, selection=selection)
+        return UltraOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            kd_loss=kd,
+            logits=logits,
+            selection=selection,
+            image_features=feats,
+            hidden_states=hidden,
+        )
 
     # -------------------------------------------------------------------------------- generate
 
@@ -570,49 +625,59 @@ def build_model(
     return model.to(device=device or "cpu", dtype=dtype)
 
 
+def check_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str = "checkpoint",
+    allow_missing: Sequence[str] = (),
+    hint: str = "",
+) -> None:
+    """Compare `state_dict` with `model`'s keys and shapes (works on meta-device models too); any
+    missing, unexpected or mis-shaped key is a `CheckpointError` listing them. A parameter tied to
+    others (one tensor under several names, e.g. tied embeddings) needs only one of its names. Keys
+    starting with a prefix in `allow_missing` may be absent (modules the source does not have)."""
+    expected = model.state_dict()
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    twins = {name: names for names in aliases.values() for name in names}
+    missing = [
+        k
+        for k in expected
+        if not any(n in state_dict for n in twins.get(k, [k])) and not k.startswith(tuple(allow_missing))
+    ]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+        for k, v in state_dict.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def listing(name: str, keys: list[str]) -> str:
+        shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
+        return f"{len(keys)} {name}: {shown}" if keys else ""
+
+    parts = [listing("missing", missing), listing("unexpected", unexpected), listing("wrong shape", shapes)]
+    raise CheckpointError(f"{source} does not match the model ({'; '.join(p for p in parts if p)}){hint}")
+
+
 def load_state_dict_strict(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor],
     source: str = "checkpoint",
     allow_missing: Sequence[str] = (),
 ) -> None:
-    """Load `state_dict` into `model`; any missing, unexpected or mis-shaped key is a `CheckpointError`
-    listing them. A key tied to another (shared storage, e.g. tied embeddings) may be absent when its
-    twin is present. Keys starting with a prefix in `allow_missing` may be absent (new modules)."""
-    expected = model.state_dict()
-    by_storage: dict[int, list[str]] = {}
-    for key, tensor in expected.items():
-        if tensor.numel():
-            by_storage.setdefault(tensor.data_ptr(), []).append(key)
-    twins = {k: keys for keys in by_storage.values() for k in keys}
-    missing = [
-        k
-        for k in expected
-        if k not in state_dict
-        and not any(t in state_dict for t in twins.get(k, ()))
-        and not k.startswith(tuple(allow_missing))
-    ]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-        for k in state_dict
-        if k in expected and state_dict[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or shapes:
-
-        def listing(name: str, keys: list[str]) -> str:
-            shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-            return f"{len(keys)} {name}: {shown}" if keys else ""
-
-        parts = [
-            listing("missing", missing),
-            listing("unexpected", unexpected),
-            listing("wrong shape", shapes),
-        ]
-        raise CheckpointError(
-            f"{source} does not match the model ({'; '.join(p for p in parts if p)}). Check that the config "
-            f"beside the weights is the one they were trained with, or convert the checkpoint."
-        )
+    """Load `state_dict` into `model` after `check_state_dict` found nothing missing or unexpected."""
+    check_state_dict(
+        model,
+        state_dict,
+        source,
+        allow_missing,
+        hint=". Check that the config beside the weights is the one they were trained with, "
+        "or convert the checkpoint.",
+    )
     model.load_state_dict(state_dict, strict=False)
 
 

@@ -58,6 +58,7 @@ from ..data.collate import (
 )
 from ..errors import CheckpointError, ConfigError, DataError, LlavaUltraError
 from . import checkpoint as ck
+from . import logra
 from .progress import MetricsLog, ProgressBar
 from .schedule import build_optimizer, build_scheduler
 
@@ -139,6 +140,10 @@ def preflight(cfg: Config, out: Path) -> None:
     first = _init_folder(cfg, out, cfg.train.stages[0])
     if first is not None:
         _check_checkpoint(first, "train.init_from")
+    if cfg.data.feature_cache is not None:
+        from .feature_cache import read_index
+
+        read_index(cfg.data.feature_cache)
 
 
 def _training_texts(cfg: Config) -> list[str]:
@@ -211,8 +216,16 @@ def prepare_stage_data(cfg: Config, stage: int, tokenizer: Any, mcfg: ModelConfi
         max_bad_fraction=cfg.data.max_bad_fraction,
         system=cfg.data.system,
         findings_tokens=cfg.data.findings_tokens if _uses_teacher(scfg, mcfg) else 0,
+        extended_tokens=_max_length(cfg, mcfg) if stage in cfg.train.aligned_stages() else 0,
         source=f"data.stage{stage} ({path})",
     )
+    no_caption = sum(e.extended_ids is not None and not len(e.extended_ids) for e in prepared.encoded)
+    if no_caption:
+        log(
+            f"stage {stage}: {no_caption} of {len(prepared.encoded)} samples have no extended caption "
+            f"(no extended_caption field and no site/language to build one); they train without the "
+            f"alignment loss"
+        )
     if prepared.bad:
         log(
             f"stage {stage}: {len(prepared.bad)} of {prepared.total} samples skipped:\n{describe_bad(prepared.bad)}"
@@ -313,6 +326,8 @@ class _Stage:
         self.step = self.epoch = self.batch = 0
         self.samples_seen = 0
         self.bad_runtime: list[BadSample] = []
+        self.head: Any = None
+        """The LoGra-Med alignment head when this stage adds the loss (saved in resumable checkpoints)."""
 
     def say(self, message: str) -> None:
         if self.acc.is_main_process:
@@ -353,6 +368,8 @@ class _Stage:
                     },
                     rng_states=rngs,
                 )
+                if self.head is not None:
+                    logra.save_head(self.head, tmp)
                 ck.write_config(tmp, to_dict(self.cfg))
             ck.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
             if self.log is not None:
@@ -390,6 +407,8 @@ class _Stage:
         full = model.state_dict()
         full.update({k: v.to(full[k].dtype) for k, v in state["trainables"].items()})
         load_state_dict_strict(model, full, source=str(folder))
+        if self.head is not None:
+            logra.load_head(self.head, folder)
         if state["optimizer"] is not None:
             optimizer.load_state_dict(state["optimizer"])
         else:
@@ -465,10 +484,13 @@ def _run_stage(
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     names = set(trainable_parameter_names(model))
 
-    data_path = _data_path(cfg, n)
-    dataset = InstructDataset(
-        prepared, image_root_for(data_path, cfg.data.image_root), PixelSource(model.image_processor)
-    )
+    image_root = image_root_for(_data_path(cfg, n), cfg.data.image_root)
+    source = PixelSource(model.image_processor)
+    if cfg.data.feature_cache is not None:  # frozen-encoder outputs computed once, checked here
+        from .feature_cache import cached_source
+
+        source = cached_source(cfg.data.feature_cache, model, prepared, image_root)
+    dataset = InstructDataset(prepared, image_root, source)
     sampler = ShardedBatchSampler(
         len(dataset),
         scfg.batch_size,
@@ -487,6 +509,10 @@ def _run_stage(
     if scfg.max_steps is not None:
         total = min(total, scfg.max_steps)
     optimizer = build_optimizer(model, cfg.train, scfg)
+    head = logra.build_head(cfg.train, n, model.llm.config.get_text_config().hidden_size, acc.device)
+    if head is not None:  # before the scheduler, which records every group's initial lr
+        optimizer.add_param_group(logra.head_param_group(head, scfg.weight_decay))
+    st.head = head
     scheduler = build_scheduler(optimizer, scfg, total)
 
     _configure_sharding(acc, cfg, scfg)
@@ -495,13 +521,20 @@ def _run_stage(
         st.restore(last, model, optimizer, scheduler, names)
     else:
         ck.seed_everything(cfg.train.seed + n)
-    model, optimizer = acc.prepare(model, optimizer)
+    if head is not None:
+        model, head, optimizer = acc.prepare(model, head, optimizer)
+        st.head = head
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
     loader = make_loader(
         dataset, sampler, Collator(tokenizer.pad_token_id or 0), cfg.data.num_workers, cfg.train.seed
     )
     budget_total = prepared.total
 
     params = [p for p in model.parameters() if p.requires_grad]
+    params += [] if head is None else list(head.parameters())
+    trained = [model] if head is None else [model, head]
+    align_parts: dict[str, list[float]] = {}
     bar = ProgressBar(total, st.step, f"stage {n}", cfg.train.progress and acc.is_main_process)
     losses: list[float] = []
     micro: list[torch.Tensor] = []
@@ -533,10 +566,15 @@ def _run_stage(
                     st.bad_runtime,
                 )
                 inputs = item["inputs"]
-                with acc.accumulate(model):
+                with acc.accumulate(*trained):
                     if inputs is None:  # every sample of this micro-batch was bad: join the collectives
                         loss = sum(p.sum() for p in params) * 0.0
                         out = None
+                    elif head is not None:
+                        llm = acc.unwrap_model(model).llm
+                        out, loss, logged = logra.aligned_loss(model, head, llm, inputs, item["extended"])
+                        for key, value in logged.items():
+                            align_parts.setdefault(key, []).append(value)
                     else:
                         out = model(**inputs)
                         loss = out.loss
@@ -584,6 +622,7 @@ def _run_stage(
                             "epoch": st.epoch,
                             "loss": loss_value,
                             **{k: sum(v) / len(v) for k, v in parts.items() if v},
+                            **{k: sum(v) / len(v) for k, v in align_parts.items() if v},
                             "lr": lr,
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
                             "samples": st.samples_seen,
@@ -593,6 +632,7 @@ def _run_stage(
                     )
                 micro, step_samples = [], 0
                 parts = {k: [] for k in parts}
+                align_parts = {}
                 done = st.step >= total
                 if done or (cfg.train.save_every and st.step % cfg.train.save_every == 0):
                     st.save(model, optimizer, scheduler, tokenizer, names)

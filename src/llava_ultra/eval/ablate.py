@@ -1,0 +1,508 @@
+"""`llava-ultra ablate`: the paper's Table 3 rows trained and evaluated on SynthUS, over seeds.
+
+What this file owns: the row definitions (each a set of dotted config overrides on the tiny
+preset, plus which instruction variant it trains on), running them, and the table.
+
+Notable choices:
+- Data are made once (`quickstart_synth`, data seed 0) and shared: every row and seed trains on
+  the same SynthUS reports and is evaluated on the same test questions (the quickstart's
+  `eval.test.json`: site, findings and diagnosis questions, asked with and without a site cue).
+  Seeds vary only `train.seed` (init, shuffling, LoRA init): the spread is training noise.
+- Rows (paper wording -> what we change):
+  full model -> nothing; w/o visual enhancement -> `model.sam.enabled=false` (CLIP only, no
+  fusion); w/o redundancy adaptation -> `model.selector.mode=none` with `none_strategy=first`:
+  the paper says the text is then paired with an arbitrary image of the group ("such text is
+  often assigned to each image"); a fixed arbitrary frame keeps one image per sample, so the
+  LLM input and compute match the full model and only the choice differs (SynthUS places the
+  valid run uniformly, so the first frame is as good as a random one); w/o func.b ->
+  `model.selector.mode=feature` (scorer trained by the straight-through LM gradient only);
+  w/o stage 2 -> the full row's own stage-1 checkpoint (stage 1 of a chained run is a fresh
+  stage 1, so this costs no training; only the tokenizer saw stage-2 text too); w/o site prompt
+  -> instruction data built with `site_cue=without` (no question names the site).
+- Metrics are quickstart's: strict mode, x100, per question type, and overall over the three
+  types' open questions. Per row: mean +- sd over seeds, and a 95% bootstrap CI over questions of
+  the seed-averaged per-question score; `delta` vs the full row is a paired bootstrap over the
+  same questions.
+- Frame selection is measured directly on held-out reports (val + test, each report once,
+  informative ones: k > 1 with valid and invalid frames) rather than through the questions, which
+  ask several times about few reports. For rows that train the scorer we also record what the
+  attention teacher would pick on the same reports and how peaked it is (the diagnostics behind
+  docs/results.md "What we found about the selector").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+TYPES = ("site", "findings", "diagnosis")
+METRICS = ("exact_match", "f1", "bleu")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One ablation variant."""
+
+    key: str
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted config overrides on top of the preset."""
+    site_cue: str = "both"
+    """Instruction variant it trains on ('both' = with and without a site cue, 'without')."""
+    stage1_only: bool = False
+    """Evaluate the stage-1 checkpoint (reusing the full row's when it ran for this seed)."""
+
+
+ROWS: dict[str, Row] = {
+    r.key: r
+    for r in (
+        Row("full", "LLaVA-Ultra full model"),
+        Row("no_ve", "w/o visual enhancement (CLIP only)", {"model.sam.enabled": False}),
+        Row(
+            "no_ra",
+            "w/o redundancy adaptation (first frame)",
+            {"model.selector.mode": "none", "model.selector.none_strategy": "first"},
+        ),
+        Row("no_funcb", "w/o func.b (feature scoring only)", {"model.selector.mode": "feature"}),
+        Row("no_stage2", "w/o stage 2 tuning", {"train.stages": [1]}, stage1_only=True),
+        Row("no_site", "w/o site prompt in instruction", site_cue="without"),
+        Row(
+            "no_ra_all",
+            "w/o redundancy adaptation (all frames to the LLM)",
+            {"model.selector.mode": "none", "model.selector.none_strategy": "all"},
+        ),
+    )
+}
+DEFAULT_ROWS = ("full", "no_ve", "no_ra", "no_funcb", "no_stage2", "no_site")
+
+
+@dataclass
+class AblateOptions:
+    out: Path
+    rows: Sequence[str] = DEFAULT_ROWS
+    seeds: Sequence[int] = (0, 1, 2)
+    reports: int = 600
+    steps1: int | None = None
+    steps2: int | None = None
+    eval_samples: int = 240
+    hard: bool = False
+    config: Path | None = None
+    overrides: list[str] = field(default_factory=list)
+    """Extra dotted overrides applied to every row (after the row's own)."""
+    n_boot: int = 1000
+
+
+def check_rows(keys: Sequence[str]) -> list[str]:
+    """Validated row keys ('full' first when present); unknown keys raise naming the choices."""
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        raise ConfigError(f"unknown ablation row(s) {unknown}; choose from: {', '.join(ROWS)}")
+    if not keys:
+        raise ConfigError(f"no rows given; choose from: {', '.join(ROWS)}")
+    keys = list(dict.fromkeys(keys))
+    return sorted(keys, key=lambda k: k != "full")
+
+
+def split_list(text: str, kind: type) -> list[Any]:
+    """'0,1 2' -> [0, 1, 2] (commas or spaces); a bad item raises naming it."""
+    items = [x for x in text.replace(",", " ").split() if x]
+    try:
+        return [kind(x) for x in items]
+    except ValueError as exc:
+        raise ConfigError(f"{text!r}: {exc}; give a comma-separated list such as 0,1,2") from exc
+
+
+def row_config(opts: AblateOptions, row: Row, seed: int, instruct_dir: Path, run_dir: Path) -> Any:
+    """The training `Config` of one row and seed: quickstart's preset + the row's overrides."""
+    from ..quickstart import QuickstartOptions, quickstart_config
+
+    dotted = [f"{k}={json.dumps(v)}" for k, v in row.overrides.items()]
+    qs = QuickstartOptions(
+        out=opts.out,
+        steps1=opts.steps1,
+        steps2=opts.steps2,
+        seed=seed,
+        config=opts.config,
+        overrides=[*dotted, "train.progress=false", *opts.overrides],
+    )
+    return quickstart_config(qs, instruct_dir, run_dir)
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def per_question(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per question type (and 'overall'), each metric's per-question values x 100, in row order."""
+    from ..eval.metrics import score_samples
+    from ..quickstart import names_site
+
+    out: dict[str, dict[str, list[float]]] = {}
+    for qtype in TYPES:
+        part = [r for r in rows if r["sample"]["question_type"] == qtype]
+        if not part:
+            continue
+        scored = score_samples(
+            [r["prediction"] for r in part],
+            [r["sample"]["conversations"][1]["value"] for r in part],
+            [r["sample"].get("answer_type", "OPEN") for r in part],
+            [r["sample"].get("language", "auto") for r in part],
+            mode="strict",
+        )
+        out[qtype] = {m: [100.0 * (s[m] or 0.0) for s in scored] for m in METRICS}
+        if qtype == "site":
+            out[qtype]["site_accuracy"] = [
+                100.0 * names_site(r["prediction"], r["sample"]["site"], r["sample"]["language"])
+                for r in part
+            ]
+    out["overall"] = {m: [v for t in TYPES if t in out for v in out[t][m]] for m in METRICS}
+    return out
+
+
+def summarise(values_by_seed: Sequence[Sequence[float]], n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Mean +- sd over seeds, and the bootstrap CI over items of the seed-averaged values."""
+    from ..eval.metrics import bootstrap_ci
+
+    means = [float(np.mean(v)) for v in values_by_seed if len(v)]
+    pooled = np.mean(np.asarray(values_by_seed, dtype=float), axis=0) if means else np.zeros(0)
+    ci = list(bootstrap_ci(pooled.tolist(), n=n_boot, seed=seed)) if len(pooled) and n_boot else None
+    return {
+        "mean": statistics.fmean(means) if means else None,
+        "sd": statistics.stdev(means) if len(means) > 1 else 0.0 if means else None,
+        "ci": ci,
+        "per_seed": means,
+        "n": len(pooled),
+    }
+
+
+def paired_delta(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], n_boot: int) -> dict[str, Any]:
+    """Mean of (a - b) over items of the seed-averaged values, with a paired bootstrap CI."""
+    from ..eval.metrics import bootstrap_ci
+
+    diff = np.mean(np.asarray(a, dtype=float), axis=0) - np.mean(np.asarray(b, dtype=float), axis=0)
+    ci = list(bootstrap_ci(diff.tolist(), n=n_boot)) if len(diff) and n_boot else None
+    return {"mean": float(diff.mean()) if len(diff) else None, "ci": ci}
+
+
+# ------------------------------------------------------------------------------ frame choice
+
+
+def selection_reports(synthus: Path, splits: Sequence[str] = ("val", "test")) -> list[Any]:
+    """The English records of the given splits (zh and en share frames and labels)."""
+    from ..data.reports import read_reports
+
+    return [r for s in splits for r in read_reports(synthus / f"{s}.en.jsonl")]
+
+
+def frame_diagnostics(
+    model: Any, tokenizer: Any, reports: Sequence[Any], root: Path, with_teacher: bool, batch: int = 16
+) -> list[dict[str, Any]]:
+    """Per report: validity labels, the frame the model sends to the LLM, and (with_teacher) the
+    attention teacher's relevance per frame given the report's findings text."""
+    import torch
+    from PIL import Image
+
+    from ..data.reports import resolve_image
+    from ..model.selector import attention_teacher
+    from ..model.tokenizer import render_prompt
+
+    model.eval()
+    token = model.config.image_token
+    prompt = render_prompt([{"role": "user", "content": f"{token}\nDescribe the findings."}])
+    out = []
+    for start in range(0, len(reports), batch):
+        chunk = reports[start : start + batch]
+        images = []
+        for rep in chunk:
+            frames = []
+            for rel in rep.images:
+                with Image.open(resolve_image(root, rel)) as im:
+                    frames.append(im.convert("RGB"))
+            images.append(frames)
+        inputs = model.prepare_inputs(tokenizer, [prompt] * len(chunk), images)
+        chosen = model.generate(**inputs, max_new_tokens=1).selection.indices
+        for i, rep in enumerate(chunk):
+            entry: dict[str, Any] = {"id": rep.id, "valid": list(rep.valid), "selected": chosen[i]}
+            if with_teacher and len(rep.images) > 1:
+                px = model.image_processor(images[i])
+                with torch.no_grad():
+                    feats = model.encode_images(px["pixel_values_clip"], px["pixel_values_sam"])
+                    ids = tokenizer(rep.findings, add_special_tokens=False, return_tensors="pt")["input_ids"]
+                    text = model.llm.get_input_embeddings()(ids.to(model.device))
+                    k = feats.shape[0]
+                    rel = attention_teacher(
+                        model.llm,
+                        feats,
+                        text.expand(k, -1, -1),
+                        torch.ones(k, ids.shape[1], dtype=torch.long, device=model.device),
+                        model.config.selector.attn_layers,
+                    )
+                    entry["teacher"] = rel.tolist()
+                    entry["scores"] = model.selector.score(feats).tolist()
+            out.append(entry)
+    return out
+
+
+def selection_summary(diag: Sequence[dict[str, Any]], temperature: float, n_boot: int) -> dict[str, Any]:
+    """Selector vs random (and teacher argmax vs random) on the informative reports."""
+    from ..eval.selection import make_case, rate_summary
+
+    info = [d for d in diag if len(d["valid"]) > 1 and any(d["valid"]) and not all(d["valid"])]
+    cases = [make_case(d["id"], d["valid"], d["selected"]) for d in info]
+    result = {"selector": rate_summary(cases, n_boot)}
+    with_teacher = [d for d in info if "teacher" in d]
+    if with_teacher:
+        tcases = [make_case(d["id"], d["valid"], [int(np.argmax(d["teacher"]))]) for d in with_teacher]
+        spread, top_p = [], []
+        for d in with_teacher:
+            t = np.asarray(d["teacher"])
+            p = np.exp((t - t.max()) / temperature)
+            p /= p.sum()
+            spread.append(float(t.max() - t.min()))
+            top_p.append(float(p.max() * len(t)))
+        result["teacher"] = rate_summary(tcases, n_boot)
+        result["teacher_mass_mean"] = float(np.mean([np.mean(d["teacher"]) for d in with_teacher]))
+        result["teacher_spread_mean"] = float(np.mean(spread))
+        result["teacher_peak_over_uniform"] = float(np.mean(top_p))
+    return result
+
+
+# ------------------------------------------------------------------------------------- running
+
+
+def build_data(opts: AblateOptions, cues: set[str], echo: Callable[[str], None]) -> dict[str, Path]:
+    """SynthUS + instruction data for each needed site-cue variant, shared by all rows."""
+    from ..data.instruct import run_instruct
+    from ..data.synth import generate
+    from ..quickstart import quickstart_synth
+
+    synthus = opts.out / "synthus"
+    if not (synthus / "synth_config.json").is_file():
+        echo(generate(synthus, quickstart_synth(opts.reports, 0, opts.hard)).render())
+    dirs = {}
+    for cue in sorted(cues):
+        d = opts.out / ("instruct" if cue == "both" else f"instruct-{cue}")
+        if not (d / "instruct_meta.json").is_file():
+            echo(run_instruct(synthus, d, seed=0, site_cue=cue).render())
+        dirs[cue] = d
+    return dirs
+
+
+def evaluate_folder(
+    folder: Path,
+    samples: list[dict[str, Any]],
+    root: Path,
+    reports: Sequence[Any],
+    synthus: Path,
+    n_boot: int,
+) -> dict[str, Any]:
+    """Answers + per-question scores + frame diagnostics of one checkpoint folder."""
+    from ..model.lora import load_checkpoint
+    from ..quickstart import generate_answers
+
+    model, tokenizer = load_checkpoint(folder)
+    rows = generate_answers(model, tokenizer, samples, root)
+    scfg = model.config.selector
+    diag = frame_diagnostics(model, tokenizer, reports, synthus, with_teacher=scfg.mode != "none")
+    return {
+        "per_question": per_question(rows),
+        "selection": selection_summary(diag, scfg.teacher_temperature, n_boot),
+        "frames": diag,
+    }
+
+
+def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train and evaluate every (row, seed); write DIR/results.md and DIR/results.json."""
+    from ..data.collate import image_root_for, read_instructions
+    from ..quickstart import pick_eval_samples
+    from ..train.loop import train
+
+    keys = check_rows(opts.rows)
+    if not opts.seeds:
+        raise ConfigError("no seeds given; pass e.g. --seeds 0 1 2")
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dirs = build_data(opts, {ROWS[k].site_cue for k in keys}, echo)
+    eval_path = dirs["both"] / "eval.test.json" if "both" in dirs else None
+    if eval_path is None:  # only no-cue rows: evaluate on the shared (cue + no-cue) questions anyway
+        eval_path = build_data(opts, {"both"}, echo)["both"] / "eval.test.json"
+    samples = pick_eval_samples(read_instructions(eval_path), opts.eval_samples)
+    root = image_root_for(eval_path)
+    synthus = out / "synthus"
+    reports = selection_reports(synthus)
+
+    runs: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in keys}
+    for seed in opts.seeds:
+        for key in keys:
+            row = ROWS[key]
+            run_dir = out / "runs" / f"{key}-seed{seed}"
+            done = run_dir / ("stage1" if row.stage1_only else "stage2")
+            full_stage1 = out / "runs" / f"full-seed{seed}" / "stage1"
+            if row.stage1_only and full_stage1.is_dir():
+                done = full_stage1
+            t = time.perf_counter()
+            if not done.is_dir():
+                echo(f"[{key} seed {seed}] training -> {run_dir}")
+                train(row_config(opts, row, seed, dirs[row.site_cue], run_dir), overwrite=True)
+            train_s = time.perf_counter() - t
+            echo(f"[{key} seed {seed}] evaluating {done}")
+            t = time.perf_counter()
+            result = evaluate_folder(done, samples, root, reports, synthus, opts.n_boot)
+            result["seconds"] = {"train": train_s, "eval": time.perf_counter() - t}
+            result["checkpoint"] = str(done)
+            runs[key][seed] = result
+
+    payload = {
+        "settings": {
+            "rows": keys,
+            "seeds": list(opts.seeds),
+            "reports": opts.reports,
+            "hard": opts.hard,
+            "steps1": opts.steps1,
+            "steps2": opts.steps2,
+            "eval_questions": len(samples),
+            "selection_reports": len(reports),
+            "overrides": opts.overrides,
+            "row_overrides": {k: ROWS[k].overrides | {"site_cue": ROWS[k].site_cue} for k in keys},
+        },
+        "table": aggregate(runs, opts.n_boot),
+        "runs": {
+            k: {str(s): {kk: vv for kk, vv in r.items() if kk != "frames"} for s, r in v.items()}
+            for k, v in runs.items()
+        },
+        "frames": {k: {str(s): r["frames"] for s, r in v.items()} for k, v in runs.items()},
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "results.json").write_text(
+        json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (out / "results.md").write_text(render(payload), encoding="utf-8")
+    return payload
+
+
+def aggregate(runs: dict[str, dict[int, dict[str, Any]]], n_boot: int) -> dict[str, Any]:
+    """Per row: every metric summarised over seeds; delta vs the full row; selection over seeds."""
+    table: dict[str, Any] = {}
+    full = runs.get("full")
+    for key, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        entry: dict[str, Any] = {"label": ROWS[key].label, "metrics": {}, "delta_vs_full": {}}
+        for part in (*TYPES, "overall"):
+            names = by_seed[seeds[0]]["per_question"].get(part, {})
+            for metric in names:
+                vals = [by_seed[s]["per_question"][part][metric] for s in seeds]
+                entry["metrics"][f"{part}.{metric}"] = summarise(vals, n_boot)
+                if full is not None and key != "full" and set(full) >= set(seeds):
+                    ref = [full[s]["per_question"][part][metric] for s in seeds]
+                    entry["delta_vs_full"][f"{part}.{metric}"] = paired_delta(vals, ref, n_boot)
+        for who in ("selector", "teacher"):
+            rates = [by_seed[s]["selection"].get(who) for s in seeds]
+            if all(r is not None and r["rate"] is not None for r in rates):
+                entry[f"{who}_rate"] = _over_seeds([r["rate"] for r in rates])
+                entry[f"{who}_lift"] = _over_seeds([r["lift"] for r in rates])
+                entry[f"{who}_lift_ci_seed{seeds[0]}"] = rates[0]["lift_ci"]
+                entry["random_rate"] = rates[0]["random_rate"]
+                entry["n_informative"] = rates[0]["n"]
+        peaks = [by_seed[s]["selection"].get("teacher_peak_over_uniform") for s in seeds]
+        if all(p is not None for p in peaks):
+            entry["teacher_peak_over_uniform"] = _over_seeds(peaks)
+            entry["teacher_spread"] = _over_seeds(
+                [by_seed[s]["selection"]["teacher_spread_mean"] for s in seeds]
+            )
+            entry["teacher_mass"] = _over_seeds([by_seed[s]["selection"]["teacher_mass_mean"] for s in seeds])
+        table[key] = entry
+    return table
+
+
+def _over_seeds(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+# ------------------------------------------------------------------------------------ rendering
+
+
+def _cell(s: dict[str, Any] | None, ci: bool = True) -> str:
+    if not s or s.get("mean") is None or (isinstance(s["mean"], float) and math.isnan(s["mean"])):
+        return "-"
+    text = f"{s['mean']:.1f} ± {s['sd']:.1f}"
+    if ci and s.get("ci"):
+        text += f" [{s['ci'][0]:.1f}, {s['ci'][1]:.1f}]"
+    return text
+
+
+def _delta(d: dict[str, Any] | None) -> str:
+    if not d or d.get("mean") is None:
+        return "-"
+    return f"{d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]" if d.get("ci") else f"{d['mean']:+.1f}"
+
+
+def render(payload: dict[str, Any]) -> str:
+    """The Markdown report: main table, per-question-type table, selection table, settings."""
+    st, table = payload["settings"], payload["table"]
+    lines = [
+        "# Ablation (paper Table 3) on SynthUS, tiny preset",
+        "",
+        f"SynthUS {'hard' if st['hard'] else 'default'} ({st['reports']} reports, data seed 0); "
+        f"seeds {', '.join(map(str, st['seeds']))}; steps stage1/stage2: "
+        f"{st['steps1'] or 'preset'}/{st['steps2'] or 'preset'}; {st['eval_questions']} test questions; "
+        f"frame selection on {st['selection_reports']} held-out reports. Strict mode, x100. "
+        "Cells: mean ± sd over seeds [95% bootstrap CI over questions of the seed-averaged score]; "
+        "Δ: paired difference to the full model [95% CI].",
+        "",
+        "| variant | EM | F1 | BLEU | ΔF1 vs full | site acc. | valid frame (selector) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in table.values():
+        m = e["metrics"]
+        sel = e.get("selector_rate")
+        sel_txt = f"{sel['mean']:.1f} ± {sel['sd']:.1f}" if sel else "-"
+        lines.append(
+            f"| {e['label']} | {_cell(m.get('overall.exact_match'))} | {_cell(m.get('overall.f1'))} | "
+            f"{_cell(m.get('overall.bleu'))} | {_delta(e['delta_vs_full'].get('overall.f1'))} | "
+            f"{_cell(m.get('site.site_accuracy'), ci=False)} | {sel_txt} |"
+        )
+    lines += ["", "Per question type (mean ± sd over seeds):", ""]
+    lines += [
+        "| variant | " + " | ".join(f"{t} {m}" for t in TYPES for m in ("EM", "F1", "BLEU")) + " |",
+        "|---|" + "---|" * (3 * len(TYPES)),
+    ]
+    for e in table.values():
+        cells = [_cell(e["metrics"].get(f"{t}.{m}"), ci=False) for t in TYPES for m in METRICS]
+        lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Frame selection on informative held-out reports (k > 1, valid and invalid frames): how often "
+        "the frame sent to the LLM is valid; the attention teacher's own argmax on the same reports; "
+        "teacher peak = max of softmax(s_attn / T) x k (1.0 = uniform).",
+        "",
+        "| variant | n | selector | random | lift | teacher argmax | teacher peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in table.values():
+        if "selector_rate" not in e:
+            continue
+        teacher = _cell(e.get("teacher_rate"), ci=False)
+        peak = e.get("teacher_peak_over_uniform")
+        peak_txt = f"{peak['mean']:.2f}" if peak else "-"
+        lines.append(
+            f"| {e['label']} | {e['n_informative']} | {_cell(e['selector_rate'], ci=False)} | "
+            f"{e['random_rate']:.1f} | {_delta({'mean': e['selector_lift']['mean']})} ± "
+            f"{e['selector_lift']['sd']:.1f} | {teacher} | {peak_txt} |"
+        )
+    lines += [
+        "",
+        f"Row overrides: `{json.dumps(st['row_overrides'])}`",
+        f"Wall time: {payload['seconds']:.0f} s",
+        "",
+    ]
+    return "\n".join(lines)

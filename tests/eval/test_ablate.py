@@ -1,0 +1,92 @@
+"""`llava-ultra ablate`: row definitions -> config overrides, and a minimal end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llava_ultra.errors import ConfigError
+from llava_ultra.eval.ablate import (
+    ROWS,
+    AblateOptions,
+    check_rows,
+    paired_delta,
+    row_config,
+    run_ablation,
+    split_list,
+    summarise,
+)
+
+
+def _cfg(row: str, tmp_path: Path):
+    opts = AblateOptions(out=tmp_path, steps1=3, steps2=4)
+    return row_config(opts, ROWS[row], 7, tmp_path / "instruct", tmp_path / "run")
+
+
+def test_rows_give_the_intended_overrides(tmp_path: Path) -> None:
+    full = _cfg("full", tmp_path)
+    assert full.model.sam.enabled and full.model.selector.mode == "feature+attention"
+    assert full.train.stages == [1, 2] and full.train.seed == 7
+    assert full.train.stage1.max_steps == 3 and full.train.stage2.max_steps == 4
+    assert full.data.stage2 == str(tmp_path / "instruct" / "stage2.train.json")
+    assert not _cfg("no_ve", tmp_path).model.sam.enabled
+    no_ra = _cfg("no_ra", tmp_path).model.selector
+    assert (no_ra.mode, no_ra.none_strategy) == ("none", "first")
+    assert _cfg("no_ra_all", tmp_path).model.selector.none_strategy == "all"
+    assert _cfg("no_funcb", tmp_path).model.selector.mode == "feature"
+    assert _cfg("no_stage2", tmp_path).train.stages == [1]
+    assert ROWS["no_site"].site_cue == "without" and ROWS["full"].site_cue == "both"
+    # every row differs from the full model in exactly what it names
+    base = full.model
+    assert _cfg("no_funcb", tmp_path).model.sam == base.sam
+    assert _cfg("no_ve", tmp_path).model.selector == base.selector
+
+
+def test_bad_rows_and_seeds_are_named() -> None:
+    with pytest.raises(ConfigError, match="no_such"):
+        check_rows(["full", "no_such"])
+    assert check_rows(["no_ve", "full", "no_ve"]) == ["full", "no_ve"]
+    assert split_list("0, 1 2", int) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="0,1,2"):
+        split_list("0,x", int)
+
+
+def test_summaries() -> None:
+    s = summarise([[0.0, 100.0], [100.0, 100.0]], n_boot=200)
+    assert s["mean"] == 75.0 and s["per_seed"] == [50.0, 100.0] and s["n"] == 2
+    assert s["sd"] == pytest.approx(35.355, abs=1e-3)
+    d = paired_delta([[100.0, 100.0, 0.0]], [[0.0, 100.0, 0.0]], n_boot=200)
+    assert d["mean"] == pytest.approx(100 / 3)
+    assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+
+
+def test_minimal_ablation_end_to_end(tmp_path: Path) -> None:
+    opts = AblateOptions(
+        out=tmp_path,
+        rows=["no_stage2", "full"],
+        seeds=[0],
+        reports=16,
+        steps1=2,
+        steps2=2,
+        eval_samples=6,
+        n_boot=50,
+    )
+    payload = run_ablation(opts, echo=lambda _m: None)
+    # no_stage2 reuses the full row's stage-1 checkpoint: one training run only
+    assert not (tmp_path / "runs" / "no_stage2-seed0").exists()
+    assert payload["runs"]["no_stage2"]["0"]["checkpoint"].endswith("full-seed0/stage1")
+    table = payload["table"]
+    assert list(table) == ["full", "no_stage2"]
+    for entry in table.values():
+        f1 = entry["metrics"]["overall.f1"]
+        assert 0.0 <= f1["mean"] <= 100.0 and f1["n"] == 6 and len(f1["ci"]) == 2
+    assert "overall.f1" in table["no_stage2"]["delta_vs_full"]
+    saved = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert saved["settings"]["rows"] == ["full", "no_stage2"]
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    lines = [ln for ln in md.splitlines() if ln.startswith("| LLaVA-Ultra full model")]
+    assert len(lines) == 3 and all(ln.count("|") == lines[0].count("|") for ln in lines[:1])
+    header = next(ln for ln in md.splitlines() if ln.startswith("| variant | EM"))
+    assert md.splitlines()[md.splitlines().index(header) + 1].count("|") == header.count("|")

@@ -51,15 +51,15 @@ def synth(
     k_min: Annotated[int, typer.Option(help="Fewest frames per report.")] = 1,
     k_max: Annotated[int, typer.Option(help="Most frames per report.")] = 8,
     image_size: Annotated[int, typer.Option(help="Frame width and height in pixels.")] = 224,
-    hard: Annotated[bool, typer.Option(help="Lower contrast, smaller findings, more invalid frames.")] = False,
+    hard: Annotated[
+        bool, typer.Option(help="Lower contrast, smaller findings, more invalid frames.")
+    ] = False,
     workers: Annotated[int, typer.Option(help="Worker processes (output is identical for any count).")] = 1,
 ) -> None:
     """Generate SynthUS, a synthetic multi-frame ultrasound report dataset."""
     from .data.synth import SynthConfig, generate
 
-    cfg = SynthConfig(
-        reports=reports, seed=seed, k_min=k_min, k_max=k_max, image_size=image_size, hard=hard
-    )
+    cfg = SynthConfig(reports=reports, seed=seed, k_min=k_min, k_max=k_max, image_size=image_size, hard=hard)
     summary = generate(out, cfg, workers=workers)
     typer.echo(summary.render())
 
@@ -70,7 +70,9 @@ def instruct(
     reports: Annotated[Path, typer.Option(help="A .jsonl/.csv reports file or a folder of them.")],
     out: Annotated[Path, typer.Option(help="Output folder for {stage1,stage2,eval}.<split>.json.")],
     language: Annotated[str, typer.Option(help="Which reports to use: zh, en or both.")] = "both",
-    site_cue: Annotated[str, typer.Option(help="Name the site in questions: with, without or both.")] = "both",
+    site_cue: Annotated[
+        str, typer.Option(help="Name the site in questions: with, without or both.")
+    ] = "both",
     seed: Annotated[int, typer.Option(help="Random seed; same seed gives identical files.")] = 0,
     generator: Annotated[
         str, typer.Option(help="Stage-2 conversation generator: template or llm.")

@@ -13,8 +13,9 @@ Notable choices:
   fusion); w/o redundancy adaptation -> `model.selector.mode=none` with `none_strategy=first`:
   the paper says the text is then paired with an arbitrary image of the group ("such text is
   often assigned to each image"); a fixed arbitrary frame keeps one image per sample, so the
-  LLM input and compute match the full model and only the choice differs (SynthUS places the
-  valid run uniformly, so the first frame is as good as a random one); w/o func.b ->
+  LLM input and compute match the full model and only the choice differs. On SynthUS the valid
+  frames are one contiguous run, so the first frame is valid less often than a random one: a
+  pessimistic baseline (docs/results.md); `no_ra_all` sends every frame instead; w/o func.b ->
   `model.selector.mode=feature` (scorer trained by the straight-through LM gradient only);
   w/o stage 2 -> the full row's own stage-1 checkpoint (stage 1 of a chained run is a fresh
   stage 1, so this costs no training; only the tokenizer saw stage-2 text too); w/o site prompt
@@ -361,33 +362,48 @@ def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> di
             result["seconds"] = {"train": train_s, "eval": time.perf_counter() - t}
             result["checkpoint"] = str(done)
             runs[key][seed] = result
+            payload = _payload(opts, keys, runs, len(samples), len(reports), time.perf_counter() - t0)
+            _write(out, payload)  # after every run: an interrupted ablation keeps what it measured
+    return payload
 
-    payload = {
+
+def _payload(
+    opts: AblateOptions,
+    keys: list[str],
+    runs: dict[str, dict[int, dict[str, Any]]],
+    n_q: int,
+    n_rep: int,
+    secs: float,
+) -> dict[str, Any]:
+    done = {k: v for k, v in runs.items() if v}
+    return {
         "settings": {
-            "rows": keys,
+            "rows": [k for k in keys if k in done],
             "seeds": list(opts.seeds),
             "reports": opts.reports,
             "hard": opts.hard,
             "steps1": opts.steps1,
             "steps2": opts.steps2,
-            "eval_questions": len(samples),
-            "selection_reports": len(reports),
+            "eval_questions": n_q,
+            "selection_reports": n_rep,
             "overrides": opts.overrides,
-            "row_overrides": {k: ROWS[k].overrides | {"site_cue": ROWS[k].site_cue} for k in keys},
+            "row_overrides": {k: ROWS[k].overrides | {"site_cue": ROWS[k].site_cue} for k in done},
         },
-        "table": aggregate(runs, opts.n_boot),
+        "table": aggregate(done, opts.n_boot),
         "runs": {
             k: {str(s): {kk: vv for kk, vv in r.items() if kk != "frames"} for s, r in v.items()}
-            for k, v in runs.items()
+            for k, v in done.items()
         },
-        "frames": {k: {str(s): r["frames"] for s, r in v.items()} for k, v in runs.items()},
-        "seconds": time.perf_counter() - t0,
+        "frames": {k: {str(s): r["frames"] for s, r in v.items()} for k, v in done.items()},
+        "seconds": secs,
     }
+
+
+def _write(out: Path, payload: dict[str, Any]) -> None:
     (out / "results.json").write_text(
         json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     (out / "results.md").write_text(render(payload), encoding="utf-8")
-    return payload
 
 
 def aggregate(runs: dict[str, dict[int, dict[str, Any]]], n_boot: int) -> dict[str, Any]:

@@ -87,7 +87,13 @@ def run_config(opts: LograOptions, data: Path, run_dir: Path, seed: int, weight:
         steps2=opts.steps2,
         seed=seed,
         config=opts.config,
-        overrides=[f"train.align_weight={weight}", "train.progress=false", *opts.overrides],
+        overrides=[
+            f"train.align_weight={weight}",
+            "train.progress=false",
+            "train.stage1.epochs=1000000",  # max_steps alone sets the length, for every fraction
+            "train.stage2.epochs=1000000",
+            *opts.overrides,
+        ],
     )
     return quickstart_config(qs, data, run_dir)
 

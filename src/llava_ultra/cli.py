@@ -731,8 +731,8 @@ def ablate(
     rows: Annotated[
         str | None,
         typer.Option(
-            help="Rows, comma-separated (default: all but no_ra_all): full, no_ve, no_ra, "
-            "no_funcb, no_stage2, no_site, no_ra_all."
+            help="Rows, comma-separated (default: all but no_ra_first and no_ra_all): full, no_ve, no_ra, "
+            "no_funcb, no_stage2, no_site, no_ra_first, no_ra_all."
         ),
     ] = None,
     reports: Annotated[int, typer.Option(help="SynthUS reports (shared by all rows).")] = 600,

@@ -43,7 +43,7 @@ SELECT_FEATURES = ("patch", "cls_patch")
 ALIGNS = ("pool", "conv")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 SELECTOR_MODES = ("none", "feature", "feature+attention")
-NONE_STRATEGIES = ("all", "first")
+NONE_STRATEGIES = ("all", "first", "random")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -196,7 +196,8 @@ class SelectorConfig:
     """'none' (no scoring), 'feature' (learned scorer), 'feature+attention' (scorer + KD from the
     attention teacher) - the paper's ablation rows."""
     none_strategy: str = "first"
-    """mode 'none' only: 'all' sends every image to the LLM (naive multi-image), 'first' the first."""
+    """mode 'none' only: 'all' sends every image to the LLM (naive multi-image), 'first' the first,
+    'random' one arbitrary image per sample (a fresh draw each training visit; a content hash at eval)."""
     top_m: int = 1
     """Images per sample sent to the LLM by the scorer (the paper uses 1)."""
     attn_layers: int = 2

@@ -33,7 +33,8 @@ def test_rows_give_the_intended_overrides(tmp_path: Path) -> None:
     assert full.data.stage2 == str(tmp_path / "instruct" / "stage2.train.json")
     assert not _cfg("no_ve", tmp_path).model.sam.enabled
     no_ra = _cfg("no_ra", tmp_path).model.selector
-    assert (no_ra.mode, no_ra.none_strategy) == ("none", "first")
+    assert (no_ra.mode, no_ra.none_strategy) == ("none", "random")
+    assert _cfg("no_ra_first", tmp_path).model.selector.none_strategy == "first"
     assert _cfg("no_ra_all", tmp_path).model.selector.none_strategy == "all"
     assert _cfg("no_funcb", tmp_path).model.selector.mode == "feature"
     assert _cfg("no_stage2", tmp_path).train.stages == [1]

@@ -10,6 +10,7 @@ from llava_ultra.model.selector import (
     Selector,
     attention_relevance,
     attention_teacher,
+    content_keys,
     group,
     kd_loss,
     select_features,
@@ -102,6 +103,16 @@ def test_none_mode_has_no_parameters_and_fixed_choice():
     assert list(Selector(SelectorConfig(mode="none"), 8).state_dict()) == []
     assert Selector(SelectorConfig(mode="none", none_strategy="all"), 8).fixed_choice([2, 0]) == [[0, 1], []]
     assert Selector(SelectorConfig(mode="none", none_strategy="first"), 8).fixed_choice([2, 0]) == [[0], []]
+    rand = Selector(SelectorConfig(mode="none", none_strategy="random"), 8).eval()
+    assert rand.fixed_choice([3, 0, 4], keys=[7, 0, 9]) == [[1], [], [1]]  # key % k at eval
+
+
+def test_content_keys_depend_on_each_samples_images_only():
+    images = torch.arange(5 * 3, dtype=torch.float32).view(5, 3)
+    keys = content_keys(images, [2, 0, 3])
+    assert keys[1] == 0
+    assert keys[0] == content_keys(images[:2], [2])[0] and keys[2] == content_keys(images[2:], [3])[0]
+    assert keys[0] != keys[2]
 
 
 def test_attention_relevance_golden():

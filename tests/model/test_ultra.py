@@ -166,6 +166,38 @@ def test_none_mode_all_images_reach_the_llm():
     assert out.selection.indices == [[0, 1, 2], [0]] and out.kd_loss is None
 
 
+def test_none_mode_random_frame_is_reproducible_and_batch_independent():
+    model = tiny_model(**{"selector.mode": "none", "selector.none_strategy": "random"})
+    batch = tiny_batch(model, [5, 3, 1])
+    assert int((batch["input_ids"][0] == model.config.image_token_id).sum()) == 16  # one image
+    with torch.no_grad():
+        out = model(**batch)
+        again = model(**batch)
+        # the same sample alone (its images only) gets the same frame at eval
+        alone = tiny_batch(model, [5])
+        assert model(**alone).selection.indices[0] == out.selection.indices[0]
+    assert out.selection.indices == again.selection.indices
+    assert [len(i) for i in out.selection.indices] == [1, 1, 1] and out.selection.indices[2] == [0]
+    assert all(0 <= i[0] < k for i, k in zip(out.selection.indices, [5, 3, 1], strict=True))
+    # the frame is filled in as the LLM input: same logits as sending that frame alone
+    pick = out.selection.indices[0][0]
+    single = alone | {
+        "pixel_values_clip": alone["pixel_values_clip"][pick : pick + 1],
+        "pixel_values_sam": alone["pixel_values_sam"][pick : pick + 1],
+        "image_counts": [1],
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(model(**single).logits, model(**alone).logits)
+    # while training, draws come from torch's seeded RNG: they vary and are reproducible
+    model.train()
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        draws.append([tuple(model.selector.fixed_choice([8] * 16)[b]) for b in range(16)])
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    assert len({d for d in draws[0]}) > 1
+
+
 def test_batched_greedy_equals_unbatched():
     model = tiny_model(seed=3)
     tok = tiny_tokenizer()

@@ -10,12 +10,13 @@ Notable choices:
   Seeds vary only `train.seed` (init, shuffling, LoRA init): the spread is training noise.
 - Rows (paper wording -> what we change):
   full model -> nothing; w/o visual enhancement -> `model.sam.enabled=false` (CLIP only, no
-  fusion); w/o redundancy adaptation -> `model.selector.mode=none` with `none_strategy=first`:
+  fusion); w/o redundancy adaptation -> `model.selector.mode=none` with `none_strategy=random`:
   the paper says the text is then paired with an arbitrary image of the group ("such text is
-  often assigned to each image"); a fixed arbitrary frame keeps one image per sample, so the
-  LLM input and compute match the full model and only the choice differs. On SynthUS the valid
-  frames are one contiguous run, so the first frame is valid less often than a random one: a
-  pessimistic baseline (docs/results.md); `no_ra_all` sends every frame instead; w/o func.b ->
+  often assigned to each image"); one random frame per sample (a fresh draw per training visit,
+  a content hash at eval) keeps one image per sample, so the LLM input and compute match the
+  full model and only the choice differs. Extra rows: `no_ra_first` (always the first frame; on
+  SynthUS the valid frames are one contiguous run, so the first frame is valid less often than a
+  random one: a pessimistic baseline) and `no_ra_all` (every frame to the LLM); w/o func.b ->
   `model.selector.mode=feature` (scorer trained by the straight-through LM gradient only);
   w/o stage 2 -> the full row's own stage-1 checkpoint (stage 1 of a chained run is a fresh
   stage 1, so this costs no training; only the tokenizer saw stage-2 text too); w/o site prompt
@@ -71,12 +72,17 @@ ROWS: dict[str, Row] = {
         Row("no_ve", "w/o visual enhancement (CLIP only)", {"model.sam.enabled": False}),
         Row(
             "no_ra",
-            "w/o redundancy adaptation (first frame)",
-            {"model.selector.mode": "none", "model.selector.none_strategy": "first"},
+            "w/o redundancy adaptation (random frame)",
+            {"model.selector.mode": "none", "model.selector.none_strategy": "random"},
         ),
         Row("no_funcb", "w/o func.b (feature scoring only)", {"model.selector.mode": "feature"}),
         Row("no_stage2", "w/o stage 2 tuning", {"train.stages": [1]}, stage1_only=True),
         Row("no_site", "w/o site prompt in instruction", site_cue="without"),
+        Row(
+            "no_ra_first",
+            "w/o redundancy adaptation (first frame)",
+            {"model.selector.mode": "none", "model.selector.none_strategy": "first"},
+        ),
         Row(
             "no_ra_all",
             "w/o redundancy adaptation (all frames to the LLM)",

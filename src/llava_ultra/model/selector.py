@@ -23,6 +23,7 @@ Selection: top-m by s_fea (ties -> the earlier frame). Argmax has no gradient, s
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -139,11 +140,32 @@ class Selector(nn.Module):
         pooled = (w * h).sum(1)  # (M, D)
         return self.score_head(pooled).squeeze(-1).float()  # (M,)
 
-    def fixed_choice(self, counts: Sequence[int]) -> list[list[int]]:
-        """Mode 'none': all images, or the first one, per sample."""
+    def fixed_choice(self, counts: Sequence[int], keys: Sequence[int] | None = None) -> list[list[int]]:
+        """Mode 'none': all images, the first one, or a random one per sample.
+
+        'random' while training draws from torch's global RNG (seeded by the run, restored on
+        resume), so a report's text meets a different frame on each visit - the paper's "text
+        assigned to each image". Outside training it picks `keys[b] % k` where `keys` are content
+        hashes of each sample's images (`content_keys`): arbitrary but reproducible, and the same
+        whatever the batch size or data-parallel split.
+        """
         if self.cfg.none_strategy == "all":
             return [list(range(n)) for n in counts]
-        return [[0] if n else [] for n in counts]
+        if self.cfg.none_strategy == "first":
+            return [[0] if n else [] for n in counts]
+        if self.training or keys is None:
+            return [[int(torch.randint(n, ()).item())] if n else [] for n in counts]
+        return [[int(key) % n] if n else [] for key, n in zip(keys, counts, strict=True)]
+
+
+def content_keys(images: torch.Tensor, counts: Sequence[int]) -> list[int]:
+    """One reproducible integer per sample from the bytes of its images (M, ...) -> (B,) ints."""
+    flat = images.detach().to("cpu", torch.float32).contiguous().view(images.shape[0], -1)
+    keys, start = [], 0
+    for n in counts:
+        keys.append(zlib.crc32(flat[start : start + n].numpy().tobytes()) if n else 0)
+        start += n
+    return keys
 
 
 class _StopForward(Exception):

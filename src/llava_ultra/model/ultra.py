@@ -62,6 +62,7 @@ from .selector import (
     Selection,
     Selector,
     attention_teacher,
+    content_keys,
     group,
     indices_from_mask,
     kd_loss,
@@ -237,7 +238,11 @@ class UltraModel(nn.Module):
             return None, Selection(indices=[[] for _ in counts]), None
         scfg = self.config.selector
         if scfg.mode == "none":  # fixed choice: encode only the images that will be used
-            indices = self.selector.fixed_choice(counts)
+            keys = None
+            if scfg.none_strategy == "random" and not self.training:
+                source = pixel_values_clip if pixel_values_clip is not None else clip_features
+                keys = content_keys(source, counts)
+            indices = self.selector.fixed_choice(counts, keys)
             offsets = np.cumsum([0, *counts[:-1]])
             flat = torch.tensor([int(offsets[b]) + i for b, idx in enumerate(indices) for i in idx])
             pick = [None if x is None else x[flat] for x in (pixel_values_clip, pixel_values_sam)]

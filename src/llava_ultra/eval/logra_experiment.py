@@ -128,9 +128,9 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
     root, reports = image_root_for(eval_path), selection_reports(synthus)
 
     runs: list[dict[str, Any]] = []
-    for fraction in opts.fractions:
-        data = subset_instructions(instruct, out / f"data-{fraction:g}", fraction)
-        for seed in opts.seeds:
+    subsets = {f: subset_instructions(instruct, out / f"data-{f:g}", f) for f in opts.fractions}
+    for seed in opts.seeds:  # seeds outermost: an interrupted run has whole seeds to show
+        for fraction, data in subsets.items():
             for arm, weight in ARMS.items():
                 run_dir = out / "runs" / f"f{fraction:g}-{arm}-s{seed}"
                 done = run_dir / "result.json"

@@ -128,6 +128,33 @@ def test_forward_losses_and_selection_shapes():
     assert not model.clip.training and not model.sam.training  # frozen encoders stay in eval mode
 
 
+def test_labelled_positions_only_loss_equals_the_full_logits_loss():
+    """Training's return_logits=False: same loss, same gradients, same hidden states, no logits."""
+    model = tiny_model(**{"selector.straight_through": False})
+    batch = tiny_batch(model, [3, 2])
+    ids = batch["input_ids"]
+    labels = ids.masked_fill(ids == model.config.image_token_id, -100)
+    labels[:, : ids.shape[1] // 2] = -100  # a prompt that is not learned from
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    results = []
+    for full in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(**batch, labels=labels, output_hidden_states=True, return_logits=full)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, g_full), (fast, g_fast) = results
+    assert full.logits is not None and fast.logits is None
+    torch.testing.assert_close(fast.loss, full.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast.hidden_states, full.hidden_states)
+    assert g_full.keys() == g_fast.keys() and len(g_full) > 0
+    for name in g_full:
+        torch.testing.assert_close(g_fast[name], g_full[name], rtol=1e-5, atol=1e-6, msg=name)
+    # nothing labelled: a zero loss that still backpropagates
+    none = model(**batch, labels=torch.full_like(labels, -100), return_logits=False)
+    assert none.lm_loss.item() == 0.0 and none.lm_loss.requires_grad
+
+
 def test_selected_frame_is_the_one_the_llm_sees():
     model = tiny_model()
     batch = tiny_batch(model, [4])

@@ -123,8 +123,9 @@ class UltraOutput:
     """Next-token cross-entropy over labelled positions."""
     kd_loss: torch.Tensor | None
     """Selector distillation loss (mode 'feature+attention' with findings text), else None."""
-    logits: torch.Tensor
-    """(B, T, V)."""
+    logits: torch.Tensor | None
+    """(B, T, V); None with `forward(return_logits=False)` (training: only labelled positions are
+    projected to the vocabulary, inside the loss)."""
     selection: Selection
     """Which images reached the LLM, with scores."""
     image_features: torch.Tensor | None = None
@@ -319,10 +320,16 @@ class UltraModel(nn.Module):
         clip_features: torch.Tensor | None = None,
         sam_features: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        return_logits: bool = True,
     ) -> UltraOutput:
         """Logits and losses for a batch (shapes in the module docstring; labels use -100 to ignore).
 
         `output_hidden_states=True` also returns the LLM's last hidden states (LoGra-Med's text view).
+
+        `return_logits=False` (training) skips the (B, T, V) logits: the decoder's hidden states at the
+        L labelled positions alone go through the LM head, (L, D) -> (L, V), and the loss is the same
+        cross-entropy. Answers are a small share of a conversation, so this saves most of the head's
+        compute and the logits' memory (at a 32k vocabulary, 2048 tokens: 256 MB per sample in fp32).
 
         `clip_features` (M, N, Dc) / `sam_features` (M, C, Gs, Gs): precomputed frozen-encoder outputs
         (a feature cache) given instead of `pixel_values_clip` / `pixel_values_sam`."""
@@ -342,6 +349,56 @@ class UltraModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # right or left padding
+        if labels is not None and not return_logits and self._head_is_plain_linear():
+            hidden = self.llm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions
+            ).last_hidden_state  # (B, T, D), after the final norm
+            targets = labels[:, 1:].to(self.device)  # (B, T-1): token t predicts t+1
+            keep = targets != IGNORE_INDEX  # (B, T-1)
+            if keep.any():
+                head = self.llm.get_output_embeddings()
+                supervised = head(hidden[:, :-1][keep])  # (L, D) -> (L, V)
+                lm_loss = F.cross_entropy(supervised.float(), targets[keep])
+            else:
+                lm_loss = hidden.sum() * 0.0
+            logits, hidden = None, (hidden if output_hidden_states else None)
+        else:
+            logits, hidden, lm_loss = self._full_logits_and_loss(
+                embeds, attention_mask, positions, labels, output_hidden_states
+            )
+        parts = [
+            x for x in (lm_loss, None if kd is None else self.config.selector.kd_weight * kd) if x is not None
+        ]
+        loss = sum(parts[1:], parts[0]) if parts else None
+        return UltraOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            kd_loss=kd,
+            logits=logits,
+            selection=selection,
+            image_features=feats,
+            hidden_states=hidden,
+        )
+
+    def _head_is_plain_linear(self) -> bool:
+        """Whether logits = lm_head(last hidden state) with nothing after it (LLaMA, Mistral, Vicuna,
+        Qwen2); models that scale or soft-cap their logits (Gemma 2, Cohere) take the full path."""
+        cfg = self.llm.config
+        return (
+            getattr(cfg, "final_logit_softcapping", None) is None
+            and getattr(cfg, "logit_scale", None) in (None, 1.0)
+            and isinstance(self.llm.get_output_embeddings(), nn.Linear)
+        )
+
+    def _full_logits_and_loss(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        positions: torch.Tensor,
+        labels: torch.Tensor | None,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The causal LM's own forward: logits (B, T, V), optional last hidden states, lm_loss."""
         llm_out = self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -362,19 +419,7 @@ class UltraModel(nn.Module):
                 )
             else:
                 lm_loss = logits.sum() * 0.0
-        parts = [
-            x for x in (lm_loss, None if kd is None else self.config.selector.kd_weight * kd) if x is not None
-        ]
-        loss = sum(parts[1:], parts[0]) if parts else None
-        return UltraOutput(
-            loss=loss,
-            lm_loss=lm_loss,
-            kd_loss=kd,
-            logits=logits,
-            selection=selection,
-            image_features=feats,
-            hidden_states=hidden,
-        )
+        return logits, hidden, lm_loss
 
     # -------------------------------------------------------------------------------- generate
 

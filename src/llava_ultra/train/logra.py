@@ -62,7 +62,7 @@ def aligned_loss(
     unwrapped model's LLM for the text-only caption pass. `extended` is the collator's padded
     captions; without it every sample lacks the third view and the batch counts as skipped.
     """
-    out = model(**inputs, output_hidden_states=True)
+    out = model(**inputs, output_hidden_states=True, return_logits=False)
     labels = inputs["labels"]
     batch = labels.shape[0]
     if extended is not None:

@@ -576,7 +576,7 @@ def _run_stage(
                         for key, value in logged.items():
                             align_parts.setdefault(key, []).append(value)
                     else:
-                        out = model(**inputs)
+                        out = model(**inputs, return_logits=False)  # logits only where labelled
                         loss = out.loss
                     finite = acc.reduce(
                         torch.tensor(float(torch.isfinite(loss.detach()).all()), device=acc.device), "min"

@@ -27,7 +27,6 @@ from llava_ultra.data.synth import SynthConfig, generate
 from llava_ultra.errors import CheckpointError, ConfigError, DataError
 from llava_ultra.eval.runner import (
     EvalSettings,
-    load_for_inference,
     plan_batches,
     read_predictions,
     rescore,
@@ -35,6 +34,7 @@ from llava_ultra.eval.runner import (
     run_eval,
     shard_batches,
 )
+from llava_ultra.model.ultra import load_for_inference
 from tests.helpers import tiny_model, tiny_tokenizer
 
 SETTINGS = {"batch_size": 4, "max_new_tokens": 4, "bootstrap": 100}

@@ -10,6 +10,7 @@ import torch
 
 from llava_ultra.errors import CheckpointError
 from llava_ultra.model.lora import TrainabilityConfig, apply_trainability, save_checkpoint
+from llava_ultra.model.ultra import load_for_inference
 from llava_ultra.serve.engine import (
     ChatResult,
     Engine,
@@ -19,7 +20,6 @@ from llava_ultra.serve.engine import (
     RequestError,
     SamplingParams,
     cut_at_stop,
-    load_checkpoint,
     stable_prefix,
 )
 from tests.helpers import tiny_images, tiny_model, tiny_tokenizer
@@ -168,8 +168,8 @@ def test_cancelled_request_does_not_stop_the_engine(engine):
 
 
 def test_load_checkpoint_reads_both_layouts(tmp_path, checkpoint):
-    with pytest.raises(CheckpointError, match="not a folder"):
-        load_checkpoint(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_for_inference(tmp_path / "missing")
     model = tiny_model(seed=2, **{"llm.inline.max_position_embeddings": 1024})
     apply_trainability(model, TrainabilityConfig(llm="lora", projectors="full"))
     with torch.no_grad():
@@ -177,7 +177,7 @@ def test_load_checkpoint_reads_both_layouts(tmp_path, checkpoint):
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # adapters that change the answer
     folder = save_checkpoint(model, tmp_path / "lora-free-name", tiny_tokenizer())
-    loaded, tok = load_checkpoint(folder)
+    loaded, tok = load_for_inference(folder)
     msgs = [Message("user", "肝脏?", tiny_images(2, seed=5))]
     params = SamplingParams(max_tokens=8)
     with Engine(loaded, tok, limits=LIMITS) as from_folder, Engine(model.eval(), tok, limits=LIMITS) as live:
@@ -185,4 +185,4 @@ def test_load_checkpoint_reads_both_layouts(tmp_path, checkpoint):
     with pytest.raises(CheckpointError, match="tokenizer"):
         (tmp_path / "bare").mkdir()
         tiny_model(seed=2).save_pretrained(tmp_path / "bare")
-        load_checkpoint(tmp_path / "bare")
+        load_for_inference(tmp_path / "bare")

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from .report import score_run, write_scores
 
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -133,32 +133,7 @@ class EvalSettings:
         }
 
 
-# ----------------------------------------------------------------------------------- loading
-
-
-def load_for_inference(folder: str | Path, device: Any = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) from a checkpoint folder.
-
-    Loading itself is `serve.engine.load_checkpoint` (the one loader eval and serve share: it
-    picks `lora.load_checkpoint` or `UltraModel.from_pretrained` from the files in the folder);
-    this adds the hint for a training run folder passed instead of its stage checkpoint.
-    """
-    from ..model.ultra import CONFIG_NAME
-    from ..serve.engine import load_checkpoint
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"checkpoint folder {path} does not exist; pass a folder written by training "
-            "(e.g. <run>/stage2) or by UltraModel.save_pretrained"
-        )
-    if not (path / CONFIG_NAME).is_file():
-        stages = [s for s in ("stage2", "stage1") if (path / s / CONFIG_NAME).is_file()]
-        if stages:
-            raise CheckpointError(
-                f"{path} has no {CONFIG_NAME}; it looks like a training run: pass {path / stages[0]}"
-            )
-    return load_checkpoint(path, device=device, dtype=dtype)
+# ----------------------------------------------------------------------------------- data
 
 
 def resolve_spec(spec: str) -> str:
@@ -429,6 +404,8 @@ def run_eval(
     ground_truth, bad = load_ground_truth(data)
     if settings.limit is not None:
         ground_truth = ground_truth[: settings.limit]
+    from ..model.ultra import load_for_inference  # torch only when generating; scoring stays light
+
     model, tokenizer = load_for_inference(model_dir, device=device, dtype=settings.dtype)
     ctx = _Context(model, tokenizer, Path(model_dir).resolve().name, settings)
 

@@ -629,6 +629,50 @@ class UltraModel(nn.Module):
         return model.to(device=device or "cpu", dtype=resolve_dtype(cfg.dtype, device))
 
 
+def load_for_inference(
+    folder: str | Path, device: str | torch.device | None = None, dtype: str | None = None
+) -> tuple[UltraModel, Any]:
+    """(model in eval mode, tokenizer) from any checkpoint folder: the one loader eval, serve, chat
+    and predict share. The kind is chosen by the files in it (never by its name): a training
+    checkpoint (trainability.json, LoRA adapters or non-LoRA trainables beside config.json) loads with
+    `lora.load_checkpoint`; a `save_pretrained` folder (config.json + model.safetensors) with
+    `UltraModel.from_pretrained`. Both load strictly; the tokenizer must be saved in the folder, and
+    it must map the image token to the id the model expects."""
+    from . import lora
+    from .tokenizer import load_tokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"checkpoint folder {folder} does not exist; pass a folder written by training "
+            "(e.g. <run>/stage2) or by UltraModel.save_pretrained"
+        )
+    if not (folder / CONFIG_NAME).is_file():
+        stages = [s for s in ("stage2", "stage1") if (folder / s / CONFIG_NAME).is_file()]
+        if stages:
+            raise CheckpointError(
+                f"{folder} has no {CONFIG_NAME}; it looks like a training run: pass {folder / stages[0]}"
+            )
+    read_model_config(folder)  # a clear error for folders that are not ours
+    training_files = (lora.TRAINABILITY_NAME, lora.ADAPTER_NAME, lora.NON_LORA_NAME)
+    if any((folder / name).is_file() for name in training_files):
+        model, tokenizer = lora.load_checkpoint(folder, device=device, dtype=dtype)
+    else:
+        model = UltraModel.from_pretrained(folder, device=device, dtype=dtype)
+        tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
+    if tokenizer is None:
+        raise CheckpointError(
+            f"{folder} holds no tokenizer; save the training tokenizer there (tokenizer.save_pretrained)"
+        )
+    token_id = tokenizer.convert_tokens_to_ids(model.config.image_token)
+    if token_id != model.config.image_token_id:
+        raise CheckpointError(
+            f"{folder}: the tokenizer maps {model.config.image_token!r} to {token_id} but the model expects "
+            f"{model.config.image_token_id}; save the tokenizer the model was trained with beside it"
+        )
+    return model.eval(), tokenizer
+
+
 def read_model_config(folder: str | Path) -> ModelConfig:
     """The `ModelConfig` saved in a checkpoint folder, with a clear error for foreign folders."""
     path = Path(folder) / CONFIG_NAME

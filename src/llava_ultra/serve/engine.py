@@ -45,10 +45,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from ..errors import CheckpointError, DataError
+from ..errors import DataError
 from ..model.selector import Selection
-from ..model.tokenizer import TEMPLATES, load_tokenizer, render_prompt
-from ..model.ultra import UltraModel, read_model_config
+from ..model.tokenizer import TEMPLATES, render_prompt
+from ..model.ultra import UltraModel, load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -301,41 +301,6 @@ def pick_device(name: str = "auto") -> str:
     return name
 
 
-def load_checkpoint(
-    folder: str | Path, device: str | None = None, dtype: str | None = None
-) -> tuple[UltraModel, PreTrainedTokenizerBase]:
-    """Model + tokenizer from a checkpoint folder, chosen by the files in it (never by its name):
-    a training checkpoint (trainability.json, LoRA adapters or non-LoRA trainables beside config.json)
-    loads with `llava_ultra.model.lora.load_checkpoint`; a folder written by
-    `UltraModel.save_pretrained` (config.json + model.safetensors) with `UltraModel.from_pretrained`.
-    Both load strictly; the tokenizer must be saved in the folder."""
-    from ..model import lora
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"checkpoint {folder} is not a folder; pass a folder written by save_pretrained or by training"
-        )
-    read_model_config(folder)  # a clear error for folders that are not ours
-    training_files = (lora.TRAINABILITY_NAME, lora.ADAPTER_NAME, lora.NON_LORA_NAME)
-    if any((folder / name).is_file() for name in training_files):
-        model, tokenizer = lora.load_checkpoint(folder, device=device, dtype=dtype)
-    else:
-        model = UltraModel.from_pretrained(folder, device=device, dtype=dtype)
-        tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
-    if tokenizer is None:
-        raise CheckpointError(
-            f"{folder} holds no tokenizer; save the training tokenizer there (tokenizer.save_pretrained)"
-        )
-    token_id = tokenizer.convert_tokens_to_ids(model.config.image_token)
-    if token_id != model.config.image_token_id:
-        raise CheckpointError(
-            f"{folder}: the tokenizer maps {model.config.image_token!r} to {token_id} but the model expects "
-            f"{model.config.image_token_id}; save the tokenizer the model was trained with beside it"
-        )
-    return model.eval(), tokenizer
-
-
 class Engine:
     """Serve one model to many concurrent callers. Use as a context manager or call `close()`."""
 
@@ -377,8 +342,8 @@ class Engine:
     def from_checkpoint(
         cls, folder: str | Path, device: str | None = None, dtype: str | None = None, **kwargs: Any
     ) -> Engine:
-        """Load `folder` once (see `load_checkpoint`) and start the worker."""
-        model, tokenizer = load_checkpoint(folder, device=device, dtype=dtype)
+        """Load `folder` once (`model.ultra.load_for_inference`) and start the worker."""
+        model, tokenizer = load_for_inference(folder, device=device, dtype=dtype)
         return cls(model, tokenizer, **kwargs)
 
     def __enter__(self) -> Engine:

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llava-ultra quickstart --out runs/demo
+	$(BIN)/llava-ultra quickstart --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

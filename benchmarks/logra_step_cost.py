@@ -65,7 +65,7 @@ def main() -> None:
     opt.add_param_group(logra.head_param_group(head, 0.0))
 
     def plain() -> None:
-        model(**batch["inputs"]).loss.backward()
+        model(**batch["inputs"], return_logits=False).loss.backward()  # as the trainer's plain step
 
     def aligned() -> None:
         logra.aligned_loss(model, head, model.llm, batch["inputs"], batch["extended"])[1].backward()

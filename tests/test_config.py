@@ -58,6 +58,12 @@ def test_unknown_key_suggests_the_closest_name(tmp_path):
     bad.write_text(tiny.read_text().replace("top_m:", "topm:"))
     with pytest.raises(ConfigError, match=r"model\.selector\.topm: did you mean 'top_m'"):
         load_config(bad)
+    # a key that lives one level down (per stage) points there, not at a look-alike name
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown key train\.lr: it is set per part: use train\.stage1\.lr or train\.stage2\.lr",
+    ):
+        load_config(tiny, ["train.lr=1e-4"])
 
 
 @pytest.mark.parametrize(

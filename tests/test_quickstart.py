@@ -44,3 +44,11 @@ def test_quickstart_runs_end_to_end(tmp_path: Path):
     assert (out / "run" / "stage2" / "config.json").is_file()
     again = CliRunner().invoke(app, ["quickstart", "--out", str(out), "--fast"])
     assert again.exit_code == 2 and "already holds a quickstart run" in again.output
+    assert "--overwrite" in again.output
+    (out / "run" / "stale-marker").write_text("from the earlier run")
+    replaced = CliRunner().invoke(
+        app, ["quickstart", "--out", str(out), "--fast", "--overwrite"]
+    )  # `make demo` twice
+    assert replaced.exit_code == 0, replaced.output
+    assert not (out / "run" / "stale-marker").exists()
+    assert json.loads((out / "quickstart.json").read_text())["trained"]["selection_all"]["n"] > 0

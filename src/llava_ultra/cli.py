@@ -16,6 +16,13 @@ import typer
 
 from .errors import LlavaUltraError
 
+TEMPLATE_HELP = (
+    "Conversation template: vicuna_v1, mistral_instruct or plain. Default: the checkpoint's recorded "
+    "model.template (converted LLaVA-Med v1.5: mistral_instruct; LLaVA v1.5: vicuna_v1); a stage-1 "
+    "'plain' checkpoint is prompted in its LLM family's chat format (Mistral: mistral_instruct, "
+    "else vicuna_v1), because plain drops the question - pass --template plain to force it."
+)
+
 app = typer.Typer(
     name="llava-ultra",
     help="Build, train, evaluate and serve a medical vision-language assistant (LLaVA-Ultra).",
@@ -256,11 +263,14 @@ def eval_cmd(
     temperature: Annotated[float, typer.Option(help="0 = greedy (default); > 0 samples.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus mass when sampling.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling and bootstrap seed.")] = 0,
-    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+    template: Annotated[str | None, typer.Option(help=TEMPLATE_HELP)] = None,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Extra stop string (repeatable).")] = None,
     shard: Annotated[str, typer.Option(help="Multi-process sharding: contiguous or strided.")] = "contiguous",
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    max_bad_fraction: Annotated[
+        float, typer.Option(help="Fraction of malformed ground-truth records to skip (0 = none).")
+    ] = 0.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (0 = none).")] = 1000,
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, ... (default: the process's own device).")
@@ -286,6 +296,7 @@ def eval_cmd(
         stop=tuple(stop or ()),
         shard=shard,
         limit=limit,
+        max_bad_fraction=max_bad_fraction,
         bootstrap=bootstrap,
         device=device,
         dtype=dtype,
@@ -311,6 +322,9 @@ def score(
     limit: Annotated[
         int | None, typer.Option(help="Only the first N ground-truth samples (as eval --limit).")
     ] = None,
+    max_bad_fraction: Annotated[
+        float, typer.Option(help="Fraction of malformed ground-truth records to skip (0 = none).")
+    ] = 0.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (0 = none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     out: Annotated[
@@ -327,6 +341,7 @@ def score(
         metric_tokenizer=metric_tokenizer,
         closed_variant=closed_variant,
         limit=limit,
+        max_bad_fraction=max_bad_fraction,
         bootstrap=bootstrap,
         seed=seed,
         plots=plots,
@@ -449,7 +464,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Queued requests before 503s.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str | None, typer.Option(help="Override the checkpoint's dtype.")] = None,
-    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+    template: Annotated[str | None, typer.Option(help=TEMPLATE_HELP)] = None,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -511,7 +526,7 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+    template: Annotated[str | None, typer.Option(help=TEMPLATE_HELP)] = None,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the template's).")] = None,
 ) -> None:
     """Chat in the terminal (reads stdin; /image PATH, /reset, /exit)."""
@@ -541,7 +556,7 @@ def predict(
         float, typer.Option(help="Exit 1 when more than this fraction of lines is bad.")
     ] = 0.1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    template: Annotated[str, typer.Option(help="Conversation template: vicuna_v1 or plain.")] = "vicuna_v1",
+    template: Annotated[str | None, typer.Option(help=TEMPLATE_HELP)] = None,
 ) -> None:
     """Offline batch inference over a JSONL of requests; bad lines are counted and skipped."""
     from .serve.engine import Engine, Limits, SamplingParams, pick_device
@@ -699,6 +714,9 @@ def quickstart(
     fast: Annotated[bool, typer.Option(help="Smoke test: few reports, steps and questions.")] = False,
     config: Annotated[Path | None, typer.Option(help="Training preset (default configs/tiny.yaml).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for data, init and shuffling.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier quickstart in --out instead of refusing.")
+    ] = False,
 ) -> None:
     """Generate SynthUS, train the tiny model (stage 1 + 2) on CPU, and compare it with the untrained one."""
     from .quickstart import QuickstartOptions, run_quickstart, usage_hint
@@ -713,6 +731,7 @@ def quickstart(
         config=config,
         seed=seed,
         overrides=parse_overrides(list(ctx.args)),
+        overwrite=overwrite,
     )
     result = run_quickstart(opts, echo=typer.echo)
     typer.echo("")

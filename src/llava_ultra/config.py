@@ -46,6 +46,9 @@ SELECTOR_MODES = ("none", "feature", "feature+attention")
 NONE_STRATEGIES = ("all", "first", "random")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEMPLATES = ("vicuna_v1", "mistral_instruct", "plain")
+"""Conversation formats (LLaVA's names), rendered by `model.tokenizer`: the one list that model,
+training, evaluation and serving validate against."""
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -272,7 +275,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, DTYPES)
-        _one_of("model.template", self.template, ("vicuna_v1", "mistral_instruct", "plain"))
+        _one_of("model.template", self.template, TEMPLATES)
         if not self.image_token:
             raise ConfigError("model.image_token is empty; use e.g. '<image>'")
         if self.sam.enabled and self.vision.select_feature == "cls_patch":
@@ -307,7 +310,6 @@ class ModelConfig:
         return self.selector.images_into_llm(k) * self.tokens_per_image
 
 
-TEMPLATES = ("vicuna_v1", "plain")
 OPTIMIZERS = ("adam", "adamw")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 COMPONENTS = ("clip", "sam", "projectors", "fusion", "selector", "llm")
@@ -335,7 +337,7 @@ class DataConfig:
     num_workers: int = 0
     """DataLoader worker processes per training process (0 = load in the training process)."""
     system: str | None = None
-    """System prompt for the 'vicuna_v1' template; None: LLaVA's default."""
+    """System prompt; None: the template's default (LLaVA's for 'vicuna_v1', none for 'mistral_instruct')."""
     feature_cache: str | None = None
     """Folder written by `llava-ultra cache-features`: training reads the frozen encoders' outputs
     from it instead of decoding images and running CLIP / SAM (refused for a different encoder)."""
@@ -359,7 +361,8 @@ class StageConfig:
     DEFAULT_TRAINABLE: ClassVar[dict[str, str]] = {}
 
     template: str = "vicuna_v1"
-    """Conversation format: 'plain' (image + caption, LLaVA stage 1) or 'vicuna_v1'."""
+    """Conversation format: 'plain' (image + caption, LLaVA stage 1), 'vicuna_v1' or 'mistral_instruct'
+    (LLaVA-Med v1.5); use the one the LLM was tuned with (`model.template` of a converted checkpoint)."""
     trainable: dict[str, str] = field(default_factory=dict)
     """Component -> frozen | lora | full (components: clip, sam, projectors, fusion, selector, llm),
     merged over the stage's defaults (set a component to 'frozen' to freeze it); unnamed
@@ -643,9 +646,20 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp!r}")  # a bug in a dataclass definition
 
 
-def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
+def _unknown_key(key: str, known: list[str], where: str, cls: type | None = None) -> ConfigError:
+    prefix = f"{where}." if where else ""
+    nested = []  # the key exists one level down (e.g. train.lr -> train.stage1.lr, train.stage2.lr)
+    if cls is not None and dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            sub = hints.get(f.name)
+            if dataclasses.is_dataclass(sub) and key in {g.name for g in dataclasses.fields(sub)}:
+                nested.append(f"{prefix}{f.name}.{key}")
     hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+    if nested:
+        suggestion = f"it is set per part: use {' or '.join(nested)}. "
+    else:
+        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
     return ConfigError(
         f"unknown key {where + '.' if where else ''}{key}: {suggestion}valid keys: {', '.join(known)}"
     )
@@ -659,7 +673,7 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise _unknown_key(str(key), names, where)
+            raise _unknown_key(str(key), names, where, cls)
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
     missing = [
         f.name
@@ -692,7 +706,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _field_type(cls: type, key: str, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     if key not in hints:
-        raise _unknown_key(key, [f.name for f in dataclasses.fields(cls)], where)
+        raise _unknown_key(key, [f.name for f in dataclasses.fields(cls)], where, cls)
     tp = hints[key]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]

@@ -18,6 +18,7 @@ minutes on a 2-core machine; figures are in README / docs/training.md.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,8 @@ class QuickstartOptions:
     """Training preset (default: configs/tiny.yaml)."""
     overrides: list[str] = field(default_factory=list)
     """Extra dotted overrides for the preset."""
+    overwrite: bool = False
+    """Replace an earlier quickstart in the same folder (its data, run and results) instead of refusing."""
 
 
 @dataclass
@@ -240,9 +243,14 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     out = Path(opts.out)
     run_dir = out / "run"
     if run_dir.exists():
-        raise ConfigError(
-            f"{out} already holds a quickstart run ({run_dir}); choose a new --out or delete it"
-        )
+        if not opts.overwrite:
+            raise ConfigError(
+                f"{out} already holds a quickstart run ({run_dir}); choose a new --out, "
+                "or pass --overwrite to replace it"
+            )
+        echo(f"--overwrite: replacing the earlier quickstart in {out}")
+        for part in ("run", "synthus", "instruct"):
+            shutil.rmtree(out / part, ignore_errors=True)
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()

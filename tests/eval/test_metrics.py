@@ -233,6 +233,53 @@ def test_chinese_yes_no_synonyms(pred, ref, llava_med, strict):
     assert one(pred, ref, "CLOSED", "zh")["closed_hit"] == strict
 
 
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        # cue characters inside longer jieba words are no cue
+        ("对侧未见结节", "no"),  # 对侧 (contralateral) is not 对; 未见 -> no
+        ("这是囊肿，没有结节", "no"),  # 这是 is not 是; 没有 -> no
+        ("所有结节均为良性", None),  # 所有 (all) is not 有
+        ("具有包膜", None),  # 具有 is not 有
+        ("是否", None),  # "whether" is not 是
+        ("是否有结节？没有", "no"),  # the 有 echoed after 是否 is skipped
+        ("对称", None),
+        ("无法确定", None),  # 无法 (unable) is not 无
+        ("建议对结节随访", None),  # 对 is a preposition here, cue only when answer-initial
+        ("它是囊肿，没有结节", "no"),  # 是 inside the sentence is a copula
+        # normal closed answers
+        ("是的", "yes"),
+        ("是，可见结节", "yes"),
+        ("对", "yes"),
+        ("有", "yes"),
+        ("右侧有结节", "yes"),
+        ("可见结节", "yes"),
+        ("存在", "yes"),
+        ("否", "no"),
+        ("没有", "no"),
+        ("不是", "no"),
+        ("无", "no"),
+        ("不对", "no"),
+        ("不存在", "no"),
+        ("不可见", "no"),
+        ("不均匀", "no"),  # answer-initial 不 is the verdict
+        ("无明显异常", "no"),
+        ("未探及血流信号", "no"),
+    ],
+)
+def test_strict_chinese_yes_no_reads_jieba_tokens(text, label):
+    assert m.yes_no_label(m.normalize_strict(text, "zh")) == label
+
+
+def test_strict_chinese_yes_no_false_cues_score_correctly():
+    # substring cues would read both predictions as "yes"
+    assert one("对侧未见结节", "否", "CLOSED", "zh")["closed_hit"] == 1
+    assert one("这是囊肿，没有结节", "否", "CLOSED", "zh")["closed_hit"] == 1
+    assert one("这是囊肿，没有结节", "是", "CLOSED", "zh")["closed_hit"] == 0
+    # the rule does not depend on the metric tokenizer
+    assert one("对侧未见结节", "否", "CLOSED", "zh", tokenizer="char")["closed_hit"] == 1
+
+
 def test_non_yes_no_closed_answer_needs_whole_tokens_in_strict():
     assert one("cleft", "left", "CLOSED", mode="llava-med")["closed_hit"] == 1
     assert one("cleft", "left", "CLOSED")["closed_hit"] == 0

@@ -225,18 +225,19 @@ def test_compare_table_rows_runs_and_subsets():
     header, rows, notes = compare_table(
         [("A", strict), ("B", strict)], metric_keys=["exact_match", "closed_accuracy"]
     )
-    assert header == ["run", "mode", "n", "EM", "Closed acc"]
-    assert rows == [["A", "strict", "5", "66.67", "50.00"], ["B", "strict", "5", "66.67", "50.00"]]
+    tok = "zh=jieba+medical_dict,en=whitespace"
+    assert header == ["run", "mode", "tokenizer", "n", "EM", "Closed acc"]
+    assert rows == [["A", "strict", tok, "5", "66.67", "50.00"], ["B", "strict", tok, "5", "66.67", "50.00"]]
     assert notes == []
     text = render_compare(header, rows, notes)
-    assert text.splitlines()[0] == "| run | mode | n | EM | Closed acc |"
-    assert text.splitlines()[2] == "| A | strict | 5 | 66.67 | 50.00 |"
+    assert text.splitlines()[0] == "| run | mode | tokenizer | n | EM | Closed acc |"
+    assert text.splitlines()[2] == f"| A | strict | {tok} | 5 | 66.67 | 50.00 |"
 
     _, rows, _ = compare_table([("A", strict)], subset="language", metric_keys=["exact_match"])
     assert rows == [
-        ["A (en)", "strict", "4", "50.00"],
-        ["A (zh)", "strict", "1", "100.00"],
-        ["A (all)", "strict", "5", "66.67"],
+        ["A (en)", "strict", tok, "4", "50.00"],
+        ["A (zh)", "strict", tok, "1", "100.00"],
+        ["A (all)", "strict", tok, "5", "66.67"],
     ]
 
 
@@ -247,7 +248,8 @@ def test_compare_warns_when_modes_differ_and_shows_cis():
         [("A", strict), ("B", compat)], metric_keys=["closed_accuracy"], with_ci=True
     )
     assert any("differ in mode" in n for n in notes)
-    assert rows[0][3].startswith("50.00 [")
+    assert rows[0][2] == "zh=jieba+medical_dict,en=whitespace" and rows[1][2] == "zh=whitespace,en=whitespace"
+    assert rows[0][4].startswith("50.00 [")
     assert "> note: runs differ in mode" in render_compare(["run"], [], notes)
 
 

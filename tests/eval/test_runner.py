@@ -26,6 +26,7 @@ from llava_ultra.data.instruct import run_instruct
 from llava_ultra.data.synth import SynthConfig, generate
 from llava_ultra.errors import CheckpointError, ConfigError, DataError
 from llava_ultra.eval.runner import (
+    EvalResult,
     EvalSettings,
     plan_batches,
     read_predictions,
@@ -209,6 +210,48 @@ def test_unreadable_image_gives_an_empty_counted_prediction(work, tmp_path):
     assert "images could not be read (empty prediction): 1" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_malformed_ground_truth_is_an_error_unless_allowed(work, live, tmp_path):
+    data = json.loads((work / "inst" / "eval.mix.json").read_text(encoding="utf-8"))
+    bad_id = data[3]["id"]
+    data[3].pop("conversations")
+    path = work / "inst" / "eval.malformed.json"
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    # 1 of 16 = 6.25% malformed: the default (0) refuses, naming the record and the fix
+    with pytest.raises(
+        DataError,
+        match=r"1 malformed of 16 records \(6\.2%, allowed 0\.0%\); first problem: "
+        r".*eval\.malformed\.json record\[3\].*pass --max-bad-fraction 0\.07 to skip",
+    ):
+        rescore(work / "live", str(path), EvalSettings(bootstrap=0))
+    preds = [p for p in read_predictions(work / "live") if p["question_id"] != bad_id]
+    pred_path = tmp_path / "predictions.jsonl"
+    pred_path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds), encoding="utf-8")
+    args = ["score", str(pred_path), str(path), "--bootstrap", "0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code != 0 and "--max-bad-fraction 0.07" in res.output
+    res = CliRunner().invoke(app, [*args, "--max-bad-fraction", "0.07"])
+    assert res.exit_code == 0, res.output
+    assert "ground-truth records skipped as malformed: 1" in res.output
+    with pytest.raises(ConfigError, match="max_bad_fraction=1.5 must be in"):
+        EvalSettings(max_bad_fraction=1.5)
+    # the eval command's summary names the skipped count
+    assert (
+        "skipped 1 malformed ground-truth record(s)"
+        in EvalResult(tmp_path, live.scores, {"bad_records": 1}).render()
+    )
+    assert "skipped" not in live.render()
+
+
+def test_stale_shards_from_a_crashed_run_are_cleared(work, tmp_path):
+    out = tmp_path / "run"
+    (out / "shards").mkdir(parents=True)
+    for r in range(3):  # an earlier 3-process run that crashed before merging
+        (out / "shards" / f"rank{r:03d}-of-003.jsonl").write_text('{"index": 0}\n')
+    settings = EvalSettings(limit=2, batch_size=2, max_new_tokens=2, bootstrap=0, plots=False)
+    run_eval(work / "ckpt", str(work / "inst" / "eval.mix.json"), out, settings)
+    assert not (out / "shards").exists() and len(read_predictions(out)) == 2
+
+
 def test_sampling_is_seeded(work, tmp_path):
     spec = str(work / "inst" / "eval.mix.json")
     settings = EvalSettings(
@@ -260,7 +303,7 @@ def test_compare_command_prints_and_writes_a_table(work, live, tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith(
-        "| run | mode | n | EM | F1 | Precision | Recall | BLEU | BLEU-1 | BLEU-2 | BLEU-3 | Closed acc |"
+        "| run | mode | tokenizer | n | EM | F1 | Precision | Recall | BLEU | BLEU-1 | BLEU-2 | BLEU-3 | Closed acc |"
     )
     assert sum(line.startswith("| live (en)") for line in lines) == 2
     assert table.read_text() == res.output

@@ -44,6 +44,9 @@ REPO = Path(__file__).resolve().parents[2]
         ("8/10 7/10", (8.0, 7.0)),
         ("Scores: 10 and 2", (10.0, 2.0)),
         ("Assistant 1 gives 3 findings, Assistant 2 gives 5.\n8 7", None),  # first line has no pair
+        # the first line wins over labelled numbers in the explanation
+        ("8 6\nAssistant 1: 3 findings listed, Assistant 2: 1 finding only.", (8.0, 6.0)),
+        ("Assistant 1: 8, Assistant 2: 6\nAssistant 1: 3 findings, Assistant 2: 1 finding.", (8.0, 6.0)),
         ("The first answer is better.", None),
         ("8", None),
         ("8 7 6", None),

@@ -34,10 +34,51 @@ def test_accelerate_config_parses(path: Path):
         assert ds["gradient_accumulation_steps"] == "auto"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "ultra-13b.yaml"])
-def test_training_presets_load(name: str):
+@pytest.mark.parametrize(
+    "name, template",
+    [
+        ("tiny.yaml", "vicuna_v1"),
+        ("ultra-13b.yaml", "vicuna_v1"),
+        ("ultra-7b-mistral.yaml", "mistral_instruct"),
+    ],
+)
+def test_training_presets_load(name: str, template: str):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.train.stages == [1, 2]
     assert cfg.data.stage1 and cfg.data.stage2
-    assert cfg.train.stage1.template == "plain" and cfg.train.stage2.template == "vicuna_v1"
+    assert cfg.train.stage1.template == "plain" and cfg.train.stage2.template == template
+    if name.startswith("ultra-"):  # the paper's optimiser settings on the real presets
+        assert cfg.train.optimizer == "adam"
+        assert cfg.train.stage1.lr == cfg.train.stage2.lr == 1e-3
     assert {"clip", "sam"}.isdisjoint({k for k, v in cfg.train.stage2.trainable.items() if v != "frozen"})
+
+
+@pytest.mark.slow
+def test_cpu_ddp_accelerate_config_starts_two_gloo_processes(tmp_path: Path):
+    """`accelerate launch --config_file configs/accelerate/cpu_ddp.yaml` really starts 2 processes
+    (a MULTI_CPU config silently starts one) and the trainer's Accelerator joins them over gloo."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import torch\n"
+        "from llava_ultra.config import load_config\n"
+        "from llava_ultra.train.loop import make_accelerator\n"
+        f"acc = make_accelerator(load_config({str(ROOT / 'configs/tiny.yaml')!r}))\n"
+        "print('probe', acc.process_index, acc.num_processes, acc.device.type, torch.distributed.get_backend())\n"
+    )
+    launcher = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        str(launcher),
+        "launch",
+        "--config_file",
+        str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
+        str(script),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("probe"))
+    assert lines == ["probe 0 2 cpu gloo", "probe 1 2 cpu gloo"], proc.stdout

@@ -31,7 +31,10 @@ def test_two_process_ddp_on_cpu(instruct_dir: Path, tmp_path: Path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     prints = [r for r in records if r.get("event") == "rank_fingerprints"]
     assert [p["stage"] for p in prints] == [1, 2]
+    # SHA-256 of every trainable tensor's bytes on each rank: bit-identical weights on both
     assert all(len(p["values"]) == 2 and p["values"][0] == p["values"][1] for p in prints)
+    assert all(len(v) == 64 for p in prints for v in p["values"])
+    assert prints[0]["values"][0] != prints[1]["values"][0]  # stage 2 trained something
     steps = [r for r in records if "event" not in r]
     assert [r["samples"] for r in steps if r["stage"] == 1] == [4, 8, 12]  # 2 processes x batch 2
     assert {r["lr"] for r in steps if r["stage"] == 2 and r["step"] == 1} == {5e-3}

@@ -149,3 +149,11 @@ def test_two_process_ddp_with_alignment(instruct_dir: Path, tmp_path: Path):
     steps = [r for r in recs if "event" not in r]
     assert [r["samples"] for r in steps if r["stage"] == 1] == [8, 16]  # 2 processes x batch 4
     assert all(math.isfinite(r["align_loss"]) and r["align_skipped"] == 0 for r in steps)
+
+
+def test_backward_scale_names_what_accelerate_puts_on_the_gradient():
+    """1 / grad_accum on CPU fp32 (no loss scaler), so the black-box re-solve sees the loss's own gradient."""
+    from accelerate import Accelerator
+
+    assert logra.backward_scale(Accelerator(cpu=True)) == 1.0
+    assert logra.backward_scale(Accelerator(cpu=True, gradient_accumulation_steps=4)) == 0.25

@@ -16,9 +16,10 @@ Notable choices:
   counted and reported. Multi-turn references use their first question/answer pair.
 - Categories: `category`, `type` or `task`, normalised to conversation / detailed_description /
   complex_reasoning (LLaVA-Med's conv / detail / complex), anything else kept as written.
-- Scores parse leniently but strictly defined: labelled scores anywhere ("Assistant 1: 8",
-  "助手1：8"), else exactly two numbers on the first non-empty line ("8 7", "8, 7", "8/10 7/10",
-  "**8** **7**"), each within 0-10. Anything else is unparseable: kept in the raw file, counted,
+- Scores parse leniently but strictly defined: exactly two numbers on the first non-empty line
+  ("8 7", "8, 7", "8/10 7/10", "**8** **7**"; "Assistant 1"/"助手1" labels there are not
+  numbers), as the protocol asks, else labelled scores anywhere ("Assistant 1: 8", "助手1：8"),
+  each within 0-10. Anything else is unparseable: kept in the raw file, counted,
   left out of the means, never replaced by a guess.
 - Repeats: n requests per item (repeat index in the cache key, so they are real requests); the
   item's scores are the medians over its parseable repeats.
@@ -81,6 +82,7 @@ _LABELLED = [
     )
     for n in (1, 2)
 ]
+_LABEL = re.compile(r"(?:assistant|助手)\s*[12](?!\d)", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------------------- pure parts
@@ -95,19 +97,26 @@ def normalize_category(value: Any) -> str:
 
 
 def parse_scores(text: str | None) -> tuple[float, float] | None:
-    """(reference score, model score) from a judge reply, or None when it cannot be read."""
+    """(reference score, model score) from a judge reply, or None when it cannot be read.
+
+    The protocol puts the two scores on the first line, so that line is read first (with the
+    "Assistant 1" / "助手1" labels taken out, so their digits are not scores); only when it does
+    not hold exactly two numbers are labelled scores ("Assistant 1: 8 ... Assistant 2: 7")
+    searched for in the whole reply. The explanation after the first line often quotes other
+    numbers next to the labels ("Assistant 1: 3 findings listed"), which must not win.
+    """
     if not text or not text.strip():
         return None
-    found = [p.search(text) for p in _LABELLED]
-    if all(found):
-        scores = (float(found[0].group(1)), float(found[1].group(1)))  # type: ignore[union-attr]
-    else:
-        first = next(line for line in text.strip().splitlines() if line.strip())
-        first = re.sub(r"(\d)\s*/\s*10\b", r"\1", first.replace("*", ""))
-        numbers = re.findall(r"(?<![\w.])" + _NUMBER + r"(?![\w.])", first)
-        if len(numbers) != 2:
-            return None
+    first = next(line for line in text.strip().splitlines() if line.strip())
+    first = re.sub(r"(\d)\s*/\s*10\b", r"\1", _LABEL.sub(" ", first.replace("*", "")))
+    numbers = re.findall(r"(?<![\w.])" + _NUMBER + r"(?![\w.])", first)
+    if len(numbers) == 2:
         scores = (float(numbers[0]), float(numbers[1]))
+    else:
+        found = [p.search(text) for p in _LABELLED]
+        if not all(found):
+            return None
+        scores = (float(found[0].group(1)), float(found[1].group(1)))  # type: ignore[union-attr]
     if not all(0 <= s <= 10 for s in scores):
         return None
     return scores

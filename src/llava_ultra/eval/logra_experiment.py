@@ -3,7 +3,8 @@
 Trains the tiny preset on a fraction (default 10% and 100%) of the SynthUS training data, with and
 without the alignment loss (`train.align_weight`), over several seeds, and writes a table of
 EM / F1 / BLEU (strict mode, x100, over the site, findings and diagnosis test questions) and the
-rate at which the selector sends a valid frame to the LLM, to DIR/results.md and DIR/results.json.
+rate at which the selector sends a valid frame to the LLM, to DIR/results.md and DIR/results.json,
+both headed by the `llava-ultra logra-experiment ...` command line that reproduces them.
 
 Notable choices:
 - Everything but the arm is shared: data are made once (quickstart's SynthUS settings, data seed 0);
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +58,40 @@ def check_options(opts: LograOptions) -> None:
         raise ConfigError(f"fractions {list(opts.fractions)} must lie in (0, 1]; e.g. --fractions 0.1,1")
     if not opts.seeds:
         raise ConfigError("no seeds given; pass e.g. --seeds 0,1")
+
+
+def command_line(opts: LograOptions) -> str:
+    """The `llava-ultra logra-experiment ...` line that runs these options (every option spelled out).
+
+    Settings the command has no flag for (`config`, `n_boot`, `steps1/steps2=None`) are appended as a
+    shell comment naming them, so the line stays runnable and never hides a difference.
+    """
+    default = LograOptions(out=opts.out)
+    args = [
+        "llava-ultra",
+        "logra-experiment",
+        "--out",
+        str(opts.out),
+        "--fractions",
+        ",".join(f"{f:g}" for f in opts.fractions),
+        "--seeds",
+        ",".join(str(s) for s in opts.seeds),
+        "--reports",
+        str(opts.reports),
+    ]
+    extra = []
+    for flag, value in (("--steps1", opts.steps1), ("--steps2", opts.steps2)):
+        if value is None:
+            extra.append(f"{flag[2:]}=None")
+        else:
+            args += [flag, str(value)]
+    args += ["--eval-samples", str(opts.eval_samples), *opts.overrides]
+    if opts.config is not None:
+        extra.append(f"config={opts.config}")
+    if opts.n_boot != default.n_boot:
+        extra.append(f"n_boot={opts.n_boot}")
+    line = shlex.join(args)
+    return line + (f"  # not on the command line: {', '.join(extra)}" if extra else "")
 
 
 def subset_instructions(instruct: Path, out: Path, fraction: float, seed: int = 0) -> Path:
@@ -155,6 +191,7 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
                 runs.append(entry)
     meta = json.loads((out / f"data-{opts.fractions[0]:g}" / "instruct_meta.json").read_text())
     payload = {
+        "command": command_line(opts),
         "settings": {
             "fractions": list(opts.fractions),
             "seeds": list(opts.seeds),
@@ -238,6 +275,7 @@ def render(payload: dict[str, Any]) -> str:
     lines = [
         "# LoGra-Med data efficiency on SynthUS (tiny preset)",
         "",
+        *([f"Command: `{payload['command']}`", ""] if payload.get("command") else []),
         f"SynthUS {st['reports']} reports (data seed 0, {st['train_reports_at_100pct']} training reports); "
         f"seeds {', '.join(map(str, st['seeds']))}; steps stage1/stage2 {st['steps1']}/{st['steps2']} for "
         f"every fraction; {st['eval_questions']} test questions (site, findings, diagnosis); valid-frame "

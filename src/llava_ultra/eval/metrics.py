@@ -21,8 +21,9 @@ Modes (see docs/metrics.md for each formula in words):
 - `strict`: normalised-string exact match, SQuAD-style multiset token precision/recall/F1,
   cumulative BLEU-n with exponential smoothing and effective order (sacreBLEU's sentence-level
   semantics, so a perfect short answer scores 100), and closed questions decided by yes/no
-  cues with word boundaries plus Chinese synonyms (是/有/存在 ... vs 否/没有/未见 ...). Chinese
-  is tokenised with jieba plus `resources/medical_dict.txt` (default) or by characters.
+  cues with word boundaries plus Chinese synonyms read as jieba tokens (是/有/存在 ... vs
+  否/没有/未见 ...). Chinese is tokenised with jieba plus `resources/medical_dict.txt`
+  (default) or by characters.
 
 nltk's unsmoothed BLEU substitutes `sys.float_info.min` for an n-gram order with no matches and
 warns each time; that value (~1e-308, or ~1e-154 inside the uniform 4-gram mean) is what
@@ -67,7 +68,7 @@ CLOSED_DESCRIPTIONS = {
     "substring": "hit if normalised reference is a substring of the prediction (run_eval_batch.py)",
     "legacy": "run_eval.py: needs 'yes' or 'no' as a substring, then hit if reference is a "
     "substring; gated misses are dropped from the denominator",
-    "strict": "yes/no cue with word boundaries and Chinese synonyms; other closed answers: "
+    "strict": "yes/no cue with word boundaries (Chinese: jieba tokens and synonyms); other closed answers: "
     "reference tokens appear contiguously in the prediction tokens",
 }
 
@@ -391,31 +392,54 @@ def _bleu_from_stats(correct: Sequence[int], total: Sequence[int], pred_len: int
     return bp * math.exp(sum(logs) / len(logs))
 
 
-_ZH_YES = ("是的", "是", "对", "有", "存在", "可见", "正确")
-_ZH_NO = ("否", "不是", "没有", "无", "不存在", "未见", "未发现", "未探及", "不可见", "不对")
-# Words that contain a cue character but are not a yes/no: "whether", "presence or absence",
-# "anechoic", "symmetric", "but", "or".
-_ZH_NEUTRAL = ("是否", "有无", "无回声", "对称", "对比", "但是", "还是", "或是")
-_EN_YES, _EN_NO = ("yes",), ("no", "not")
-_CUE_LABEL = dict.fromkeys(_ZH_YES + _EN_YES, "yes") | dict.fromkeys(_ZH_NO + _EN_NO, "no")
-_CUE_LABEL |= dict.fromkeys(_ZH_NEUTRAL, "")
-_ZH_CUES = sorted(set(_ZH_YES + _ZH_NO + _ZH_NEUTRAL), key=len, reverse=True)
-_CUE_RE = re.compile(
-    "|".join([re.escape(c) for c in _ZH_CUES] + [rf"(?<![a-z0-9]){w}(?![a-z0-9])" for w in _EN_YES + _EN_NO])
+# Chinese yes/no is decided on jieba tokens (the strict tokenizer with the medical dictionary),
+# so a cue character inside a longer word is no cue: 对侧 (contralateral), 所有 (all), 具有
+# (have, as in "has the property"), 这是 (this is), 是否 (whether), 有无, 无回声 (anechoic),
+# 对称 (symmetric), 无法 (unable). A Chinese closed answer leads with its verdict (是的 / 是，... /
+# 对 / 有 / 否 / 不是 / 没有 / 无) or states presence (有结节 / 可见 / 存在 / 未见 / 无明显异常).
+# 是 and 对 are copula / preposition inside a sentence (它是囊肿, 建议对结节随访), so they are
+# cues only as the answer's first token; 有, 存在, 可见, 正确 are cues as tokens anywhere.
+_ZH_YES_INITIAL = frozenset({"是", "是的", "对", "对的"})
+_ZH_YES = frozenset({"有", "存在", "可见", "正确"})
+_ZH_NO = frozenset(
+    {"否", "不是", "没有", "无", "不存在", "未见", "未发现", "未探及", "不可见", "不对", "没", "未", "并非"}
 )
+# 不 splits off in jieba (不 存在, 不 可见, 不 对, 不 均匀): it negates a following yes cue, and
+# as the first token it is the verdict itself (不，没有 / 不均匀 answering "is it uniform?").
+_ZH_NOT = "不"
+# Question words echoed from the question: the yes cue right after them is not an answer
+# (是否有结节？没有 -> "no").
+_ZH_QUESTION = frozenset({"是否", "有无", "是不是", "有没有"})
+_EN_YES, _EN_NO = frozenset({"yes"}), frozenset({"no", "not"})
+_EN_CUE_RE = re.compile(r"(?<![a-z0-9])(yes|no|not)(?![a-z0-9])")
 
 
 def yes_no_label(text: str) -> str | None:
     """'yes' / 'no' from the earliest yes/no cue in strict-normalised `text`, else None.
 
-    English cues are whole words (yes; no, not) so "nodule" and "normal" are not "no". Chinese
-    cues are matched longest first so 没有 is "no" rather than 有, 不存在 rather than 存在,
-    and 是否 / 有无 / 无回声 / 对称 count as no cue at all. "未见明显异常" is "no".
+    English cues are whole words (yes; no, not) so "nodule" and "normal" are not "no". Text
+    with CJK characters is read token by token (jieba + medical dictionary, whatever tokenizer
+    the metrics use): no = 否, 不是, 没有, 无, 不存在, 未见, 未发现, 未探及, 不可见, 不对, 没,
+    未, 并非, or 不 before a yes cue or first; yes = 有, 存在, 可见, 正确 anywhere, 是 / 是的 /
+    对 / 对的 only as the first token. So 对侧未见结节 and 这是囊肿，没有结节 are "no", 所有 /
+    具有 / 是否 / 有无 / 无回声 are no cue, and a yes cue echoed after 是否 / 有无 is skipped.
     """
-    for m in _CUE_RE.finditer(text):
-        label = _CUE_LABEL[m.group(0)]
-        if label:
-            return label
+    if _CJK_CHAR.search(text) is None:
+        m = _EN_CUE_RE.search(text)
+        return None if m is None else ("yes" if m.group(1) in _EN_YES else "no")
+    tokens = tokenize(text, "jieba")
+    for i, tok in enumerate(tokens):
+        if tok in _ZH_NO or tok in _EN_NO:
+            return "no"
+        if tok == _ZH_NOT:
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+            if i == 0 or nxt in _ZH_YES or nxt in _ZH_YES_INITIAL:
+                return "no"
+            continue
+        if i > 0 and tokens[i - 1] in _ZH_QUESTION:
+            continue
+        if tok in _ZH_YES or tok in _EN_YES or (i == 0 and tok in _ZH_YES_INITIAL):
+            return "yes"
     return None
 
 

@@ -422,6 +422,8 @@ def compare_table(
 ) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, notes) with one row per run (per run and subset value when `subset` is given).
 
+    Each row names the metric mode and tokenizer its numbers were computed with.
+
     Notes warn when runs were scored with different modes or tokenizers (their numbers are not
     comparable) and name runs without the requested subset.
     """
@@ -430,7 +432,7 @@ def compare_table(
         raise DataError(f"unknown metric {unknown[0]!r}; use any of: {', '.join(METRICS)}")
     if subset is not None and subset not in SUBSETS:
         raise DataError(f"unknown subset {subset!r}; use one of: {', '.join(SUBSETS)}")
-    header = ["run", "mode", "n", *[METRIC_LABELS[k] for k in metric_keys]]
+    header = ["run", "mode", "tokenizer", "n", *[METRIC_LABELS[k] for k in metric_keys]]
     rows: list[list[str]] = []
     notes: list[str] = []
 
@@ -439,16 +441,17 @@ def compare_table(
         return [fmt(entry.get(k), ci.get(k) if with_ci else None) for k in metric_keys]
 
     for name, scores in runs:
+        scored_as = [scores["mode"], str(scores.get("tokenizer", "unknown"))]
         if subset is None:
-            rows.append([name, scores["mode"], str(scores["n"]), *cells(scores)])
+            rows.append([name, *scored_as, str(scores["n"]), *cells(scores)])
             continue
         groups = scores.get("subsets", {}).get(subset)
         if not groups:
             notes.append(f"{name} has no {subset} subsets (its ground truth carries no {subset})")
             continue
         label = "k=" if subset == "k" else ""
-        rows += [[f"{name} ({label}{v})", scores["mode"], str(e["n"]), *cells(e)] for v, e in groups.items()]
-        rows.append([f"{name} (all)", scores["mode"], str(scores["n"]), *cells(scores)])
+        rows += [[f"{name} ({label}{v})", *scored_as, str(e["n"]), *cells(e)] for v, e in groups.items()]
+        rows.append([f"{name} (all)", *scored_as, str(scores["n"]), *cells(scores)])
     for key in ("mode", "tokenizer", "closed_rule"):
         seen = {s.get(key) for _, s in runs}
         if len(seen) > 1:

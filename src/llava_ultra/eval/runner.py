@@ -12,7 +12,10 @@ and the run folder layout:
 
 Notable choices:
 - Prompts are rendered exactly as training renders them: `collate.to_messages` collapses the k
-  frame placeholders into one, then `tokenizer.render_prompt` applies the conversation template.
+  frame placeholders into one, then `tokenizer.render_prompt` applies the conversation template:
+  the checkpoint's recorded `model.config.template` unless the settings name one
+  (`tokenizer.default_template`; a stage-1 'plain' checkpoint gets its LLM family's chat format).
+  run.json records the template used and where it came from.
 - Greedy decoding by default (temperature 0); sampling is seeded per batch (seed + batch number),
   so results do not depend on how batches are spread over processes.
 - Batches are formed over the whole dataset in order first, then whole batches are dealt to
@@ -20,13 +23,15 @@ Notable choices:
   same neighbours and padding, whatever the number of processes: a 2-process run writes the
   same predictions file as a 1-process run, byte for byte.
 - Data parallel through accelerate's `PartialState` (torch.distributed, gloo on CPU), so
-  `torchrun` and `accelerate launch` both work. Each rank writes `shards/rankNNN-of-MMM.jsonl`;
-  after a barrier rank 0 merges them in the original order, checks every sample is present,
-  deletes the shards and scores. The run folder must be on a file system all ranks share.
+  `torchrun` and `accelerate launch` both work. Rank 0 first clears shards a crashed run left
+  behind; each rank writes `shards/rankNNN-of-MMM.jsonl`; after a barrier rank 0 merges them in
+  the original order, checks every sample is present, deletes the shards folder and scores.
+  The run folder must be on a file system all ranks share.
 - A sample whose images cannot be read gets an empty prediction with an `error` field: it is
-  scored as 0 and counted, never dropped (dropping would make runs incomparable). Malformed
-  ground-truth records are skipped by the reader, counted and listed in run.json; re-scoring
-  reads the ground truth with the same reader, so both sides skip the same records.
+  scored as 0 and counted, never dropped (dropping would make runs incomparable). A malformed
+  ground-truth record is an error naming its file and record, unless `max_bad_fraction`
+  (`--max-bad-fraction`) allows it: then it is skipped, counted and listed in run.json;
+  re-scoring reads the ground truth with the same reader, so both sides skip the same records.
 - `answer_id` is a hash of (model id, question id, answer), not a random uuid, so identical runs
   give identical files.
 """
@@ -35,12 +40,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..config import TEMPLATES
 from ..errors import ConfigError, DataError
 from .report import score_run, write_scores
 
@@ -48,7 +56,6 @@ PREDICTIONS_NAME = "predictions.jsonl"
 RUN_NAME = "run.json"
 SHARDS_DIR = "shards"
 SHARD_STRATEGIES = ("contiguous", "strided")
-TEMPLATES = ("vicuna_v1", "plain")
 
 
 @dataclass
@@ -71,8 +78,9 @@ class EvalSettings:
     """Nucleus sampling mass (sampling only)."""
     seed: int = 0
     """Sampling seed (batch b uses seed + b) and bootstrap seed."""
-    template: str = "vicuna_v1"
-    """Conversation template the prompt is rendered with (the one the model was trained with)."""
+    template: str | None = None
+    """Conversation template the prompt is rendered with; None = the checkpoint's recorded
+    `model.config.template` ('plain' stage-1 checkpoints: their LLM family's chat format)."""
     system: str | None = None
     """System prompt; None = the template's default."""
     stop: tuple[str, ...] = ()
@@ -81,6 +89,9 @@ class EvalSettings:
     """How batches are dealt to ranks: 'contiguous' blocks or 'strided'."""
     limit: int | None = None
     """Evaluate only the first N samples (quick checks); re-score with the same limit."""
+    max_bad_fraction: float = 0.0
+    """Largest fraction of malformed ground-truth records that may be skipped (counted, listed in
+    run.json); 0 = any malformed record is an error naming its file and record."""
     bootstrap: int = 1000
     """Bootstrap resamples for the 95% CIs (0 = no intervals)."""
     device: str | None = None
@@ -100,7 +111,7 @@ class EvalSettings:
             "template": (self.template, TEMPLATES),
         }
         for name, (value, allowed) in choices.items():
-            if value not in allowed:
+            if value not in allowed and not (name == "template" and value is None):
                 raise ConfigError(f"eval {name}={value!r} is not one of: {', '.join(allowed)}")
         if self.metric_tokenizer is not None and self.metric_tokenizer not in TOKENIZERS:
             raise ConfigError(
@@ -117,6 +128,10 @@ class EvalSettings:
             raise ConfigError(f"eval limit={self.limit} must be >= 1 (or unset for all samples)")
         if self.bootstrap < 0:
             raise ConfigError(f"eval bootstrap={self.bootstrap} must be >= 0 (0 = no intervals)")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(
+                f"eval max_bad_fraction={self.max_bad_fraction} must be in [0, 1] (0 = no malformed records)"
+            )
         self.stop = tuple(self.stop)
 
     def decoding(self) -> dict[str, Any]:
@@ -148,15 +163,26 @@ def resolve_spec(spec: str) -> str:
     return spec
 
 
-def load_ground_truth(spec: str, check_images: bool = False) -> tuple[list[dict[str, Any]], list[Any]]:
+def load_ground_truth(
+    spec: str, check_images: bool = False, max_bad_fraction: float = 0.0
+) -> tuple[list[dict[str, Any]], list[Any]]:
     """Eval samples (instruct format, absolute image paths) of a dataset spec, and the skipped
-    malformed records. Raises DataError when nothing usable is left."""
+    malformed records. Raises DataError when nothing usable is left, or when more than
+    `max_bad_fraction` of the records are malformed (0: any malformed record)."""
     from ..data.medvqa import load_dataset_lenient, to_eval_sample
 
     samples, bad = load_dataset_lenient(resolve_spec(spec), check_images=check_images)
+    first = f"; first problem: {bad[0].where}: {bad[0].reason}" if bad else ""
     if not samples:
-        first = f"; first problem: {bad[0].where}: {bad[0].reason}" if bad else ""
         raise DataError(f"dataset {spec!r} has no usable samples ({len(bad)} malformed records){first}")
+    fraction = len(bad) / (len(bad) + len(samples))
+    if fraction > max_bad_fraction:
+        needed = math.ceil(fraction * 100) / 100  # the smallest whole percent that allows these
+        raise DataError(
+            f"dataset {spec!r} has {len(bad)} malformed of {len(bad) + len(samples)} records "
+            f"({fraction:.1%}, allowed {max_bad_fraction:.1%}){first}; fix the record(s), or pass "
+            f"--max-bad-fraction {needed:g} to skip them (counted and listed in run.json)"
+        )
     return [to_eval_sample(s) for s in samples], bad
 
 
@@ -332,7 +358,9 @@ class EvalResult:
         from .report import compare_table, render_compare
 
         header, rows, _ = compare_table([(self.out_dir.name, self.scores)])
-        return f"eval -> {self.out_dir}\n" + render_compare(header, rows, [])
+        skipped = self.run.get("bad_records", 0)
+        note = f"\nskipped {skipped} malformed ground-truth record(s) (listed in run.json)" if skipped else ""
+        return f"eval -> {self.out_dir}\n" + render_compare(header, rows, []) + note
 
 
 def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -400,13 +428,23 @@ def run_eval(
     rank, world = state.process_index, state.num_processes
     # None / 'cuda': the rank's own device (cuda:LOCAL_RANK under a launcher); else as given
     device = state.device if settings.device in (None, "cuda") else settings.device
+    if state.is_main_process:  # shards left by a crashed run (maybe another process count)
+        shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
+    state.wait_for_everyone()
     t0 = time.perf_counter()
-    ground_truth, bad = load_ground_truth(data)
+    ground_truth, bad = load_ground_truth(data, max_bad_fraction=settings.max_bad_fraction)
     if settings.limit is not None:
         ground_truth = ground_truth[: settings.limit]
     from ..model.ultra import load_for_inference  # torch only when generating; scoring stays light
 
     model, tokenizer = load_for_inference(model_dir, device=device, dtype=settings.dtype)
+    template_source = (
+        "settings" if settings.template else f"checkpoint (model.template={model.config.template})"
+    )
+    if settings.template is None:
+        from ..model.tokenizer import model_template
+
+        settings = replace(settings, template=model_template(model))
     ctx = _Context(model, tokenizer, Path(model_dir).resolve().name, settings)
 
     batches = plan_batches(len(ground_truth), settings.batch_size)
@@ -423,9 +461,7 @@ def run_eval(
 
     predictions = merge_shards(out, world, len(ground_truth))
     _write_jsonl(out / PREDICTIONS_NAME, predictions)
-    for r in range(world):
-        _shard_path(out, r, world).unlink()
-    (out / SHARDS_DIR).rmdir()
+    shutil.rmtree(out / SHARDS_DIR)
     failed = [p["question_id"] for p in predictions if p.get("error")]
     run = {
         "model": str(Path(model_dir).resolve()),
@@ -438,6 +474,7 @@ def run_eval(
         "failed_samples": len(failed),
         "failed_sample_ids": failed[:100],
         "decoding": settings.decoding(),
+        "template_source": template_source,
         "settings": asdict(settings),
         "processes": world,
         "device": str(model.device),
@@ -492,7 +529,7 @@ def rescore(
     settings = settings or EvalSettings()
     pred_path = Path(predictions_path)
     predictions = read_predictions(pred_path)
-    ground_truth, bad = load_ground_truth(data)
+    ground_truth, bad = load_ground_truth(data, max_bad_fraction=settings.max_bad_fraction)
     if settings.limit is not None:
         ground_truth = ground_truth[: settings.limit]
     run_file = (pred_path if pred_path.is_dir() else pred_path.parent) / RUN_NAME

@@ -37,6 +37,12 @@ Black-box differentiation (Vlastelica et al. 2020) in `BlackBoxMatching`: the fo
 y = solver(U, Q); the backward pass receives dL/dy, re-solves y' = solver(U + lam * dL/dy, Q) and returns
 dU = -(y - y') / lam and, for 'ipfp', dQ = -(z(y) - z(y')) / lam. This is the exact gradient of the
 piecewise-linear interpolation f_lam(w) = L(y_lam(w)) - [<w, y(w)> - <w, y_lam(w)>] / lam of the loss.
+The re-solve is not linear in dL/dy, so a factor the trainer puts on the gradient *after* the loss
+(accelerate's 1 / grad_accum, an fp16 loss scale) would change the interpolation and mis-size the
+result. `MultiGraphAlign.grad_scale` names that known factor sigma (the trainer sets it each step):
+the backward divides it out before the re-solve and multiplies it back after, so the loss
+`train.align_weight * L_align` gets the same gradient under any accumulation or loss scaling. A
+non-finite dL/dy (an fp16 overflow) gives NaN gradients, which the loss scaler skips.
 
 Batches with B <= k cannot build a kNN graph: `MultiGraphAlign` skips them (loss 0, still connected to
 the GNN parameters so DDP sees every parameter used), counts them in `skipped_batches` and warns once.
@@ -302,39 +308,49 @@ def solve(
 class BlackBoxMatching(torch.autograd.Function):
     """P independent matchings y_p = solver(U_p, Q_p) with Vlastelica et al.'s black-box gradient.
 
-    apply(unary (P, B, B), quadratic (P, E, E) | None, edges (P, 2, E) | None, solver, lam, iters)
-    -> y (P, B, B) permutation matrices in unary's dtype and device. G2 uses G1's edges, so one edge
-    list per problem serves both graphs. Backward: y'_p = solver(U_p + lam * dL/dy_p, Q_p),
-    dU_p = -(y_p - y'_p) / lam and, when Q is given, dQ_p = -(z(y_p) - z(y'_p)) / lam.
+    apply(unary (P, B, B), quadratic (P, E, E) | None, edges (P, 2, E) | None, solver, lam, iters,
+    grad_scale) -> y (P, B, B) permutation matrices in unary's dtype and device. G2 uses G1's edges, so
+    one edge list per problem serves both graphs. Backward, with g_p = dL/dy_p / grad_scale (the
+    gradient of the loss itself): y'_p = solver(U_p + lam * g_p, Q_p), dU_p = -grad_scale * (y_p - y'_p)
+    / lam and, when Q is given, dQ_p = -grad_scale * (z(y_p) - z(y'_p)) / lam; zeros when g_p = 0
+    (then y' = y). A non-finite g_p gives NaN gradients for that problem instead of a solver error.
     """
 
     @staticmethod
-    def forward(ctx, unary, quadratic, edges, solver, lam, iters):  # type: ignore[override]
+    def forward(ctx, unary, quadratic, edges, solver, lam, iters, grad_scale=1.0):  # type: ignore[override]
         u = unary.detach().double().cpu().numpy()
         q = None if quadratic is None else quadratic.detach().double().cpu().numpy()
         e = None if edges is None else edges.cpu().numpy()
         y = np.stack([_solve_one(solver, u, q, e, p, iters) for p in range(u.shape[0])])
         ctx.solved = (u, q, e, y)
-        ctx.settings = (solver, lam, iters)
+        ctx.settings = (solver, lam, iters, float(grad_scale))
         return torch.from_numpy(y).to(device=unary.device, dtype=unary.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         u, q, e, y = ctx.solved
-        solver, lam, iters = ctx.settings
-        w = u + lam * grad_y.detach().double().cpu().numpy()
-        y_lam = np.stack([_solve_one(solver, w, q, e, p, iters) for p in range(u.shape[0])])
-        grad_u = torch.from_numpy(-(y - y_lam) / lam).to(device=grad_y.device, dtype=grad_y.dtype)
-        grad_q = None
-        if q is not None and ctx.needs_input_grad[1]:
-            dz = np.stack(
-                [
-                    -(edge_matches(y[p], e[p], e[p]) - edge_matches(y_lam[p], e[p], e[p])) / lam
-                    for p in range(u.shape[0])
-                ]
-            )
-            grad_q = torch.from_numpy(dz).to(device=grad_y.device, dtype=grad_y.dtype)
-        return grad_u, grad_q, None, None, None, None
+        solver, lam, iters, sigma = ctx.settings
+        g = grad_y.detach().double().cpu().numpy() / sigma  # dL/dy of the loss itself
+        grad_u = np.zeros_like(u)
+        grad_q = None if q is None or not ctx.needs_input_grad[1] else np.zeros_like(q)
+        for p in range(u.shape[0]):
+            if not (g[p] != 0).any():  # no upstream gradient: y' = y
+                continue
+            if not np.isfinite(g[p]).all():  # overflowed (fp16 loss scale): pass it on, do not solve on inf
+                grad_u[p] = np.nan
+                if grad_q is not None:
+                    grad_q[p] = np.nan
+                continue
+            qp, ep = (None, None) if q is None else (q[p], e[p])
+            y_lam = solve(solver, u[p] + lam * g[p], qp, ep, ep, iters)
+            grad_u[p] = -sigma * (y[p] - y_lam) / lam
+            if grad_q is not None:
+                grad_q[p] = -sigma * (edge_matches(y[p], ep, ep) - edge_matches(y_lam, ep, ep)) / lam
+
+        def to_grad(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a).to(device=grad_y.device, dtype=grad_y.dtype)
+
+        return to_grad(grad_u), to_grad(grad_q), None, None, None, None, None
 
 
 def _solve_one(
@@ -445,6 +461,9 @@ class MultiGraphAlign(nn.Module):
         self.cfg = cfg
         self.gnn = GNN(dim, cfg.hidden)
         self.skipped_batches = 0
+        self.grad_scale = 1.0
+        """Known factor on the upstream gradient (1 / grad_accum x loss scale): divided out before the
+        black-box re-solve, multiplied back after (see BlackBoxMatching). The trainer sets it."""
 
     def _noisy(self, affinity: torch.Tensor) -> torch.Tensor:
         """Add noise * Gumbel(0, 1) while training with noise > 0; unchanged otherwise."""
@@ -467,7 +486,7 @@ class MultiGraphAlign(nn.Module):
             e2 = h2.take_along_dim(dst, 1) - h2.take_along_dim(src, 1)
             quadratic = -(self._noisy(_cosine(e1, e2)) - 0.5)  # (P, E, E)
         y = BlackBoxMatching.apply(
-            unary, quadratic, edges, self.cfg.solver, self.cfg.lam, self.cfg.ipfp_iters
+            unary, quadratic, edges, self.cfg.solver, self.cfg.lam, self.cfg.ipfp_iters, self.grad_scale
         )
         return hamming_loss(y)
 

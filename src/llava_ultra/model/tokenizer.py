@@ -7,12 +7,18 @@ full-width Chinese punctuation such as '，' into ',' and break the round trip).
 have fixed ids: `<pad>`=0, `<s>`=1, `</s>`=2, `<unk>`=3, `<image>`=4. Like LLaMA's tokenizer it
 prepends `<s>` when `add_special_tokens=True`.
 
-Conversation formats (LLaVA's names):
+Conversation formats (LLaVA's names, `config.TEMPLATES`):
 - 'vicuna_v1': "{system} USER: {q} ASSISTANT: {a}</s>USER: ..." - used for instruction tuning.
+- 'mistral_instruct': "[INST] {q} [/INST] {a} </s>[INST] {q2} [/INST]" - LLaVA's
+  `conv_mistral_instruct` (separator style LLAMA_2, sep "", sep2 "</s>"), the format LLaVA-Med v1.5
+  (Mistral-7B) was tuned with. Its default system prompt is empty; a non-empty one is wrapped as
+  "<<SYS>>\n{system}\n<</SYS>>\n\n" at the start of the first instruction. `<s>` is not written:
+  the tokenizer prepends it, as LLaVA's does.
 - 'plain': "{image placeholder}{caption}\n" - stage 1 concept alignment, no roles.
 `render_conversation` returns segments flagged as target or not, so that collate can mask
-everything but the assistant's answers in the labels; `render_prompt` ends at "ASSISTANT:" for
-generation.
+everything but the assistant's answers (and their end-of-sequence token) in the labels;
+`render_prompt` ends where the assistant's answer starts ("ASSISTANT:" or "[/INST]") for
+generation. `default_template` picks the format to prompt a checkpoint with when the user names none.
 """
 
 from __future__ import annotations
@@ -24,11 +30,11 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ..config import TEMPLATES
 from ..errors import ConfigError, DataError
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4 in this order
-TEMPLATES = ("vicuna_v1", "plain")
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -119,7 +125,8 @@ def render_conversation(
 
     Messages are `{"role": "user"|"assistant", "content": str}`; the user content carries the image
     placeholder where the images go. For 'plain' only the first exchange is used: the placeholder
-    followed by the answer (LLaVA's stage-1 format drops the question).
+    followed by the answer (LLaVA's stage-1 format drops the question). `system` None means the
+    template's default (LLaVA's sentence for 'vicuna_v1', none for 'mistral_instruct').
     """
     if template not in TEMPLATES:
         raise ConfigError(f"unknown conversation template {template!r}; use one of {', '.join(TEMPLATES)}")
@@ -129,6 +136,8 @@ def render_conversation(
             raise DataError("the 'plain' template needs a user message and an assistant answer")
         prefix = image_token if image_token in messages[0]["content"] else ""
         return [Segment(prefix, False), Segment(messages[1]["content"] + "\n", True)]
+    if template == "mistral_instruct":
+        return _render_mistral_instruct(messages, system or "", eos_token)
     segments = [Segment((DEFAULT_SYSTEM if system is None else system) + " ", False)]
     for i in range(0, len(messages), 2):
         segments.append(Segment(f"USER: {messages[i]['content']} ASSISTANT:", False))
@@ -137,13 +146,50 @@ def render_conversation(
     return segments
 
 
+def _render_mistral_instruct(messages: list[dict[str, str]], system: str, eos_token: str) -> list[Segment]:
+    # LLaVA's SeparatorStyle.LLAMA_2 with sep="" and sep2="</s>": "[INST] q [/INST]" + " a </s>" per turn
+    segments = []
+    for i in range(0, len(messages), 2):
+        question = messages[i]["content"]
+        if i == 0 and system:
+            question = f"<<SYS>>\n{system}\n<</SYS>>\n\n{question}"
+        segments.append(Segment(f"[INST] {question} [/INST]", False))
+        if i + 1 < len(messages):
+            segments.append(Segment(f" {messages[i + 1]['content']} {eos_token}", True))
+    return segments
+
+
+def default_template(recorded: str, llm_model_type: str | None = None) -> str:
+    """The conversation format to prompt a checkpoint with when the user names none.
+
+    `recorded` is the checkpoint's `model.config.template` (written by `llava-ultra convert`, or the
+    training config's `model.template`). A 'plain' (stage-1, concept alignment) checkpoint was never
+    taught a chat format and 'plain' drops the question, so it is prompted with the conversation
+    format of its LLM family instead: 'mistral_instruct' for a Mistral LLM, else 'vicuna_v1'
+    (what eval / serve used for every checkpoint before they read the recorded template). Pass
+    `--template plain` to get the stage-1 format anyway.
+    """
+    if recorded not in TEMPLATES:
+        raise ConfigError(f"unknown conversation template {recorded!r}; use one of {', '.join(TEMPLATES)}")
+    if recorded != "plain":
+        return recorded
+    return "mistral_instruct" if llm_model_type == "mistral" else "vicuna_v1"
+
+
+def model_template(model) -> str:
+    """`default_template` for a loaded `UltraModel` (its recorded template and its LLM's model_type)."""
+    llm_config = getattr(getattr(model, "llm", None), "config", None)
+    text_config = llm_config.get_text_config() if hasattr(llm_config, "get_text_config") else llm_config
+    return default_template(model.config.template, getattr(text_config, "model_type", None))
+
+
 def render_prompt(
     messages: list[dict[str, str]],
     template: str = "vicuna_v1",
     system: str | None = None,
     image_token: str = IMAGE,
 ) -> str:
-    """The text a model continues to answer the last user message (ends with 'ASSISTANT:')."""
+    """The text a model continues to answer the last user message (ends with 'ASSISTANT:' or '[/INST]')."""
     if template == "plain":
         _check_messages(messages)
         return image_token if image_token in messages[0]["content"] else ""

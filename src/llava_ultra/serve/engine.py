@@ -24,6 +24,10 @@ Notable choices:
   position in request order and gives every image's score.
 - Limits (`Limits`) are checked before anything is queued: images per request, pixels per image,
   prompt tokens, output tokens, prompt + output within the LLM's context, queue length.
+- The conversation template is the checkpoint's recorded `model.config.template` unless the caller
+  names one (`tokenizer.default_template`: a stage-1 'plain' checkpoint gets its LLM family's chat
+  format, since 'plain' drops the question), so a converted LLaVA-Med v1.5 is prompted in
+  'mistral_instruct' and a LLaVA v1.5 / llava-ultra checkpoint in 'vicuna_v1' without flags.
 - Default decoding is greedy (temperature 0) - reproducible answers are the norm for a medical
   assistant; pass a temperature to sample.
 """
@@ -45,9 +49,10 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from ..config import TEMPLATES
 from ..errors import DataError
 from ..model.selector import Selection
-from ..model.tokenizer import TEMPLATES, render_prompt
+from ..model.tokenizer import model_template, render_prompt
 from ..model.ultra import UltraModel, load_for_inference
 
 log = logging.getLogger(__name__)
@@ -312,21 +317,22 @@ class Engine:
         limits: Limits | None = None,
         max_batch_size: int = 8,
         max_wait_ms: float = 5.0,
-        template: str = "vicuna_v1",
+        template: str | None = None,
         system: str | None = None,
     ) -> None:
+        """`template` None: the checkpoint's recorded one (see `tokenizer.default_template`)."""
         if max_batch_size < 1:
             raise DataError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_wait_ms < 0:
             raise DataError(f"max_wait_ms={max_wait_ms} must be >= 0")
-        if template not in TEMPLATES:
+        if template is not None and template not in TEMPLATES:
             raise DataError(f"unknown template {template!r}; use one of {', '.join(TEMPLATES)}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.limits = limits or Limits()
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000
-        self.template = template
+        self.template = template or model_template(model)
         self.system = system
         context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
         self.context_tokens: int | None = int(context) if context else None

@@ -54,14 +54,22 @@ def head_param_group(head: MultiGraphAlign, weight_decay: float) -> dict[str, An
 
 
 def aligned_loss(
-    model: Any, head: Any, llm: Any, inputs: dict[str, Any], extended: dict[str, torch.Tensor] | None
+    model: Any,
+    head: Any,
+    llm: Any,
+    inputs: dict[str, Any],
+    extended: dict[str, torch.Tensor] | None,
+    grad_scale: float = 1.0,
 ) -> tuple[Any, torch.Tensor, dict[str, float]]:
     """One forward with the alignment loss: (model output, total loss, logged values).
 
     `model` and `head` may be DDP-wrapped (they are called, so their hooks run); `llm` is the
     unwrapped model's LLM for the text-only caption pass. `extended` is the collator's padded
     captions; without it every sample lacks the third view and the batch counts as skipped.
+    `grad_scale` is what the backward will multiply the loss's gradient by (`backward_scale`); the
+    black-box matching divides it out so its re-solve sees the loss's own gradient.
     """
+    _unwrap(head).grad_scale = grad_scale
     out = model(**inputs, output_hidden_states=True, return_logits=False)
     labels = inputs["labels"]
     batch = labels.shape[0]
@@ -83,6 +91,16 @@ def aligned_loss(
         "align_skipped": float(result.skipped),
     }
     return out, loss, logged
+
+
+def backward_scale(acc: Any) -> float:
+    """The factor `acc.backward(loss)` puts on the loss's gradient: 1 / grad_accum (accelerate and
+    DeepSpeed divide the loss) times the fp16 loss scale when a GradScaler is active."""
+    scale = 1.0 / max(1, int(getattr(acc, "gradient_accumulation_steps", 1) or 1))
+    scaler = getattr(acc, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        scale *= float(scaler.get_scale())
+    return scale
 
 
 def _unwrap(module: Any) -> Any:

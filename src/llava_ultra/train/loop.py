@@ -447,12 +447,17 @@ def _configure_sharding(acc: Any, cfg: Config, scfg: StageConfig) -> None:
 
 
 def _check_ranks_agree(st: _Stage, params: list[torch.Tensor]) -> None:
-    """Every process must end a stage with the same trainable weights (DDP keeps them in sync);
-    a fingerprint per process is logged and any disagreement stops the run."""
+    """Every process must end a stage with bit-identical trainable weights (DDP keeps them in sync);
+    a SHA-256 of every trainable tensor's bytes, in order, is logged per process and any
+    disagreement stops the run."""
+    import hashlib
+
     from accelerate.utils import gather_object
 
-    fingerprint = float(sum(p.detach().double().abs().sum() + p.detach().double().sum() for p in params))
-    prints = gather_object([fingerprint])
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    prints = gather_object([digest.hexdigest()])
     if st.log is not None:
         st.log.event("rank_fingerprints", stage=st.n, step=st.step, values=prints)
     if len(set(prints)) > 1:
@@ -552,6 +557,8 @@ def _run_stage(
             for item in loader:
                 st.batch += 1
                 for bad in item["bad"]:
+                    if any(b.id == bad.id for b in st.bad_runtime):
+                        continue  # met again in a later epoch: already reported and counted once
                     st.bad_runtime.append(bad)
                     bar.write(f"stage {n}: skipped sample {bad.id}: {bad.reason}")
                     if st.log is not None:
@@ -572,7 +579,9 @@ def _run_stage(
                         out = None
                     elif head is not None:
                         llm = acc.unwrap_model(model).llm
-                        out, loss, logged = logra.aligned_loss(model, head, llm, inputs, item["extended"])
+                        out, loss, logged = logra.aligned_loss(
+                            model, head, llm, inputs, item["extended"], logra.backward_scale(acc)
+                        )
                         for key, value in logged.items():
                             align_parts.setdefault(key, []).append(value)
                     else:

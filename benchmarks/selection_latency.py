@@ -119,15 +119,33 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_docs(result: dict) -> None:
+    import shlex
+
     label = result["label"]
     begin, end = f"<!-- {MARK}-{label}:begin -->", f"<!-- {MARK}-{label}:end -->"
-    sets = " ".join(f"--set {item}" for item in result["overrides"])
+    # every argument the run used, defaults included, so the shown command reproduces the table
+    args = [
+        "--label",
+        label,
+        "--preset",
+        result["preset"],
+        "--ks",
+        *(str(r["k"]) for r in result["rows"]),
+        "--new-tokens",
+        str(result["new_tokens"]),
+        "--repeats",
+        str(result["repeats"]),
+        "--threads",
+        str(result["threads"]),
+        *(part for item in result["overrides"] for part in ("--set", item)),
+        "--write-docs",
+    ]
+    command = "python benchmarks/selection_latency.py " + shlex.join(args)
     lines = [
         begin,
         f"## Adaptive selection vs naive multi-image: per-report latency ({label})",
         "",
-        f"`python benchmarks/selection_latency.py --label {label} {sets} --write-docs` — preset "
-        f"`{result['preset']}`, greedy "
+        f"`{command}` — preset `{result['preset']}`, greedy "
         f"{result['new_tokens']} new tokens, median of {result['repeats']} runs, {result['threads']} CPU "
         "threads. Adaptive = encode all k frames, score, one frame into the LLM; naive = all k frames' "
         "tokens into the LLM. Same weights, same run.",

@@ -540,6 +540,40 @@ def chat(
         run_chat(engine, image or [], params, prompt="> " if sys.stdin.isatty() else "")
 
 
+@app.command("check-images")
+@_friendly
+def check_images(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint folder.")],
+    image: Annotated[list[Path], typer.Option(help="Image(s) of one study (repeatable).")],
+    question: Annotated[str, typer.Option(help="What to ask.")] = "Describe the findings. 请描述超声所见。",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    template: Annotated[str | None, typer.Option(help=TEMPLATE_HELP)] = None,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 16,
+) -> None:
+    """Does the checkpoint look at its images? Replace them by noise and compare; exit 1 if nothing moves."""
+    from .model.ultra import check_checkpoint_images
+    from .serve.engine import pick_device
+
+    result = check_checkpoint_images(
+        ckpt, image, question, template=template, device=pick_device(device), max_new_tokens=max_tokens
+    )
+    typer.echo(f"largest change of the first answer token's logits: {result.max_logit_diff:.4g}")
+    typer.echo(f"answer with the images: {result.answer_real!r}")
+    typer.echo(f"answer with noise:      {result.answer_noise!r}")
+    if result.image_matters:
+        typer.echo(
+            "OK: the output depends on the images"
+            + ("" if result.answer_changed else " (same greedy answer)")
+        )
+    else:
+        typer.echo(
+            "PROBLEM: the output does not change when the images are replaced by noise; check that the "
+            "projector and vision tower weights loaded (llava-ultra convert, or the stage-1 checkpoint)",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
 @app.command()
 @_friendly
 def predict(

@@ -122,3 +122,39 @@ def test_serve_command_runs_a_real_server(checkpoint):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stdout.read()
+
+
+def test_check_images_passes_a_seeing_checkpoint_and_fails_a_blind_one(checkpoint, tmp_path):
+    """`llava-ultra check-images`: exit 0 when the output depends on the images, 1 (with the fix
+    named) when a zeroed projector makes the model blind; an unreadable image is a clear error."""
+    import torch
+
+    from llava_ultra.model.ultra import load_for_inference
+    from tests.helpers import tiny_tokenizer
+
+    paths = []
+    for i, image in enumerate(frames(2, seed=5)):
+        paths.append(tmp_path / f"f{i}.png")
+        image.save(paths[-1])
+    args = [a for p in paths for a in ("--image", str(p))] + ["--max-tokens", "4", "--device", "cpu"]
+    seeing = CliRunner().invoke(app, ["check-images", str(checkpoint), *args])
+    assert seeing.exit_code == 0, seeing.output
+    assert "OK: the output depends on the images" in seeing.output
+
+    model, _ = load_for_inference(checkpoint, device="cpu")
+    with torch.no_grad():  # what a projector that failed to load looks like: constant visual tokens
+        for projector in (model.fusion.clip_projector, getattr(model.fusion, "sam_projector", None)):
+            if projector is not None:
+                for p in projector.parameters():
+                    p.zero_()
+    blind_dir = tmp_path / "blind"
+    model.save_pretrained(blind_dir, tiny_tokenizer())
+    blind = CliRunner().invoke(app, ["check-images", str(blind_dir), *args])
+    assert blind.exit_code == 1, blind.output
+    assert "does not change" in blind.output and "projector" in blind.output
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = CliRunner().invoke(
+        app, ["check-images", str(checkpoint), "--image", str(tmp_path / "broken.png")]
+    )
+    assert broken.exit_code != 0 and "cannot read image" in broken.output and "broken.png" in broken.output

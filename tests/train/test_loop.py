@@ -290,3 +290,32 @@ def test_nan_loss_stops_with_step_and_checkpoint(instruct_dir: Path, tmp_path: P
         TrainingError, match=r"loss became (nan|inf) at step \d .* last checkpoint: .*step-0000000\d"
     ):
         train(cfg)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [{"data.num_workers": 2}, {"train.gradient_checkpointing": True}],
+    ids=["workers", "grad_ckpt"],
+)
+def test_worker_processes_and_gradient_checkpointing_train_the_same(
+    instruct_dir: Path, tmp_path: Path, override, monkeypatch
+):
+    """Loading in 2 worker processes, or recomputing activations, changes speed and memory, not the losses."""
+    import transformers.modeling_utils
+
+    calls = []
+    real = transformers.modeling_utils.checkpoint  # what the LLM's checkpointing wraps
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    steps = {"train.stage1.max_steps": 2, "train.stage2.max_steps": 2}
+    base = train(train_config(instruct_dir, tmp_path / "base", **steps))
+    assert not calls
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counting)
+    other = train(train_config(instruct_dir, tmp_path / "other", **steps, **override))
+    assert bool(calls) == ("train.gradient_checkpointing" in override)  # it really recomputed
+    for a, b in zip(base.stages, other.stages, strict=True):
+        assert len(a.losses) == len(b.losses) == 2
+        assert a.losses == pytest.approx(b.losses, abs=1e-6), (a.stage, a.losses, b.losses)

@@ -919,6 +919,34 @@ def noise_image_check(
     )
 
 
+def check_checkpoint_images(
+    folder: str | Path,
+    image_paths: Sequence[str | Path],
+    question: str = "Describe the findings. 请描述超声所见。",
+    *,
+    template: str | None = None,
+    device: str | None = None,
+    max_new_tokens: int = 16,
+) -> NoiseCheck:
+    """`noise_image_check` on a checkpoint folder (what `llava-ultra check-images` runs): load it,
+    prompt it with `question` in its own conversation format, and compare real images with noise."""
+    from .tokenizer import model_template, render_prompt
+
+    if not image_paths:
+        raise DataError("check-images needs at least one image: pass --image PATH")
+    images = []
+    for path in image_paths:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read image {path}: {err}; pass a PNG or JPEG file") from err
+    model, tokenizer = load_for_inference(folder, device=device)
+    messages = [{"role": "user", "content": f"{model.config.image_token}\n{question}"}]  # one for all k
+    prompt = render_prompt(messages, template or model_template(model), image_token=model.config.image_token)
+    return noise_image_check(model, tokenizer, images, prompt, max_new_tokens=max_new_tokens)
+
+
 # ------------------------------------------------------------------------------------- helpers
 
 

@@ -486,7 +486,12 @@ def _run_stage(
 
     model = _set_trainable(_load_stage_model(cfg, init, tokenizer, acc.device), cfg, n)
     if cfg.train.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.llm.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     names = set(trainable_parameter_names(model))
 
     image_root = image_root_for(_data_path(cfg, n), cfg.data.image_root)

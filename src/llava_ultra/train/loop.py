@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..config import Config, ModelConfig, StageConfig, to_dict
 from ..data.collate import (
@@ -326,6 +327,8 @@ class _Stage:
         self.step = self.epoch = self.batch = 0
         self.samples_seen = 0
         self.bad_runtime: list[BadSample] = []
+        self.pending_optimizer: dict[str, Any] | None = None
+        """A full FSDP optimiser state read by `restore`, loaded after the model is sharded."""
         self.head: Any = None
         """The LoGra-Med alignment head when this stage adds the loss (saved in resumable checkpoints)."""
 
@@ -349,13 +352,19 @@ class _Stage:
         folder = ck.step_dir(self.ckpt_root, self.step)
         state = acc.get_state_dict(model)  # collective: gathers FSDP / ZeRO-3 shards
         rngs = gather_object([ck.capture_rng()])
+        if _fsdp(acc):  # collective: the sharded Adam moments, gathered whole and keyed by name
+            optimizer_state, optimizer_format = _fsdp_optimizer_state(model, self.head, optimizer), "full_fqn"
+        elif _sharded(acc):  # DeepSpeed partitions it inside its engine: not saved
+            optimizer_state, optimizer_format = None, None
+        else:
+            optimizer_state, optimizer_format = optimizer.state_dict(), "torch"
         if acc.is_main_process:
             with ck.atomic_dir(folder) as tmp:
                 save_checkpoint(_full_view(acc, model, state), tmp / "model", tokenizer)
                 ck.write_state_files(
                     tmp,
                     trainables=_trainable_state(state, names),
-                    optimizer_state=None if _sharded(acc) else optimizer.state_dict(),
+                    optimizer_state=optimizer_state,
                     scheduler_state=scheduler.state_dict(),
                     trainer_state={
                         "stage": self.n,
@@ -364,6 +373,7 @@ class _Stage:
                         "batch": self.batch,
                         "samples_seen": self.samples_seen,
                         "world_size": acc.num_processes,
+                        "optimizer_format": optimizer_format,
                         "bad_runtime": [dataclasses.asdict(b) for b in self.bad_runtime],
                     },
                     rng_states=rngs,
@@ -409,11 +419,22 @@ class _Stage:
         load_state_dict_strict(model, full, source=str(folder))
         if self.head is not None:
             logra.load_head(self.head, folder)
-        if state["optimizer"] is not None:
+        if state["optimizer"] is not None and trainer.get("optimizer_format") == "full_fqn":
+            if not _fsdp(self.acc):
+                raise CheckpointError(
+                    f"{folder} was written under FSDP (its optimiser state is keyed by parameter name); "
+                    "resume it with the same FSDP accelerate config"
+                )
+            self.pending_optimizer = state["optimizer"]  # loaded into the shards after acc.prepare
+        elif state["optimizer"] is not None:
+            if _fsdp(self.acc):
+                raise CheckpointError(
+                    f"{folder} was written without FSDP; resume it with the accelerate config that wrote it"
+                )
             optimizer.load_state_dict(state["optimizer"])
         else:
             self.say(
-                f"stage {self.n}: {folder} holds no optimiser state (written under FSDP/DeepSpeed); "
+                f"stage {self.n}: {folder} holds no optimiser state (written under DeepSpeed); "
                 f"Adam moments restart from zero, so the resumed run is close to, not equal to, an uninterrupted one"
             )
         scheduler.load_state_dict(state["scheduler"])
@@ -424,6 +445,39 @@ class _Stage:
         self.say(
             f"stage {self.n}: resumed from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})"
         )
+
+
+def _fsdp(acc: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def _optimizer_view(model: Any, head: Any) -> nn.Module:
+    """One module over everything the optimiser trains, so parameters get stable names."""
+    parts = {"model": model} if head is None else {"model": model, "head": head}
+    return nn.ModuleDict(parts)
+
+
+def _fsdp_optimizer_state(model: Any, head: Any, optimizer: Any) -> dict[str, Any]:
+    """The FSDP-sharded optimiser state gathered whole, keyed by parameter name (collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(
+        _optimizer_view(model, head), getattr(optimizer, "optimizer", optimizer), options=opts
+    )
+
+
+def _load_fsdp_optimizer_state(model: Any, head: Any, optimizer: Any, state: dict[str, Any]) -> None:
+    """Scatter a full, name-keyed optimiser state into this process's shards (every process calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    view = _optimizer_view(model, head)
+    set_optimizer_state_dict(
+        view, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state, options=opts
+    )
 
 
 def _sharded(acc: Any) -> bool:
@@ -536,6 +590,9 @@ def _run_stage(
         st.head = head
     else:
         model, optimizer = acc.prepare(model, optimizer)
+    if st.pending_optimizer is not None:  # FSDP resume: the moments go into the shards
+        _load_fsdp_optimizer_state(model, head, optimizer, st.pending_optimizer)
+        st.pending_optimizer = None
     loader = make_loader(
         dataset, sampler, Collator(tokenizer.pad_token_id or 0), cfg.data.num_workers, cfg.train.seed
     )

@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(json.dumps(result, indent=2, ensure_ascii=False))
     if args.write_docs:
-        write_docs(result, argv)
+        write_docs(result, sys.argv[1:] if argv is None else argv)
     return result
 
 

@@ -58,28 +58,24 @@ def test_cpu_ddp_accelerate_config_starts_two_gloo_processes(tmp_path: Path):
     """`accelerate launch --config_file configs/accelerate/cpu_ddp.yaml` really starts 2 processes
     (a MULTI_CPU config silently starts one) and the trainer's Accelerator joins them over gloo."""
     import os
-    import re
     import subprocess
     import sys
 
     script = tmp_path / "probe.py"
     script.write_text(
+        "import pathlib, sys\n"
         "import torch\n"
         "from llava_ultra.config import load_config\n"
         "from llava_ultra.train.loop import make_accelerator\n"
         f"acc = make_accelerator(load_config({str(ROOT / 'configs/tiny.yaml')!r}))\n"
-        "print('probe', acc.process_index, acc.num_processes, acc.device.type, torch.distributed.get_backend())\n"
+        "line = f'{acc.process_index} {acc.num_processes} {acc.device.type} {torch.distributed.get_backend()}'\n"
+        "pathlib.Path(sys.argv[1], f'rank{acc.process_index}.txt').write_text(line)\n"
     )
     launcher = Path(sys.executable).parent / "accelerate"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [
-        str(launcher),
-        "launch",
-        "--config_file",
-        str(ROOT / "configs/accelerate/cpu_ddp.yaml"),
-        str(script),
-    ]
+    config = ROOT / "configs/accelerate/cpu_ddp.yaml"
+    cmd = [str(launcher), "launch", "--config_file", str(config), str(script), str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    found = sorted(re.findall(r"probe (\d) (\d) (cpu|cuda) (gloo|nccl)", proc.stdout))  # lines may interleave
-    assert found == [("0", "2", "cpu", "gloo"), ("1", "2", "cpu", "gloo")], proc.stdout
+    found = sorted(p.read_text() for p in tmp_path.glob("rank*.txt"))  # one file per process
+    assert found == ["0 2 cpu gloo", "1 2 cpu gloo"], proc.stdout

@@ -265,6 +265,12 @@ def test_chinese_yes_no_synonyms(pred, ref, llava_med, strict):
         ("不均匀", "no"),  # answer-initial 不 is the verdict
         ("无明显异常", "no"),
         ("未探及血流信号", "no"),
+        # a leading answer label is not part of the verdict
+        ("答案：是", "yes"),
+        ("回答：是的", "yes"),
+        ("答：是", "yes"),
+        ("答案：否", "no"),
+        ("答：不是", "no"),
     ],
 )
 def test_strict_chinese_yes_no_reads_jieba_tokens(text, label):

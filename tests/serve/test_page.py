@@ -25,13 +25,19 @@ ARGS = [
     "--disable-sync",
 ]
 
-if not CHROMIUM.exists() and os.environ.get("LLAVA_ULTRA_REQUIRE_BROWSER") == "1":  # set by .ci/run
-    raise RuntimeError(
-        "/usr/bin/chromium is missing but CI requires the browser test: apt-get install chromium"
-    )
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)"
-)
+REQUIRED = os.environ.get("LLAVA_ULTRA_REQUIRE_BROWSER") == "1"  # set by .ci/run
+
+
+@pytest.fixture(autouse=True)
+def chromium_present():
+    """Skip without Chromium, except under .ci/run, where a missing browser fails this test (and
+    only this test: the rest of the suite still runs and reports)."""
+    if not CHROMIUM.exists():
+        if REQUIRED:
+            pytest.fail(
+                "/usr/bin/chromium is missing but CI requires the browser test: apt-get install chromium"
+            )
+        pytest.skip("/usr/bin/chromium is not installed (apt-get install chromium)")
 
 
 def test_page_streams_an_answer_and_shows_the_chosen_frame(server, engine, tmp_path):

@@ -40,3 +40,53 @@ def test_two_process_ddp_on_cpu(instruct_dir: Path, tmp_path: Path):
     assert {r["lr"] for r in steps if r["stage"] == 2 and r["step"] == 1} == {5e-3}
     assert (out / "stage2" / "config.json").is_file()
     assert proc.stdout.count("stage 2: 3 steps, 0 samples skipped") == 1  # only the main process reports
+
+
+@pytest.mark.slow
+def test_two_process_ddp_counts_a_corrupt_image_once(instruct_dir: Path, tmp_path: Path):
+    """Over several epochs of a 2-process run the corrupt sample is met again and again; it is
+    reported and counted once for the whole run (the new bad samples of every step are gathered
+    from both ranks, so both hold the same list), and the run stays within a 1.5-sample budget."""
+    import shutil
+
+    from llava_ultra.data.collate import image_root_for
+    from tests.train.conftest import copy_instruct
+
+    images = tmp_path / "data"
+    shutil.copytree(image_root_for(instruct_dir / "stage1.train.json"), images)
+    (images / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+
+    def edit(samples):
+        corrupt = json.loads(json.dumps(samples[0]))
+        corrupt["id"], corrupt["images"] = "has-corrupt-image", ["images/corrupt.png"]
+        return [*samples, corrupt]
+
+    path = copy_instruct(instruct_dir, tmp_path / "inst", 1, edit)
+    meta = json.loads((tmp_path / "inst" / "instruct_meta.json").read_text())
+    meta["image_root"] = str(images)
+    (tmp_path / "inst" / "instruct_meta.json").write_text(json.dumps(meta))
+    epochs = 6
+    out = tmp_path / "run"
+    overrides = {
+        "data.stage1": str(path),
+        # budget of 1.5 bad samples: counting the corrupt one twice (per rank or epoch) aborts the run
+        "data.max_bad_fraction": 1.5 / len(json.loads(path.read_text())),
+        "train.stages": [1],
+        "train.stage1.batch_size": 2,
+        "train.stage1.epochs": epochs,
+        "train.stage1.max_steps": 1000,
+    }
+    cfg = train_config(instruct_dir, out, **overrides)
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "llava_ultra", "train", "--config", str(cfg_path)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parents[2]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("epoch", 0) for r in records) == epochs - 1
+    assert [r["id"] for r in records if r.get("event") == "bad_sample"] == ["has-corrupt-image"]
+    assert proc.stdout.count("1 samples skipped") == 1, proc.stdout[-2000:]

@@ -319,3 +319,23 @@ def test_worker_processes_and_gradient_checkpointing_train_the_same(
     for a, b in zip(base.stages, other.stages, strict=True):
         assert len(a.losses) == len(b.losses) == 2
         assert a.losses == pytest.approx(b.losses, abs=1e-6), (a.stage, a.losses, b.losses)
+
+
+def test_checkpoint_records_the_template_stage_2_was_tuned_with(instruct_dir: Path, tmp_path: Path):
+    """A preset that tunes stage 2 in mistral_instruct (LLaVA-Med v1.5) while model.template keeps its
+    default: the saved stage-2 checkpoint must say mistral_instruct, which eval and serve then use."""
+    cfg = train_config(
+        instruct_dir,
+        tmp_path / "run",
+        **{
+            "train.stage1.max_steps": 1,
+            "train.stage2.max_steps": 1,
+            "train.stage2.template": "mistral_instruct",
+        },
+    )
+    assert cfg.model.template == "vicuna_v1"
+    train(cfg)
+    stage1 = json.loads((tmp_path / "run" / "stage1" / "config.json").read_text())["model"]
+    stage2 = json.loads((tmp_path / "run" / "stage2" / "config.json").read_text())["model"]
+    assert stage1["template"] == "vicuna_v1"  # stage 1 ('plain' captions) keeps the model's own
+    assert stage2["template"] == "mistral_instruct"

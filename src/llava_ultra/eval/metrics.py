@@ -410,6 +410,9 @@ _ZH_NOT = "不"
 # Question words echoed from the question: the yes cue right after them is not an answer
 # (是否有结节？没有 -> "no").
 _ZH_QUESTION = frozenset({"是否", "有无", "是不是", "有没有"})
+# A leading answer label (答案：是 / 回答：是的 / 答：否) is not part of the verdict; punctuation is
+# gone after strict normalisation, so the label is stripped from the text's start before tokenising.
+_ZH_ANSWER_LABEL = re.compile(r"^\s*(?:答案|回答|结论|答)\s*[:：]?\s*")
 _EN_YES, _EN_NO = frozenset({"yes"}), frozenset({"no", "not"})
 _EN_CUE_RE = re.compile(r"(?<![a-z0-9])(yes|no|not)(?![a-z0-9])")
 
@@ -427,7 +430,7 @@ def yes_no_label(text: str) -> str | None:
     if _CJK_CHAR.search(text) is None:
         m = _EN_CUE_RE.search(text)
         return None if m is None else ("yes" if m.group(1) in _EN_YES else "no")
-    tokens = tokenize(text, "jieba")
+    tokens = tokenize(_ZH_ANSWER_LABEL.sub("", text), "jieba")
     for i, tok in enumerate(tokens):
         if tok in _ZH_NO or tok in _EN_NO:
             return "no"

@@ -327,6 +327,7 @@ class _Stage:
         self.step = self.epoch = self.batch = 0
         self.samples_seen = 0
         self.bad_runtime: list[BadSample] = []
+        self.bad_keys: set[tuple[str, str, str]] = set()
         self.pending_optimizer: dict[str, Any] | None = None
         """A full FSDP optimiser state read by `restore`, loaded after the model is sharded."""
         self.head: Any = None
@@ -442,9 +443,15 @@ class _Stage:
         self.step, self.epoch, self.batch = trainer["step"], trainer["epoch"], trainer["batch"]
         self.samples_seen = trainer["samples_seen"]
         self.bad_runtime = [BadSample(**b) for b in trainer.get("bad_runtime", [])]
+        self.bad_keys = {_bad_key(b) for b in self.bad_runtime}
         self.say(
             f"stage {self.n}: resumed from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})"
         )
+
+
+def _bad_key(bad: BadSample) -> tuple[str, str, str]:
+    """Identity of a skipped sample: its id, what was wrong and where (ids need not be unique)."""
+    return (bad.id, bad.kind, bad.reason)
 
 
 def _fsdp(acc: Any) -> bool:
@@ -539,6 +546,10 @@ def _run_stage(
     acc.step = 0
 
     model = _set_trainable(_load_stage_model(cfg, init, tokenizer, acc.device), cfg, n)
+    if scfg.template != "plain" and model.config.template != scfg.template:
+        # the checkpoint records the conversation format it was tuned with, so eval / serve /
+        # check-images (which default to the recorded template) prompt it the same way
+        model.config = dataclasses.replace(model.config, template=scfg.template)
     if cfg.train.gradient_checkpointing:
         if hasattr(model.llm, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.llm.activation_checkpointing_enable(
@@ -618,17 +629,23 @@ def _run_stage(
             sampler.set_epoch(st.epoch, start=st.batch)
             for item in loader:
                 st.batch += 1
-                for bad in item["bad"]:
-                    if any(b.id == bad.id for b in st.bad_runtime):
-                        continue  # met again in a later epoch: already reported and counted once
-                    st.bad_runtime.append(bad)
-                    bar.write(f"stage {n}: skipped sample {bad.id}: {bad.reason}")
-                    if st.log is not None:
-                        st.log.event("bad_sample", stage=n, id=bad.id, kind=bad.kind, reason=bad.reason)
-                n_bad = torch.tensor(float(len(st.bad_runtime)), device=acc.device)
-                n_bad = int(acc.reduce(n_bad, "sum").item())
+                # a bad sample is counted once per run, whichever epoch or process meets it: the new
+                # ones are gathered from every process, so all hold the same list (saved for resume)
+                new = [b for b in item["bad"] if _bad_key(b) not in st.bad_keys]
+                n_new = int(acc.reduce(torch.tensor(float(len(new)), device=acc.device), "sum").item())
+                if n_new:
+                    from accelerate.utils import gather_object
+
+                    for bad in gather_object(new) if acc.num_processes > 1 else new:
+                        if _bad_key(bad) in st.bad_keys:
+                            continue
+                        st.bad_keys.add(_bad_key(bad))
+                        st.bad_runtime.append(bad)
+                        bar.write(f"stage {n}: skipped sample {bad.id}: {bad.reason}")
+                        if st.log is not None:
+                            st.log.event("bad_sample", stage=n, id=bad.id, kind=bad.kind, reason=bad.reason)
                 check_bad_budget(
-                    len(prepared.bad) + n_bad,
+                    len(prepared.bad) + len(st.bad_runtime),
                     budget_total,
                     cfg.data.max_bad_fraction,
                     f"stage {n}",

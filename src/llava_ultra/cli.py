@@ -323,7 +323,11 @@ def score(
         int | None, typer.Option(help="Only the first N ground-truth samples (as eval --limit).")
     ] = None,
     max_bad_fraction: Annotated[
-        float, typer.Option(help="Fraction of malformed ground-truth records to skip (0 = none).")
+        float,
+        typer.Option(
+            help="Fraction of malformed ground-truth records to skip (0 = none; at least what the "
+            "eval run recorded in run.json)."
+        ),
     ] = 0.0,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for 95% CIs (0 = none).")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,

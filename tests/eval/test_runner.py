@@ -232,6 +232,11 @@ def test_malformed_ground_truth_is_an_error_unless_allowed(work, live, tmp_path)
     res = CliRunner().invoke(app, [*args, "--max-bad-fraction", "0.07"])
     assert res.exit_code == 0, res.output
     assert "ground-truth records skipped as malformed: 1" in res.output
+    # re-scoring an eval run that recorded --max-bad-fraction 0.07 skips the same records by itself
+    (tmp_path / "run.json").write_text(json.dumps({"settings": {"max_bad_fraction": 0.07}}), encoding="utf-8")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "ground-truth records skipped as malformed: 1" in res.output
     with pytest.raises(ConfigError, match="max_bad_fraction=1.5 must be in"):
         EvalSettings(max_bad_fraction=1.5)
     # the eval command's summary names the skipped count

@@ -529,11 +529,14 @@ def rescore(
     settings = settings or EvalSettings()
     pred_path = Path(predictions_path)
     predictions = read_predictions(pred_path)
-    ground_truth, bad = load_ground_truth(data, max_bad_fraction=settings.max_bad_fraction)
-    if settings.limit is not None:
-        ground_truth = ground_truth[: settings.limit]
     run_file = (pred_path if pred_path.is_dir() else pred_path.parent) / RUN_NAME
     run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
+    # skip at least the malformed records the eval run skipped, so both sides pair the same ones
+    recorded = float(run.get("settings", {}).get("max_bad_fraction", 0.0) or 0.0)
+    allowed = max(settings.max_bad_fraction, recorded)
+    ground_truth, bad = load_ground_truth(data, max_bad_fraction=allowed)
+    if settings.limit is not None:
+        ground_truth = ground_truth[: settings.limit]
     run.update({"data": data, "rescored_from": str(pred_path), "bad_records": len(bad)})
     if out_dir is None:
         scores, _ = score_run(

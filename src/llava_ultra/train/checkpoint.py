@@ -166,8 +166,9 @@ def write_state_files(
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
 
 
-def read_state_files(folder: Path) -> dict[str, Any]:
-    """Everything `write_state_files` wrote (tensors on CPU)."""
+def read_state_files(folder: Path, with_optimizer: bool = True) -> dict[str, Any]:
+    """Everything `write_state_files` wrote (tensors on CPU). `with_optimizer=False` leaves the
+    optimiser state unread (None): FSDP processes other than the main one get it broadcast."""
     from safetensors.torch import load_file
 
     needed = ["trainables.safetensors", "scheduler.pt", "rng_state.pt", "trainer_state.json"]
@@ -180,7 +181,7 @@ def read_state_files(folder: Path) -> dict[str, Any]:
     opt = folder / "optimizer.pt"
     return {
         "trainables": load_file(str(folder / "trainables.safetensors")),
-        "optimizer": torch.load(opt, weights_only=False) if opt.is_file() else None,
+        "optimizer": torch.load(opt, weights_only=False) if with_optimizer and opt.is_file() else None,
         "scheduler": torch.load(folder / "scheduler.pt", weights_only=False),
         "rng": torch.load(folder / "rng_state.pt", weights_only=False),
         "trainer": json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig, to_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model.align import AlignConfig, MultiGraphAlign, build_views, text_view
 
 HEAD_FILE = "align_head.safetensors"
@@ -96,6 +96,14 @@ def aligned_loss(
 def backward_scale(acc: Any) -> float:
     """The factor `acc.backward(loss)` puts on the loss's gradient: 1 / grad_accum (accelerate and
     DeepSpeed divide the loss) times the fp16 loss scale when a GradScaler is active."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.DEEPSPEED and acc.mixed_precision == "fp16":
+        # DeepSpeed keeps its loss scale inside its engine, where we cannot read it per step
+        raise ConfigError(
+            "train.align_weight > 0 (LoGra-Med) with DeepSpeed fp16: the black-box matching needs the "
+            "loss scale, which DeepSpeed does not expose; use bf16 (mixed_precision: bf16) or DDP/FSDP"
+        )
     scale = 1.0 / max(1, int(getattr(acc, "gradient_accumulation_steps", 1) or 1))
     scaler = getattr(acc, "scaler", None)
     if scaler is not None and scaler.is_enabled():

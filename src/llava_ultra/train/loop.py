@@ -402,7 +402,8 @@ class _Stage:
         """Load a resumable checkpoint into the (not yet prepared) model, optimiser and scheduler."""
         from ..model.ultra import load_state_dict_strict
 
-        state = ck.read_state_files(folder)
+        fsdp_worker = _fsdp(self.acc) and not self.acc.is_main_process  # gets the moments broadcast
+        state = ck.read_state_files(folder, with_optimizer=not fsdp_worker)
         trainer = state["trainer"]
         if trainer.get("world_size") != self.acc.num_processes:
             raise CheckpointError(
@@ -420,13 +421,15 @@ class _Stage:
         load_state_dict_strict(model, full, source=str(folder))
         if self.head is not None:
             logra.load_head(self.head, folder)
-        if state["optimizer"] is not None and trainer.get("optimizer_format") == "full_fqn":
+        if trainer.get("optimizer_format") == "full_fqn" and (fsdp_worker or state["optimizer"] is not None):
             if not _fsdp(self.acc):
                 raise CheckpointError(
                     f"{folder} was written under FSDP (its optimiser state is keyed by parameter name); "
                     "resume it with the same FSDP accelerate config"
                 )
-            self.pending_optimizer = state["optimizer"]  # loaded into the shards after acc.prepare
+            # loaded into the shards after acc.prepare; only the main process holds it, the others
+            # receive their shards from it (no full copy per process)
+            self.pending_optimizer = {} if fsdp_worker else state["optimizer"]
         elif state["optimizer"] is not None:
             if _fsdp(self.acc):
                 raise CheckpointError(
@@ -435,7 +438,8 @@ class _Stage:
             optimizer.load_state_dict(state["optimizer"])
         else:
             self.say(
-                f"stage {self.n}: {folder} holds no optimiser state (written under DeepSpeed); "
+                f"stage {self.n}: {folder} holds no optimiser state (written under DeepSpeed, or under "
+                f"FSDP by a version before optimiser states were gathered); "
                 f"Adam moments restart from zero, so the resumed run is close to, not equal to, an uninterrupted one"
             )
         scheduler.load_state_dict(state["scheduler"])
@@ -477,10 +481,11 @@ def _fsdp_optimizer_state(model: Any, head: Any, optimizer: Any) -> dict[str, An
 
 
 def _load_fsdp_optimizer_state(model: Any, head: Any, optimizer: Any, state: dict[str, Any]) -> None:
-    """Scatter a full, name-keyed optimiser state into this process's shards (every process calls)."""
+    """Scatter a full, name-keyed optimiser state into this process's shards (every process calls;
+    only the main process passes the state, the others pass {} and receive theirs from it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     view = _optimizer_view(model, head)
     set_optimizer_state_dict(
         view, getattr(optimizer, "optimizer", optimizer), optim_state_dict=state, options=opts

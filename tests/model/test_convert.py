@@ -22,6 +22,8 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedTokenizerFast,
     SamVisionConfig,
     SamVisionModel,
@@ -60,26 +62,41 @@ def _src_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-class Parts:
-    """The tiny original pieces: a Llama, a CLIP tower, an mlp2x_gelu projector, a tokenizer."""
+# LLM family -> (transformers config and model, original LLaVA architecture and model_type)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, "LlavaLlamaForCausalLM", "llava_llama", {"rope_theta": 50000.0}),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        "LlavaMistralForCausalLM",
+        "llava_mistral",
+        {"sliding_window": None},
+    ),
+}
 
-    def __init__(self) -> None:
+
+class Parts:
+    """The tiny original pieces: an LLM (Llama, or Mistral as in LLaVA-Med v1.5), a CLIP tower, an
+    mlp2x_gelu projector, a tokenizer."""
+
+    def __init__(self, family: str = "llama", max_positions: int = 128) -> None:
+        config_cls, model_cls, self.architecture, self.model_type, extra = FAMILIES[family]
         torch.manual_seed(0)
         self.tokenizer = _src_tokenizer()
         self.vocab = len(self.tokenizer)
-        self.llama = LlamaForCausalLM(
-            LlamaConfig(
+        self.llama = model_cls(
+            config_cls(
                 vocab_size=self.vocab,
                 hidden_size=32,
                 intermediate_size=64,
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 num_key_value_heads=2,
-                max_position_embeddings=128,
-                rope_theta=50000.0,
+                max_position_embeddings=max_positions,
                 bos_token_id=1,
                 eos_token_id=2,
                 tie_word_embeddings=False,
+                **extra,
             )
         ).eval()
         self.clip = CLIPVisionModel(CLIPVisionConfig(**CLIP)).eval()
@@ -92,8 +109,8 @@ class Parts:
 
     def llava_config(self, **fields) -> dict:
         config = self.llama.config.to_dict() | {
-            "architectures": ["LlavaLlamaForCausalLM"],
-            "model_type": "llava_llama",
+            "architectures": [self.architecture],
+            "model_type": self.model_type,
             "mm_vision_tower": "openai/clip-vit-large-patch14-336",
             "mm_hidden_size": 24,
             "mm_projector_type": "mlp2x_gelu",

@@ -14,8 +14,6 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
 from typer.testing import CliRunner
 
 from llava_ultra.cli import app
@@ -28,7 +26,7 @@ from llava_ultra.model.lora import load_checkpoint
 from llava_ultra.model.tokenizer import default_template, render_conversation, render_prompt
 from llava_ultra.serve.engine import Engine, Message
 from tests.helpers import tiny_model_config, tiny_tokenizer
-from tests.model.test_convert import CLIP, N_IMAGE_TOKENS, _src_tokenizer
+from tests.model.test_convert import Parts, _inputs, write_llava
 
 MESSAGES = [
     {"role": "user", "content": "<image>\n这是什么部位？"},
@@ -111,61 +109,13 @@ def test_default_template(recorded, llm, want):
 
 @pytest.fixture(scope="module")
 def llava_med(tmp_path_factory):
-    """A tiny original-format LlavaMistralForCausalLM folder, its CLIP folder, and the pieces."""
+    """A tiny original-format LlavaMistralForCausalLM folder (test_convert's writer), converted."""
     root = tmp_path_factory.mktemp("llava_med")
-    torch.manual_seed(0)
-    tokenizer = _src_tokenizer()
-    vocab = len(tokenizer)
-    mistral = MistralForCausalLM(
-        MistralConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            sliding_window=None,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-    ).eval()
-    clip = CLIPVisionModel(CLIPVisionConfig(**CLIP)).eval()
-    clip.save_pretrained(root / "clip")
-    proj = {
-        "model.mm_projector.0.weight": torch.randn(32, 24) * 0.2,
-        "model.mm_projector.0.bias": torch.randn(32) * 0.1,
-        "model.mm_projector.2.weight": torch.randn(32, 32) * 0.2,
-        "model.mm_projector.2.bias": torch.randn(32) * 0.1,
-    }
-    src = root / "llava-med-v1.5-mistral-7b"
-    src.mkdir()
-    state = {k: v.clone() for k, v in (dict(mistral.state_dict()) | proj).items()}
-    save_file(state, str(src / "model.safetensors"))
-    config = mistral.config.to_dict() | {
-        "architectures": ["LlavaMistralForCausalLM"],
-        "model_type": "llava_mistral",
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-        "mm_hidden_size": 24,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_vision_select_layer": -2,
-        "mm_vision_select_feature": "patch",
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
-        "image_aspect_ratio": "pad",
-    }
-    (src / "config.json").write_text(json.dumps(config))
-    tokenizer.save_pretrained(src)
+    parts = Parts("mistral", max_positions=256)  # room for the vicuna system prompt
+    parts.clip.save_pretrained(root / "clip")
+    src = write_llava(parts, root / "llava-med-v1.5-mistral-7b")
     summary = convert("llava-med", src, root / "out", vision_tower=str(root / "clip"))
-    return {
-        "root": root,
-        "out": root / "out",
-        "summary": summary,
-        "mistral": mistral,
-        "clip": clip,
-        "proj": proj,
-    }
+    return {"root": root, "out": root / "out", "summary": summary, "parts": parts}
 
 
 def test_llava_med_converts_with_mistral_instruct_and_same_logits(llava_med):
@@ -175,23 +125,11 @@ def test_llava_med_converts_with_mistral_instruct_and_same_logits(llava_med):
     assert model.config.template == "mistral_instruct"
     assert model.llm.config.model_type == "mistral"
     # the converted model computes what LLaVA computes: CLIP[-2] w/o CLS -> MLP -> spliced embeddings
-    image_id, vocab = summary.image_token_id, model.llm.config.vocab_size - 1
-    g = torch.Generator().manual_seed(1)
-    text = torch.randint(3, vocab, (1, 8), generator=g)
-    ids = torch.cat([text[:, :3], torch.full((1, N_IMAGE_TOKENS), image_id), text[:, 3:]], dim=1)
-    pixels = torch.randn(1, 3, 32, 32, generator=g)
-    p, mistral, clip = llava_med["proj"], llava_med["mistral"], llava_med["clip"]
+    vocab = model.llm.config.vocab_size - 1
+    ids, pixels = _inputs(summary.image_token_id, vocab)
     with torch.no_grad():
         got = model(input_ids=ids, pixel_values_clip=pixels, image_counts=[1]).logits
-        feats = clip(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-        h = torch.nn.functional.gelu(
-            feats @ p["model.mm_projector.0.weight"].T + p["model.mm_projector.0.bias"]
-        )
-        h = h @ p["model.mm_projector.2.weight"].T + p["model.mm_projector.2.bias"]
-        is_image = ids == image_id
-        embeds = mistral.get_input_embeddings()(ids.masked_fill(is_image, 0))
-        embeds[is_image] = h.reshape(-1, h.shape[-1])
-        want = mistral(inputs_embeds=embeds).logits
+    want = llava_med["parts"].reference_logits(ids, pixels, summary.image_token_id)
     assert (got[..., :vocab] - want).abs().max().item() <= 1e-5
 
 

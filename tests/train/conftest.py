@@ -56,3 +56,48 @@ def copy_instruct(src: Path, dst: Path, stage: int, edit) -> Path:
     path = dst / f"stage{stage}.train.json"
     path.write_text(json.dumps(edit(samples), ensure_ascii=False), encoding="utf-8")
     return path
+
+
+def with_corrupt_image(instruct: Path, dst: Path, extra=lambda samples: []) -> Path:
+    """Stage-1 training data plus one sample ("has-corrupt-image") whose PNG does not decode, and
+    whatever `extra(samples)` adds; images are copied beside it. Returns the new stage-1 file."""
+    import shutil
+
+    from llava_ultra.data.collate import image_root_for
+
+    images = dst / "data"
+    shutil.copytree(image_root_for(instruct / "stage1.train.json"), images)
+    (images / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+
+    def edit(samples):
+        corrupt = json.loads(json.dumps(samples[0]))
+        corrupt["id"], corrupt["images"] = "has-corrupt-image", ["images/corrupt.png"]
+        corrupt["conversations"][0]["value"] = "<image>\nDescribe."
+        return [*samples, corrupt, *extra(samples)]
+
+    path = copy_instruct(instruct, dst / "inst", 1, edit)
+    meta = json.loads((dst / "inst" / "instruct_meta.json").read_text())
+    meta["image_root"] = str(images)
+    (dst / "inst" / "instruct_meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def launch_ddp(cfg: Config, tmp_path: Path, *args: str, timeout: int = 180):
+    """`llava-ultra train` on 2 CPU processes (torchrun, gloo) with `cfg` written to YAML; extra CLI
+    `args` are passed on. Returns the finished process (the caller checks returncode)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from llava_ultra.config import to_dict
+
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "llava_ultra", "train", "--config", str(path), *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=Path(__file__).parents[2]
+    )

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from llava_ultra.config import to_dict
-from tests.train.conftest import train_config
+from tests.train.conftest import launch_ddp, train_config, with_corrupt_image
 
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(instruct_dir: Path, tmp_path: Path):
     out = tmp_path / "run"
     cfg = train_config(instruct_dir, out, **{"train.stage1.batch_size": 2, "train.stage2.batch_size": 2})
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "llava_ultra", "train", "--config", str(path), "--train.stage2.lr", "5e-3"]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parents[2]
-    )
+    proc = launch_ddp(cfg, tmp_path, "--train.stage2.lr", "5e-3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     prints = [r for r in records if r.get("event") == "rank_fingerprints"]
@@ -47,24 +35,7 @@ def test_two_process_ddp_counts_a_corrupt_image_once(instruct_dir: Path, tmp_pat
     """Over several epochs of a 2-process run the corrupt sample is met again and again; it is
     reported and counted once for the whole run (the new bad samples of every step are gathered
     from both ranks, so both hold the same list), and the run stays within a 1.5-sample budget."""
-    import shutil
-
-    from llava_ultra.data.collate import image_root_for
-    from tests.train.conftest import copy_instruct
-
-    images = tmp_path / "data"
-    shutil.copytree(image_root_for(instruct_dir / "stage1.train.json"), images)
-    (images / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-
-    def edit(samples):
-        corrupt = json.loads(json.dumps(samples[0]))
-        corrupt["id"], corrupt["images"] = "has-corrupt-image", ["images/corrupt.png"]
-        return [*samples, corrupt]
-
-    path = copy_instruct(instruct_dir, tmp_path / "inst", 1, edit)
-    meta = json.loads((tmp_path / "inst" / "instruct_meta.json").read_text())
-    meta["image_root"] = str(images)
-    (tmp_path / "inst" / "instruct_meta.json").write_text(json.dumps(meta))
+    path = with_corrupt_image(instruct_dir, tmp_path)
     epochs = 6
     out = tmp_path / "run"
     overrides = {
@@ -76,15 +47,7 @@ def test_two_process_ddp_counts_a_corrupt_image_once(instruct_dir: Path, tmp_pat
         "train.stage1.epochs": epochs,
         "train.stage1.max_steps": 1000,
     }
-    cfg = train_config(instruct_dir, out, **overrides)
-    cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "llava_ultra", "train", "--config", str(cfg_path)]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=180, env=env, cwd=Path(__file__).parents[2]
-    )
+    proc = launch_ddp(train_config(instruct_dir, out, **overrides), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("epoch", 0) for r in records) == epochs - 1

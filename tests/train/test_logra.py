@@ -5,23 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from llava_ultra.config import to_dict
 from llava_ultra.data.collate import Collator, InstructDataset, PixelSource, encode_sample, image_root_for
 from llava_ultra.errors import ConfigError
 from llava_ultra.model.lora import load_checkpoint
 from llava_ultra.train import logra, loop
 from llava_ultra.train.loop import initial_model, train
-from tests.train.conftest import train_config
+from tests.train.conftest import launch_ddp, train_config
 from tests.train.test_loop import folder_tensors
 
 ALIGN = {"train.align_weight": 1.0, "train.align.k": 2, "train.align.hidden": 32}
@@ -133,14 +128,7 @@ def test_two_process_ddp_with_alignment(instruct_dir: Path, tmp_path: Path):
     cfg = train_config(
         instruct_dir, out, **{**ALIGN, "train.stage1.max_steps": 2, "train.stage2.max_steps": 2}
     )
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(to_dict(cfg), allow_unicode=True), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "llava_ultra", "train", "--config", str(path)]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[2]
-    )
+    proc = launch_ddp(cfg, tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = records(out)
     prints = [r for r in recs if r.get("event") == "rank_fingerprints"]  # trainables + GNN, per rank

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from llava_ultra.model.tokenizer import load_tokenizer
 from llava_ultra.train import loop
 from llava_ultra.train.loop import TrainingError, initial_model, train
 from llava_ultra.train.schedule import build_optimizer
-from tests.train.conftest import copy_instruct, train_config
+from tests.train.conftest import train_config, with_corrupt_image
 
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "non_lora_trainables.safetensors")
 
@@ -164,23 +163,13 @@ def test_kill_and_resume_reaches_the_uninterrupted_weights(instruct_dir: Path, t
 
 
 def test_corrupt_image_and_overlong_sample_are_reported_and_skipped(instruct_dir: Path, tmp_path: Path):
-    images = tmp_path / "data"
-    shutil.copytree(image_root_for(instruct_dir / "stage1.train.json"), images)
-    (images / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-
-    def edit(samples):
-        corrupt = json.loads(json.dumps(samples[0]))
-        corrupt["id"], corrupt["images"] = "has-corrupt-image", ["images/corrupt.png"]
-        corrupt["conversations"][0]["value"] = "<image>\nDescribe."
+    def far_too_long(samples):
         long = json.loads(json.dumps(samples[1]))
         long["id"] = "far-too-long"
         long["conversations"][1]["value"] = "liver " * 1500
-        return [*samples, corrupt, long]
+        return [long]
 
-    path = copy_instruct(instruct_dir, tmp_path / "inst", 1, edit)
-    meta = json.loads((tmp_path / "inst" / "instruct_meta.json").read_text())
-    meta["image_root"] = str(images)
-    (tmp_path / "inst" / "instruct_meta.json").write_text(json.dumps(meta))
+    path = with_corrupt_image(instruct_dir, tmp_path, far_too_long)
     cfg = train_config(
         instruct_dir,
         tmp_path / "run",

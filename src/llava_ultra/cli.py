@@ -734,6 +734,68 @@ def train(
         )
 
 
+@app.command("pretrain-encoders")
+@_friendly
+def pretrain_encoders(
+    out: Annotated[
+        Path, typer.Option(help="Folder for clip/, sam/, clip_text/, checkpoints and the quality table.")
+    ],
+    corpus: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your frames.jsonl (or its folder): image + caption and/or mask per line (docs/data.md)."
+        ),
+    ] = None,
+    synth_reports: Annotated[
+        int, typer.Option(help="Without --corpus: build a SynthUS frame corpus from this many reports.")
+    ] = 500,
+    hard: Annotated[bool, typer.Option(help="SynthUS corpus in the hard setting.")] = False,
+    seed: Annotated[int, typer.Option(help="Corpus and training seed.")] = 0,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 600,
+    batch_size: Annotated[int, typer.Option(help="Frames per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule with warm-up).")] = 2e-3,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML/JSON with PretrainConfig fields (vision, sam, text, ...); flags override it."
+        ),
+    ] = None,
+    evaluate: Annotated[
+        bool, typer.Option(help="Measure encoder quality against random init at the end.")
+    ] = True,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Domain-pretrain the CLIP vision tower (contrastive, captions) and the SAM encoder (masks)."""
+    import yaml
+
+    from .data.frames import build_synth_frames
+    from .data.synth import SynthConfig
+    from .eval.encoders import evaluate_encoders, render_quality
+    from .train.pretrain import PretrainConfig, pretrain, write_json
+
+    base = {}
+    if config is not None:
+        base = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    cfg = PretrainConfig(**{**base, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed})
+    if corpus is None:
+        corpus = out / "corpus"
+        if not (corpus / "frames.jsonl").is_file():
+            synth = SynthConfig(reports=synth_reports, seed=seed, k_min=1, k_max=6, image_size=128, hard=hard)
+            out.mkdir(parents=True, exist_ok=True)
+            typer.echo(build_synth_frames(corpus, synth).render())
+    result = pretrain(corpus, out, cfg, resume=resume, overwrite=overwrite, echo=typer.echo)
+    typer.echo(f"pretrained {result.steps} steps in {result.seconds:.0f} s -> {out}/clip, {out}/sam")
+    if evaluate:
+        quality = evaluate_encoders(out, corpus)
+        write_json(out / "encoder_quality.json", quality)
+        typer.echo(render_quality(quality))
+    typer.echo(
+        f"use them: llava-ultra train --config configs/tiny.yaml model.vision.path={out}/clip "
+        f"model.vision.inline=null model.sam.path={out}/sam model.sam.inline=null"
+    )
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_friendly
 def quickstart(
@@ -755,6 +817,14 @@ def quickstart(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier quickstart in --out instead of refusing.")
     ] = False,
+    encoders: Annotated[
+        str,
+        typer.Option(
+            help="'pretrained' (SynthUS-pretrained tiny encoders, built once and cached), 'random' "
+            "(random-init), or a folder from `llava-ultra pretrain-encoders`."
+        ),
+    ] = "pretrained",
+    hard: Annotated[bool, typer.Option(help="Hard SynthUS: fewer valid frames, fainter findings.")] = False,
 ) -> None:
     """Generate SynthUS, train the tiny model (stage 1 + 2) on CPU, and compare it with the untrained one."""
     from .quickstart import QuickstartOptions, run_quickstart, usage_hint
@@ -770,6 +840,8 @@ def quickstart(
         seed=seed,
         overrides=parse_overrides(list(ctx.args)),
         overwrite=overwrite,
+        encoders=encoders,
+        hard=hard,
     )
     result = run_quickstart(opts, echo=typer.echo)
     typer.echo("")
@@ -788,8 +860,8 @@ def ablate(
     rows: Annotated[
         str | None,
         typer.Option(
-            help="Rows, comma-separated (default: all but no_ra_first and no_ra_all): full, no_ve, no_ra, "
-            "no_funcb, no_stage2, no_site, no_ra_first, no_ra_all."
+            help="Rows, comma-separated (default: the paper's six): full, no_ve, no_ra, no_funcb, no_stage2, "
+            "no_site; extra: no_ra_first, no_ra_all, full_raw_teacher, full_supervised."
         ),
     ] = None,
     reports: Annotated[int, typer.Option(help="SynthUS reports (shared by all rows).")] = 600,
@@ -798,10 +870,25 @@ def ablate(
     eval_samples: Annotated[int, typer.Option(help="Test questions to evaluate.")] = 240,
     hard: Annotated[bool, typer.Option(help="Hard SynthUS: fewer valid frames, fainter findings.")] = False,
     config: Annotated[Path | None, typer.Option(help="Training preset (default configs/tiny.yaml).")] = None,
+    encoders: Annotated[
+        str,
+        typer.Option(
+            help="'pretrained' (SynthUS-pretrained tiny encoders, built once and cached), 'random' "
+            "(random-init), or a folder from `llava-ultra pretrain-encoders`."
+        ),
+    ] = "pretrained",
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(help="Instead of training: merge the results of these ablation folders into --out."),
+    ] = None,
 ) -> None:
     """Train and evaluate the paper's Table 3 ablation rows on SynthUS over seeds; extra args are overrides."""
-    from .eval.ablate import DEFAULT_ROWS, AblateOptions, run_ablation, split_list
+    from .eval.ablate import DEFAULT_ROWS, AblateOptions, merge_results, run_ablation, split_list
 
+    if merge:
+        merge_results(merge, out)
+        typer.echo((out / "results.md").read_text(encoding="utf-8"))
+        return
     opts = AblateOptions(
         out=out,
         rows=split_list(rows, str) if rows else DEFAULT_ROWS,
@@ -813,6 +900,7 @@ def ablate(
         hard=hard,
         config=config,
         overrides=parse_overrides(list(ctx.args)),
+        encoders=encoders,
     )
     run_ablation(opts, echo=typer.echo)
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
@@ -871,6 +959,13 @@ def logra_experiment(
     steps1: Annotated[int, typer.Option(help="Stage-1 optimiser steps (every fraction).")] = 40,
     steps2: Annotated[int, typer.Option(help="Stage-2 optimiser steps (every fraction).")] = 100,
     eval_samples: Annotated[int, typer.Option(help="Test questions to evaluate.")] = 120,
+    encoders: Annotated[
+        str,
+        typer.Option(
+            help="'pretrained' (SynthUS-pretrained tiny encoders, built once and cached), 'random' "
+            "(random-init), or a folder from `llava-ultra pretrain-encoders`."
+        ),
+    ] = "pretrained",
 ) -> None:
     """Train the tiny preset on a fraction of SynthUS with and without the LoGra-Med loss; write the table."""
     from .eval.ablate import split_list
@@ -885,6 +980,7 @@ def logra_experiment(
         steps2=steps2,
         eval_samples=eval_samples,
         overrides=parse_overrides(list(ctx.args)),
+        encoders=encoders,
     )
     payload = run_experiment(opts, echo=typer.echo)
     typer.echo((Path(out) / "results.md").read_text(encoding="utf-8"))

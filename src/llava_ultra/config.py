@@ -208,9 +208,22 @@ class SelectorConfig:
     kd_weight: float = 1.0
     """Weight of the KD loss in the total loss (mode 'feature+attention')."""
     teacher_temperature: float = 0.1
-    """Softmax temperature for the teacher's attention masses (they lie in [0, 1]; below 1 sharpens)."""
+    """Softmax temperature for the teacher's relevances (after `teacher_norm`; below 1 sharpens)."""
+    teacher_norm: str = "zscore"
+    """How the teacher's relevances of one sample's k images are normalised before softmax(. / T):
+    'none' (the raw attention masses, which lie in [0, 1] and differ by ~1e-3 between frames: a
+    near-uniform target) or 'zscore' (standardised within the sample, so the target's sharpness is
+    set by T alone, whatever the scale of the attention masses). See docs/results.md."""
+    teacher_relevance: str = "mass"
+    """What the teacher reads from the attention of the findings text on an image's tokens: 'mass'
+    (total attention on the image, the paper's reading of Attn(H_v, H_t)) or 'peak' (the largest
+    attention on any single image token)."""
     straight_through: bool = True
     """Give the scorer a gradient from the LM loss via a straight-through estimator while training."""
+    supervised_weight: float = 0.0
+    """Optional, off by default (not the paper's method): weight of a cross-entropy between the
+    scorer's softmax over a sample's images and the frame validity labels (`valid` in the data),
+    for users who have some labelled frames. Samples without labels contribute nothing."""
 
     def __post_init__(self) -> None:
         _one_of("model.selector.mode", self.mode, SELECTOR_MODES)
@@ -222,6 +235,10 @@ class SelectorConfig:
         if self.kd_weight < 0:
             raise ConfigError(f"model.selector.kd_weight={self.kd_weight} must be >= 0")
         _positive("model.selector.teacher_temperature", self.teacher_temperature)
+        _one_of("model.selector.teacher_norm", self.teacher_norm, ("none", "zscore"))
+        _one_of("model.selector.teacher_relevance", self.teacher_relevance, ("mass", "peak"))
+        if self.supervised_weight < 0:
+            raise ConfigError(f"model.selector.supervised_weight={self.supervised_weight} must be >= 0")
 
     def images_into_llm(self, k: int) -> int:
         """How many of a sample's k images reach the LLM (collate expands this many placeholders)."""

@@ -60,6 +60,11 @@ class QuickstartOptions:
     """Extra dotted overrides for the preset."""
     overwrite: bool = False
     """Replace an earlier quickstart in the same folder (its data, run and results) instead of refusing."""
+    encoders: str = "pretrained"
+    """'pretrained' (the SynthUS-pretrained tiny encoders, built once and cached), 'random' (the
+    preset's random-init encoders), or a folder written by `llava-ultra pretrain-encoders`."""
+    hard: bool = False
+    """Hard SynthUS (and, with encoders='pretrained', encoders pretrained on hard frames)."""
 
 
 @dataclass
@@ -103,8 +108,11 @@ class QuickstartResult:
 # ------------------------------------------------------------------------------------ config
 
 
-def quickstart_config(opts: QuickstartOptions, instruct_dir: Path, run_dir: Path) -> Config:
-    """The tiny training preset with this run's data, output folder and step counts."""
+def quickstart_config(
+    opts: QuickstartOptions, instruct_dir: Path, run_dir: Path, encoder_overrides: list[str] = ()
+) -> Config:
+    """The tiny training preset with this run's data, output folder and step counts; then the
+    encoder overrides (`recipes.encoders.resolve_encoders`), then the user's overrides."""
     path = opts.config or default_config_path()
     if not path.is_file():
         raise ConfigError(
@@ -124,8 +132,9 @@ def quickstart_config(opts: QuickstartOptions, instruct_dir: Path, run_dir: Path
     if opts.steps2 is not None:
         overrides["train.stage2.max_steps"] = opts.steps2
     cfg = load_config(path, overrides)
-    if opts.overrides:
-        cfg = from_dict(Config, apply_overrides(to_dict(cfg), opts.overrides))
+    extra = [*encoder_overrides, *opts.overrides]
+    if extra:
+        cfg = from_dict(Config, apply_overrides(to_dict(cfg), extra))
     return cfg
 
 
@@ -238,6 +247,7 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     from .data.synth import generate
     from .model.lora import load_checkpoint
     from .model.tokenizer import load_tokenizer
+    from .recipes.encoders import resolve_encoders
     from .train.loop import initial_model, train
 
     out = Path(opts.out)
@@ -255,13 +265,16 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
 
     t = time.perf_counter()
     reports = 36 if opts.fast else opts.reports
-    synth = generate(out / "synthus", quickstart_synth(reports, opts.seed))
+    synth = generate(out / "synthus", quickstart_synth(reports, opts.seed, opts.hard))
     echo(synth.render())
     instruct_dir = out / "instruct"
     echo(run_instruct(out / "synthus", instruct_dir, seed=opts.seed).render())
     seconds["data"] = time.perf_counter() - t
 
-    cfg = quickstart_config(opts, instruct_dir, run_dir)
+    t = time.perf_counter()
+    enc = resolve_encoders(opts.encoders, hard=opts.hard, fast=opts.fast, echo=echo)
+    seconds["encoders"] = time.perf_counter() - t
+    cfg = quickstart_config(opts, instruct_dir, run_dir, enc)
     t = time.perf_counter()
     train(cfg)
     seconds["train"] = time.perf_counter() - t

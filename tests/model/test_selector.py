@@ -13,9 +13,11 @@ from llava_ultra.model.selector import (
     content_keys,
     group,
     kd_loss,
+    normalise_teacher,
     select_features,
     select_top,
     straight_through,
+    supervised_loss,
 )
 from tests.helpers import tiny_model
 
@@ -121,6 +123,52 @@ def test_attention_relevance_golden():
     attn[0, 0, 2] = torch.tensor([0.3, 0.3, 0.4, 0.0])  # text token 0: 0.6 on the image
     attn[0, 0, 3] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # padding row, ignored
     assert attention_relevance([attn], 2, torch.tensor([[1, 0]])).tolist() == pytest.approx([0.6])
+
+
+def test_attention_relevance_peak_golden():
+    attn = torch.zeros(1, 1, 4, 4)
+    attn[0, 0, 2] = torch.tensor([0.1, 0.5, 0.4, 0.0])  # text token 0: most-attended image token 0.5
+    attn[0, 0, 3] = torch.tensor([0.3, 0.2, 0.0, 0.5])  # text token 1: 0.3
+    mask = torch.tensor([[1, 1]])
+    assert attention_relevance([attn], 2, mask, "peak").tolist() == pytest.approx([0.4])
+    assert attention_relevance([attn], 2, mask, "mass").tolist() == pytest.approx([0.55])
+    with pytest.raises(ValueError, match="'mass' or 'peak'"):
+        attention_relevance([attn], 2, mask, "max")
+
+
+def test_zscore_teacher_is_sharp_where_raw_masses_are_flat():
+    # attention masses that differ by 1e-3 between frames: raw softmax(x / 0.1) is ~uniform,
+    # the z-scored teacher puts most of its mass on the most relevant frame
+    masses = torch.tensor([[0.690, 0.691, 0.692, NEG]])
+    valid = torch.tensor([[True, True, True, False]])
+    raw = torch.softmax(normalise_teacher(masses.masked_fill(~valid, 0), valid, "none")[:, :3] / 0.1, -1)
+    z = normalise_teacher(masses.masked_fill(~valid, 0), valid, "zscore")
+    assert z[0, :3].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-3)
+    assert z[0, 3] == 0.0
+    sharp = torch.softmax(z[:, :3] / 0.5, -1)
+    assert raw.max() < 0.34 < 0.8 < sharp.max()
+    # z-scoring is shift- and scale-invariant within the sample, and a single image gives 0
+    assert torch.allclose(
+        normalise_teacher(masses[:, :3] * 7 + 3, valid[:, :3], "zscore"), z[:, :3], atol=1e-4
+    )
+    assert normalise_teacher(torch.tensor([[0.4]]), torch.tensor([[True]]), "zscore").tolist() == [[0.0]]
+    # the KD loss takes the normalisation: zero when the student equals the normalised teacher / T
+    student = (z[:, :3] / 0.5).clone()
+    assert kd_loss(masses[:, :3], student, valid[:, :3], 0.5, "zscore").item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_supervised_loss_targets_the_labelled_valid_frames():
+    scores = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, NEG], [0.0, 0.0, 0.0]], requires_grad=True)
+    valid = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    labels = torch.tensor([[1, 0, 0], [1, 1, -1], [1, -1, 0]])  # row 2: all valid; row 3: one unknown
+    loss = supervised_loss(scores, valid, labels)
+    # only row 0 counts: -log softmax(0,0,0)[0] = log 3
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
+    loss.backward()
+    assert scores.grad[0, 0] < 0 < scores.grad[0, 1]  # raise the valid frame, lower the others
+    assert scores.grad[1:].abs().sum() == 0
+    none = supervised_loss(scores, valid, torch.full((3, 3), -1))
+    assert none.item() == 0.0
 
 
 def test_attention_teacher_matches_full_eager_forward():

@@ -26,7 +26,8 @@ Notable choices:
   returning precomputed encoder outputs under its own keys.
 - Shuffling is a permutation drawn from `seed + epoch`; each process takes an equal-length shard
   (so DDP ranks never disagree on the number of steps), and a resumed run can start at any batch
-  without loading the skipped ones. `valid` labels are never read here: they are for evaluation.
+  without loading the skipped ones. `valid` labels are passed along as `frame_valid`; only the
+  optional supervised selector loss (`selector.supervised_weight > 0`) reads them.
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ class InstructDataset(torch.utils.data.Dataset):
             images = self.source(paths) if paths else {}
         except DataError as exc:
             return BadSample(str(sample.get("id", f"#{i}")), "corrupt_image", str(exc))
-        return {"encoded": enc, "images": images, "k": len(paths)}
+        return {"encoded": enc, "images": images, "k": len(paths), "valid": sample.get("valid")}
 
 
 def _pad(rows: Sequence[np.ndarray], value: int, side: str) -> torch.Tensor:
@@ -408,6 +409,18 @@ class Collator:
             "labels": _pad([e.labels for e in encs], IGNORE_INDEX, self.side),
             "image_counts": torch.tensor([x["k"] for x in good], dtype=torch.long),
         }
+        labels = [x.get("valid") for x in good]
+        if any(isinstance(v, list) and len(v) == x["k"] for v, x in zip(labels, good, strict=True)):
+            # per-image validity (1/0; -1 where a sample has none): only the optional supervised
+            # selector loss reads it
+            inputs["frame_valid"] = torch.tensor(
+                [
+                    -1 if f is None else int(bool(f))
+                    for v, x in zip(labels, good, strict=True)
+                    for f in (v if isinstance(v, list) and len(v) == x["k"] else [None] * x["k"])
+                ],
+                dtype=torch.long,
+            )
         keys = sorted({k for x in good for k in x["images"]})
         for key in keys:
             parts = [x["images"].get(key) for x in good if x["k"]]

@@ -1119,6 +1119,77 @@ def finding_bbox(plan: ReportPlan, j: int) -> list[int] | None:
     return [x0, y0, x1, y1]
 
 
+# ------------------------------------------------------------------------------------ labels
+# Segmentation labels for encoder pretraining (data/frames.py): the site's main organ and the
+# finding, painted with the same shapes (anatomy coordinates, frame shift, lobes) as the grey image.
+
+LABEL_BACKGROUND, LABEL_ORGAN, LABEL_LESION = 0, 1, 2
+LABEL_NAMES = ("background", "organ", "lesion")
+
+
+def _organ_thyroid(cv: _Canvas, p: dict[str, float], z: float) -> None:
+    g = _thyroid_g(z) * p["scale"]
+    for sx in (-1, 1):
+        cv.ellipse(0.5 + sx * p["sep"], 0.42, 0.15 * g, 0.15 * g, 1.0)
+    cv.ellipse(0.5, 0.28, 0.13, p["isth"], 1.0)
+
+
+def _organ_breast(cv: _Canvas, p: dict[str, float], z: float) -> None:
+    cv.band(p["yt"], p["yb"], 1.0, amp=0.025, freq=1.3, phase=p["ph"] + 1.5 * z)
+
+
+def _organ_liver(cv: _Canvas, p: dict[str, float], z: float) -> None:
+    cv.ellipse(0.5, 0.52, 0.62, 0.43, 1.0)
+
+
+def _organ_kidney(cv: _Canvas, p: dict[str, float], z: float) -> None:
+    cv.ellipse(p["kx"], p["ky"], 0.28 * p["s"], 0.14 * p["s"], 1.0)
+
+
+def _organ_uterus(cv: _Canvas, p: dict[str, float], z: float) -> None:
+    bx, by, s = p["bx"], p["by"], p["s"]
+    ax, ay = _UT_AXIS
+    cv.ellipse(bx + ax * 0.24 * s, by + ay * 0.24 * s, 0.13 * s, 0.075 * s, 1.0, angle=_UT_ANGLE)
+    cv.ellipse(bx, by, 0.22 * s, 0.12 * s, 1.0, angle=_UT_ANGLE)
+
+
+def _organ_cardiac(cv: _Canvas, p: dict[str, float], z: float) -> None:
+    cv.ellipse(0.5, 0.55, 0.37 * p["s"], 0.42 * p["s"], 1.0)
+
+
+_ORGAN = {
+    "thyroid": _organ_thyroid,
+    "breast": _organ_breast,
+    "liver": _organ_liver,
+    "kidney": _organ_kidney,
+    "uterus": _organ_uterus,
+    "cardiac": _organ_cardiac,
+}
+
+
+def label_map(plan: ReportPlan, j: int) -> np.ndarray:
+    """Frame `j`'s labels as an (S, S) uint8 map: 0 background, 1 the site's organ, 2 the finding.
+
+    Painted with the frame's own shift and the finding's per-frame scale, so the lesion label is
+    exactly where `render_frame` draws the finding (and empty in frames that do not show it);
+    everything outside the scan region is background."""
+    if not 0 <= j < plan.k:
+        raise DataError(f"{plan.report_id} has {plan.k} frames; frame index {j} is out of range")
+    size = plan.image_size
+    probe = _PROBE[plan.site]
+    organ = _Canvas(size, plan.shifts[j], probe, 0.0)
+    _ORGAN[plan.site](organ, plan.anat, plan.z[j])
+    inside = _gain_map(probe, size) > 0
+    labels = np.where((organ.e > 0.5) & inside, LABEL_ORGAN, LABEL_BACKGROUND).astype(np.uint8)
+    f = plan.finding
+    if f is not None and f.scale[j] > 0:
+        lesion = _Canvas(size, plan.shifts[j], probe, 0.0)
+        lobes = f.lobes if f.type == "nodule" else ()
+        lesion.ellipse(f.cx, f.cy, f.rx * f.scale[j], f.ry * f.scale[j], 1.0, lobes=lobes)
+        labels[(lesion.e > 0.5) & inside] = LABEL_LESION
+    return labels
+
+
 # ------------------------------------------------------------------------------------ text
 
 

@@ -76,6 +76,16 @@ ROWS: dict[str, Row] = {
             {"model.selector.mode": "none", "model.selector.none_strategy": "random"},
         ),
         Row("no_funcb", "w/o func.b (feature scoring only)", {"model.selector.mode": "feature"}),
+        Row(
+            "full_raw_teacher",
+            "full model, raw teacher (teacher_norm=none, the pre-z-score design)",
+            {"model.selector.teacher_norm": "none"},
+        ),
+        Row(
+            "full_supervised",
+            "(extra) full model + supervised selector loss on frame labels",
+            {"model.selector.supervised_weight": 1.0},
+        ),
         Row("no_stage2", "w/o stage 2 tuning", {"train.stages": [1]}, stage1_only=True),
         Row("no_site", "w/o site prompt in instruction", site_cue="without"),
         Row(
@@ -107,6 +117,9 @@ class AblateOptions:
     overrides: list[str] = field(default_factory=list)
     """Extra dotted overrides applied to every row (after the row's own)."""
     n_boot: int = 1000
+    encoders: str = "pretrained"
+    """'pretrained' (cached SynthUS-pretrained tiny encoders; hard ones with --hard), 'random', or a
+    `pretrain-encoders` folder."""
 
 
 def check_rows(keys: Sequence[str]) -> list[str]:
@@ -129,8 +142,10 @@ def split_list(text: str, kind: type) -> list[Any]:
         raise ConfigError(f"{text!r}: {exc}; give a comma-separated list such as 0,1,2") from exc
 
 
-def row_config(opts: AblateOptions, row: Row, seed: int, instruct_dir: Path, run_dir: Path) -> Any:
-    """The training `Config` of one row and seed: quickstart's preset + the row's overrides."""
+def row_config(
+    opts: AblateOptions, row: Row, seed: int, instruct_dir: Path, run_dir: Path, encoders: Sequence[str] = ()
+) -> Any:
+    """The training `Config` of one row and seed: quickstart's preset + encoders + the row's overrides."""
     from ..quickstart import QuickstartOptions, quickstart_config
 
     dotted = [f"{k}={json.dumps(v)}" for k, v in row.overrides.items()]
@@ -142,7 +157,7 @@ def row_config(opts: AblateOptions, row: Row, seed: int, instruct_dir: Path, run
         config=opts.config,
         overrides=[*dotted, "train.progress=false", *opts.overrides],
     )
-    return quickstart_config(qs, instruct_dir, run_dir)
+    return quickstart_config(qs, instruct_dir, run_dir, list(encoders))
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -243,23 +258,38 @@ def frame_diagnostics(
                 px = model.image_processor(images[i])
                 with torch.no_grad():
                     feats = model.encode_images(px["pixel_values_clip"], px["pixel_values_sam"])
-                    ids = tokenizer(rep.findings, add_special_tokens=False, return_tensors="pt")["input_ids"]
-                    text = model.llm.get_input_embeddings()(ids.to(model.device))
                     k = feats.shape[0]
-                    rel = attention_teacher(
-                        model.llm,
-                        feats,
-                        text.expand(k, -1, -1),
-                        torch.ones(k, ids.shape[1], dtype=torch.long, device=model.device),
-                        model.config.selector.attn_layers,
-                    )
-                    entry["teacher"] = rel.tolist()
+                    scfg = model.config.selector
+                    # the configured teacher, then every (text, relevance) variant for the diagnostics
+                    for text_name in ("findings", "diagnosis"):
+                        text_value = getattr(rep, text_name)
+                        ids = tokenizer(text_value, add_special_tokens=False, return_tensors="pt")[
+                            "input_ids"
+                        ]
+                        text = model.llm.get_input_embeddings()(ids.to(model.device))
+                        for how in ("mass", "peak"):
+                            rel = attention_teacher(
+                                model.llm,
+                                feats,
+                                text.expand(k, -1, -1),
+                                torch.ones(k, ids.shape[1], dtype=torch.long, device=model.device),
+                                scfg.attn_layers,
+                                how,
+                            )
+                            entry[f"teacher_{text_name}_{how}"] = rel.tolist()
+                    entry["teacher"] = entry[f"teacher_findings_{scfg.teacher_relevance}"]
                     entry["scores"] = model.selector.score(feats).tolist()
             out.append(entry)
     return out
 
 
-def selection_summary(diag: Sequence[dict[str, Any]], temperature: float, n_boot: int) -> dict[str, Any]:
+TEACHER_VARIANTS = tuple(f"teacher_{t}_{h}" for t in ("findings", "diagnosis") for h in ("mass", "peak"))
+"""Teacher definitions measured on every checkpoint: which text it reads x which relevance."""
+
+
+def selection_summary(
+    diag: Sequence[dict[str, Any]], temperature: float, n_boot: int, norm: str = "none"
+) -> dict[str, Any]:
     """Selector vs random (and teacher argmax vs random) on the informative reports."""
     from ..eval.selection import make_case, rate_summary
 
@@ -271,12 +301,21 @@ def selection_summary(diag: Sequence[dict[str, Any]], temperature: float, n_boot
         tcases = [make_case(d["id"], d["valid"], [int(np.argmax(d["teacher"]))]) for d in with_teacher]
         spread, top_p = [], []
         for d in with_teacher:
-            t = np.asarray(d["teacher"])
-            p = np.exp((t - t.max()) / temperature)
+            t = np.asarray(d["teacher"], dtype=float)
+            z = (t - t.mean()) / max(t.std(), 1e-6) if norm == "zscore" else t
+            p = np.exp((z - z.max()) / temperature)
             p /= p.sum()
             spread.append(float(t.max() - t.min()))
             top_p.append(float(p.max() * len(t)))
         result["teacher"] = rate_summary(tcases, n_boot)
+        variants = {}
+        for name in TEACHER_VARIANTS:
+            vcases = [
+                make_case(d["id"], d["valid"], [int(np.argmax(d[name]))]) for d in with_teacher if name in d
+            ]
+            if vcases:
+                variants[name] = rate_summary(vcases, n_boot)["rate"]
+        result["teacher_variants"] = variants
         result["teacher_mass_mean"] = float(np.mean([np.mean(d["teacher"]) for d in with_teacher]))
         result["teacher_spread_mean"] = float(np.mean(spread))
         result["teacher_peak_over_uniform"] = float(np.mean(top_p))
@@ -322,7 +361,7 @@ def evaluate_folder(
     diag = frame_diagnostics(model, tokenizer, reports, synthus, with_teacher=scfg.mode != "none")
     return {
         "per_question": per_question(rows),
-        "selection": selection_summary(diag, scfg.teacher_temperature, n_boot),
+        "selection": selection_summary(diag, scfg.teacher_temperature, n_boot, scfg.teacher_norm),
         "frames": diag,
     }
 
@@ -331,6 +370,7 @@ def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> di
     """Train and evaluate every (row, seed); write DIR/results.md and DIR/results.json."""
     from ..data.collate import image_root_for, read_instructions
     from ..quickstart import pick_eval_samples
+    from ..recipes.encoders import resolve_encoders
     from ..train.loop import train
 
     keys = check_rows(opts.rows)
@@ -347,6 +387,7 @@ def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> di
     root = image_root_for(eval_path)
     synthus = out / "synthus"
     reports = selection_reports(synthus)
+    encoders = resolve_encoders(opts.encoders, hard=opts.hard, echo=echo)
 
     runs: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in keys}
     for seed in opts.seeds:
@@ -360,7 +401,7 @@ def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> di
             t = time.perf_counter()
             if not done.is_dir():
                 echo(f"[{key} seed {seed}] training -> {run_dir}")
-                train(row_config(opts, row, seed, dirs[row.site_cue], run_dir), overwrite=True)
+                train(row_config(opts, row, seed, dirs[row.site_cue], run_dir, encoders), overwrite=True)
             train_s = time.perf_counter() - t
             echo(f"[{key} seed {seed}] evaluating {done}")
             t = time.perf_counter()
@@ -393,6 +434,7 @@ def _payload(
             "eval_questions": n_q,
             "selection_reports": n_rep,
             "overrides": opts.overrides,
+            "encoders": opts.encoders,
             "row_overrides": {k: ROWS[k].overrides | {"site_cue": ROWS[k].site_cue} for k in done},
         },
         "table": aggregate(done, opts.n_boot),
@@ -435,6 +477,16 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]], n_boot: int) -> dict[s
                 entry[f"{who}_lift_ci_seed{seeds[0]}"] = rates[0]["lift_ci"]
                 entry["random_rate"] = rates[0]["random_rate"]
                 entry["n_informative"] = rates[0]["n"]
+        variants = [by_seed[s]["selection"].get("teacher_variants") for s in seeds]
+        if all(variants):
+            entry["teacher_variants"] = {
+                name: _over_seeds([v[name] for v in variants])
+                for name in variants[0]
+                if all(name in v for v in variants)
+            }
+        pooled = pooled_selection(by_seed, seeds, n_boot)
+        if pooled is not None:
+            entry["selector_pooled"] = pooled
         peaks = [by_seed[s]["selection"].get("teacher_peak_over_uniform") for s in seeds]
         if all(p is not None for p in peaks):
             entry["teacher_peak_over_uniform"] = _over_seeds(peaks)
@@ -444,6 +496,36 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]], n_boot: int) -> dict[s
             entry["teacher_mass"] = _over_seeds([by_seed[s]["selection"]["teacher_mass_mean"] for s in seeds])
         table[key] = entry
     return table
+
+
+def pooled_selection(
+    by_seed: dict[int, dict[str, Any]], seeds: Sequence[int], n_boot: int
+) -> dict[str, Any] | None:
+    """Valid-frame rate of the selector on informative reports, averaged over seeds per report, with
+    a 95% bootstrap CI over reports; the random-choice rate and the paired lift CI beside it."""
+    from ..eval.metrics import bootstrap_ci
+
+    frames = [by_seed[s].get("frames") for s in seeds]
+    if any(f is None for f in frames):
+        return None
+    info = [
+        i for i, d in enumerate(frames[0])
+        if len(d["valid"]) > 1 and any(d["valid"]) and not all(d["valid"]) and d.get("selected")
+    ]  # fmt: skip
+    if not info:
+        return None
+    hits = np.array(
+        [[100.0 * np.mean([f[i]["valid"][j] for j in f[i]["selected"]]) for i in info] for f in frames]
+    )
+    per_report = hits.mean(0)
+    chance = np.array([100.0 * np.mean(frames[0][i]["valid"]) for i in info])
+    return {
+        "rate": float(per_report.mean()),
+        "ci": list(bootstrap_ci(per_report.tolist(), n=n_boot)) if n_boot else None,
+        "random": float(chance.mean()),
+        "lift_ci": list(bootstrap_ci((per_report - chance).tolist(), n=n_boot)) if n_boot else None,
+        "n": len(info),
+    }
 
 
 def _over_seeds(values: Sequence[float]) -> dict[str, float]:
@@ -505,10 +587,10 @@ def render(payload: dict[str, Any]) -> str:
         "",
         "Frame selection on informative held-out reports (k > 1, valid and invalid frames): how often "
         "the frame sent to the LLM is valid; the attention teacher's own argmax on the same reports; "
-        "teacher peak = max of softmax(s_attn / T) x k (1.0 = uniform).",
+        "teacher peak = max of softmax(Norm(s_attn) / T) x k (1.0 = uniform).",
         "",
-        "| variant | n | selector | random | lift | teacher argmax | teacher peak |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | n | selector | selector, pooled over seeds [95% CI] | random | lift [95% CI] | teacher argmax | teacher peak |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in table.values():
         if "selector_rate" not in e:
@@ -516,11 +598,31 @@ def render(payload: dict[str, Any]) -> str:
         teacher = _cell(e.get("teacher_rate"), ci=False)
         peak = e.get("teacher_peak_over_uniform")
         peak_txt = f"{peak['mean']:.2f}" if peak else "-"
+        pooled = e.get("selector_pooled")
+        pooled_txt = lift_txt = "-"
+        if pooled and pooled.get("ci"):
+            pooled_txt = f"{pooled['rate']:.1f} [{pooled['ci'][0]:.1f}, {pooled['ci'][1]:.1f}]"
+            lift = pooled["rate"] - pooled["random"]
+            lift_txt = f"{lift:+.1f} [{pooled['lift_ci'][0]:+.1f}, {pooled['lift_ci'][1]:+.1f}]"
         lines.append(
-            f"| {e['label']} | {e['n_informative']} | {_cell(e['selector_rate'], ci=False)} | "
-            f"{e['random_rate']:.1f} | {_delta({'mean': e['selector_lift']['mean']})} ± "
-            f"{e['selector_lift']['sd']:.1f} | {teacher} | {peak_txt} |"
+            f"| {e['label']} | {e['n_informative']} | {_cell(e['selector_rate'], ci=False)} | {pooled_txt} | "
+            f"{e['random_rate']:.1f} | {lift_txt} | {teacher} | {peak_txt} |"
         )
+    with_variants = [e for e in table.values() if e.get("teacher_variants")]
+    if with_variants:
+        names = list(with_variants[0]["teacher_variants"])
+        lines += [
+            "",
+            "Teacher definitions on the same checkpoints (argmax picks a valid frame, %, mean ± sd over "
+            "seeds): which text the teacher reads x relevance ('mass' = total attention on the image, "
+            "'peak' = the most-attended image token).",
+            "",
+            "| variant | " + " | ".join(n.removeprefix("teacher_").replace("_", ", ") for n in names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
+        for e in with_variants:
+            cells = [_cell(e["teacher_variants"].get(n), ci=False) for n in names]
+            lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Row overrides: `{json.dumps(st['row_overrides'])}`",
@@ -528,3 +630,40 @@ def render(payload: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def merge_results(folders: Sequence[Path], out: Path, n_boot: int = 1000) -> dict[str, Any]:
+    """Combine ablations run separately (e.g. one process per seed, same data and settings) into one
+    results.json / results.md in `out`. Every folder must hold the same rows' settings."""
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    first = None
+    secs = 0.0
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            raise ConfigError(f"{path} not found; run `llava-ultra ablate --out {folder}` first")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        st = payload["settings"]
+        if first is None:
+            first = st
+        for key in ("reports", "hard", "steps1", "steps2", "eval_questions"):
+            if st.get(key) != first.get(key):
+                raise ConfigError(
+                    f"{folder}: {key}={st.get(key)} differs from {first.get(key)}; merge like runs only"
+                )
+        for key, by_seed in payload["runs"].items():
+            for seed, result in by_seed.items():
+                runs.setdefault(key, {})[int(seed)] = {**result, "frames": payload["frames"][key][seed]}
+        secs += payload.get("seconds", 0.0)
+    keys = check_rows(list(runs))
+    opts = AblateOptions(
+        out=Path(out), rows=keys, seeds=sorted({s for v in runs.values() for s in v}), reports=first["reports"],
+        steps1=first["steps1"], steps2=first["steps2"], hard=first["hard"], overrides=first.get("overrides", []),
+        n_boot=n_boot, encoders=first.get("encoders", "pretrained"),
+    )  # fmt: skip
+    merged = _payload(
+        opts, keys, {k: runs[k] for k in keys}, first["eval_questions"], first["selection_reports"], secs
+    )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _write(Path(out), merged)
+    return merged

@@ -49,6 +49,8 @@ class LograOptions:
     overrides: list[str] = field(default_factory=list)
     """Extra dotted overrides applied to every run (e.g. train.align.solver=ipfp)."""
     n_boot: int = 1000
+    encoders: str = "pretrained"
+    """'pretrained' (cached SynthUS-pretrained tiny encoders), 'random', or a pretrain-encoders folder."""
 
 
 def check_options(opts: LograOptions) -> None:
@@ -113,7 +115,9 @@ def subset_instructions(instruct: Path, out: Path, fraction: float, seed: int = 
     return out
 
 
-def run_config(opts: LograOptions, data: Path, run_dir: Path, seed: int, weight: float) -> Any:
+def run_config(
+    opts: LograOptions, data: Path, run_dir: Path, seed: int, weight: float, encoders: Sequence[str] = ()
+) -> Any:
     """The training config of one run: quickstart's preset on `data` with the arm's align weight."""
     from ..quickstart import QuickstartOptions, quickstart_config
 
@@ -131,7 +135,7 @@ def run_config(opts: LograOptions, data: Path, run_dir: Path, seed: int, weight:
             *opts.overrides,
         ],
     )
-    return quickstart_config(qs, data, run_dir)
+    return quickstart_config(qs, data, run_dir, list(encoders))
 
 
 def _final_align(run_dir: Path) -> float | None:
@@ -147,6 +151,7 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
     from ..data.instruct import run_instruct
     from ..data.synth import generate
     from ..quickstart import pick_eval_samples, quickstart_synth
+    from ..recipes.encoders import resolve_encoders
     from ..train.loop import train
     from .ablate import evaluate_folder, selection_reports
 
@@ -163,6 +168,7 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
     samples = pick_eval_samples(read_instructions(eval_path), opts.eval_samples)
     root, reports = image_root_for(eval_path), selection_reports(synthus)
 
+    encoders = resolve_encoders(opts.encoders, echo=echo)
     runs: list[dict[str, Any]] = []
     subsets = {f: subset_instructions(instruct, out / f"data-{f:g}", f) for f in opts.fractions}
     for seed in opts.seeds:  # seeds outermost: an interrupted run has whole seeds to show
@@ -175,7 +181,7 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
                     continue
                 echo(f"fraction {fraction:g}, {arm}, seed {seed}: training ...")
                 t = time.perf_counter()
-                train(run_config(opts, data, run_dir, seed, weight), overwrite=True)
+                train(run_config(opts, data, run_dir, seed, weight, encoders), overwrite=True)
                 seconds = time.perf_counter() - t
                 ev = evaluate_folder(run_dir / "stage2", samples, root, reports, synthus, opts.n_boot)
                 entry = {
@@ -202,6 +208,7 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
             "eval_questions": len(samples),
             "selection_reports": len(reports),
             "overrides": opts.overrides,
+            "encoders": opts.encoders,
             "seconds": time.perf_counter() - t0,
         },
         "table": aggregate(runs, opts.n_boot),

@@ -9,8 +9,10 @@ Pure functions over tensors (golden-testable) plus one small module holding the 
     losses and never pulls the projectors around.
 (b) Attention scoring, `attention_teacher`: the first N LLM layers (eager attention, no grad) run
     over [image tokens ; findings tokens] per image; the relevance of image i is the attention mass
-    the findings tokens put on that image's tokens (mean over findings tokens, heads and layers).
-    It is a teacher: `kd_loss` = KL(softmax(s_attn / T) || softmax(s_fea)). The paper writes the
+    the findings tokens put on that image's tokens (mean over findings tokens, heads and layers;
+    `teacher_relevance='peak'` takes the largest mass on any one image token instead).
+    It is a teacher: `kd_loss` = KL(softmax(Norm(s_attn) / T) || softmax(s_fea)), Norm a z-score
+    within the sample by default (`teacher_norm`; the raw masses differ by ~1e-3 between frames). The paper writes the
     cross-entropy -sum p log q; KL = cross-entropy - H(p), and the teacher entropy H(p) does not
     depend on the student, so the gradient is the paper's while the value is 0 exactly when teacher
     and student agree (a loss curve that reads as 'how far from the teacher').
@@ -87,34 +89,72 @@ def straight_through(scores: torch.Tensor, valid: torch.Tensor, hard: torch.Tens
 
 
 def attention_relevance(
-    attentions: Sequence[torch.Tensor], n_image: int, text_mask: torch.Tensor
+    attentions: Sequence[torch.Tensor], n_image: int, text_mask: torch.Tensor, how: str = "mass"
 ) -> torch.Tensor:
-    """Mean attention mass from text tokens onto the leading `n_image` image tokens.
+    """Relevance of the leading `n_image` image tokens to the text, from attention probabilities.
 
     attentions: per layer (M, H, L, L) probabilities over sequences [image (n_image) ; text (T)];
-    text_mask: (M, T), 1 for real text tokens. Returns (M,), each in [0, 1].
+    text_mask: (M, T), 1 for real text tokens. Returns (M,), each in [0, 1]:
+    - 'mass': the attention mass text tokens put on all image tokens (mean over text tokens, heads
+      and layers) - how much the text reads the image at all;
+    - 'peak': the largest attention any single image token receives (same means) - how strongly one
+      region of the image answers the text (a finding the text names draws it to its tokens).
     """
+    if how not in ("mass", "peak"):
+        raise ValueError(f"unknown relevance {how!r}; use 'mass' or 'peak'")
     per_layer = []
     mask = text_mask.float()  # (M, T)
     for attn in attentions:
-        mass = attn[:, :, n_image:, :n_image].float().sum(-1).mean(1)  # (M, T): mass on image tokens
-        per_layer.append((mass * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))
+        to_image = attn[:, :, n_image:, :n_image].float()  # (M, H, T, n_image)
+        value = to_image.sum(-1) if how == "mass" else to_image.amax(-1)  # (M, H, T)
+        per_layer.append((value.mean(1) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))
     return torch.stack(per_layer).mean(0)
 
 
+def normalise_teacher(teacher: torch.Tensor, valid: torch.Tensor, norm: str) -> torch.Tensor:
+    """'zscore': standardise each row over its valid entries ((x - mean) / std, std floored at 1e-6;
+    a single image gives 0); 'none': unchanged."""
+    if norm == "none":
+        return teacher.float()
+    x = teacher.float().masked_fill(~valid, 0.0)
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = x.sum(-1, keepdim=True) / n
+    var = ((x - mean) ** 2 * valid).sum(-1, keepdim=True) / n
+    return ((x - mean) / var.sqrt().clamp(min=1e-6)).masked_fill(~valid, 0.0)
+
+
 def kd_loss(
-    teacher: torch.Tensor, student: torch.Tensor, valid: torch.Tensor, temperature: float = 1.0
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    valid: torch.Tensor,
+    temperature: float = 1.0,
+    norm: str = "none",
 ) -> torch.Tensor:
-    """KL(softmax(teacher / T) || softmax(student)) per sample over its valid images, averaged over
-    samples with at least two images (a single image has nothing to choose; its loss is 0)."""
-    p = masked_softmax(teacher.float() / temperature, valid)
+    """KL(softmax(Norm(teacher) / T) || softmax(student)) per sample over its valid images, averaged
+    over samples with at least two images (a single image has nothing to choose; its loss is 0)."""
+    p = masked_softmax(normalise_teacher(teacher, valid, norm) / temperature, valid)
     log_q = torch.log_softmax(student.float().masked_fill(~valid, float("-inf")), dim=-1)
     log_p = torch.log(p.clamp(min=1e-30))
     per_sample = torch.where(valid, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)  # (B,)
     multi = valid.sum(-1) >= 2
     if not bool(multi.any()):
-        return student.sum() * 0.0
+        return student.masked_fill(~valid, 0.0).sum() * 0.0  # -inf padding must not give NaN
     return per_sample[multi].mean()
+
+
+def supervised_loss(student: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Optional frame-label loss: cross-entropy between softmax(student) over a sample's images and
+    the uniform distribution over its labelled-valid images. labels: (B, K) 1 valid, 0 invalid, -1
+    unknown. Only samples with >= 2 images, all labelled, at least one valid and one invalid, count."""
+    labelled = (labels >= 0) | ~valid
+    pos = (labels == 1) & valid
+    use = labelled.all(-1) & (valid.sum(-1) >= 2) & pos.any(-1) & (pos.sum(-1) < valid.sum(-1))
+    if not bool(use.any()):
+        return student.masked_fill(~valid, 0.0).sum() * 0.0  # -inf padding must not give NaN
+    target = pos.float() / pos.sum(-1, keepdim=True).clamp(min=1)
+    log_q = torch.log_softmax(student.float().masked_fill(~valid, float("-inf")), dim=-1)
+    per = -(target * torch.where(valid, log_q, torch.zeros_like(log_q))).sum(-1)
+    return per[use].mean()
 
 
 # ------------------------------------------------------------------------------------ module
@@ -178,6 +218,7 @@ def attention_teacher(
     text_embeds: torch.Tensor,
     text_mask: torch.Tensor,
     n_layers: int,
+    relevance: str = "mass",
 ) -> torch.Tensor:
     """Relevance s_attn of each image to its sample's findings text, from the first N LLM layers.
 
@@ -213,7 +254,7 @@ def attention_teacher(
         llm.set_attn_implementation(previous)
     if len(captured) != n_layers or any(a is None for a in captured):
         raise RuntimeError(f"the LLM's attention layers returned no weights ({type(llm).__name__})")
-    return attention_relevance(captured, image_feats.shape[1], text_mask)
+    return attention_relevance(captured, image_feats.shape[1], text_mask, relevance)
 
 
 def select_features(

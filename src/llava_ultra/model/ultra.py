@@ -69,6 +69,7 @@ from .selector import (
     select_features,
     select_top,
     straight_through,
+    supervised_loss,
 )
 from .vision import ImageProcessor, build_clip, build_sam, clip_tokens, sam_grid
 
@@ -232,6 +233,7 @@ class UltraModel(nn.Module):
         findings_mask: torch.Tensor | None,
         clip_features: torch.Tensor | None = None,
         sam_features: torch.Tensor | None = None,
+        frame_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, Selection, torch.Tensor | None]:
         """Encode, score and select. Returns the chosen images' tokens (S, N, D), the selection, kd_loss.
         Cached encoder outputs (`clip_features`, `sam_features`; see `encode_images`) replace pixels."""
@@ -272,9 +274,13 @@ class UltraModel(nn.Module):
                 text.repeat_interleave(repeat, dim=0),  # (M, T, D)
                 findings_mask.to(self.device).repeat_interleave(repeat, dim=0),  # (M, T)
                 scfg.attn_layers,
+                scfg.teacher_relevance,
             )
             teacher, _ = group(s_attn, counts)
-            kd = kd_loss(teacher, scores, valid, scfg.teacher_temperature)
+            kd = kd_loss(teacher, scores, valid, scfg.teacher_temperature, scfg.teacher_norm)
+        if frame_valid is not None and scfg.supervised_weight > 0 and self.training:
+            labels, _ = group(frame_valid.to(self.device).float(), counts, fill=-1.0)
+            self._supervised_loss = supervised_loss(scores, valid, labels.long())
         selection = Selection(
             indices=indices_from_mask(chosen),
             scores=scores.detach(),
@@ -319,6 +325,7 @@ class UltraModel(nn.Module):
         findings_mask: torch.Tensor | None = None,
         clip_features: torch.Tensor | None = None,
         sam_features: torch.Tensor | None = None,
+        frame_valid: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         return_logits: bool = True,
     ) -> UltraOutput:
@@ -332,9 +339,13 @@ class UltraModel(nn.Module):
         compute and the logits' memory (at a 32k vocabulary, 2048 tokens: 256 MB per sample in fp32).
 
         `clip_features` (M, N, Dc) / `sam_features` (M, C, Gs, Gs): precomputed frozen-encoder outputs
-        (a feature cache) given instead of `pixel_values_clip` / `pixel_values_sam`."""
+        (a feature cache) given instead of `pixel_values_clip` / `pixel_values_sam`.
+
+        `frame_valid` (M,): optional per-image validity labels (1/0, -1 unknown), read only by the
+        optional supervised selector loss (`selector.supervised_weight > 0`, training)."""
         images = pixel_values_clip if pixel_values_clip is not None else clip_features
         counts = _image_counts(image_counts, input_ids.shape[0], images)
+        self._supervised_loss = None
         feats, selection, kd = self._select(
             pixel_values_clip,
             pixel_values_sam,
@@ -343,7 +354,9 @@ class UltraModel(nn.Module):
             findings_mask,
             clip_features,
             sam_features,
+            frame_valid,
         )
+        sup = self._supervised_loss  # optional frame-label loss (selector.supervised_weight > 0)
         embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -366,8 +379,15 @@ class UltraModel(nn.Module):
             logits, hidden, lm_loss = self._full_logits_and_loss(
                 embeds, attention_mask, positions, labels, output_hidden_states
             )
+        scfg = self.config.selector
         parts = [
-            x for x in (lm_loss, None if kd is None else self.config.selector.kd_weight * kd) if x is not None
+            x
+            for x in (
+                lm_loss,
+                None if kd is None else scfg.kd_weight * kd,
+                None if sup is None else scfg.supervised_weight * sup,
+            )
+            if x is not None
         ]
         loss = sum(parts[1:], parts[0]) if parts else None
         return UltraOutput(

@@ -20,7 +20,9 @@ is SAM's own preprocessing for any input).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,15 +43,42 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
+def _from_pretrained(cls: type, path: str, what: str, cfg: VisionConfig | SamConfig) -> torch.nn.Module:
+    """`cls.from_pretrained(path)`, strictly: a weight of the tower that the folder lacks (or holds
+    with another shape) raises, and a local folder's preprocessor_config.json must agree with the
+    config's normalisation. Extra weights are fine: hub CLIP / SAM checkpoints also hold the text
+    tower / the prompt encoder and mask decoder."""
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what}.path={path!r} could not be loaded: {exc}") from exc
+    wrong = {
+        k: sorted(map(str, v)) for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v
+    }
+    if wrong:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:5])}" for k, v in wrong.items())
+        raise ConfigError(
+            f"{what}.path={path!r} does not match a {cls.__name__} ({detail}); point {what}.path at a "
+            f"{cls.__name__} folder (e.g. the clip/ or sam/ folder of `llava-ultra pretrain-encoders`)"
+        )
+    pre = Path(path) / "preprocessor_config.json"
+    if pre.is_file():
+        saved = json.loads(pre.read_text(encoding="utf-8"))
+        for key in ("image_mean", "image_std"):
+            if key in saved and not np.allclose(saved[key], getattr(cfg, key), atol=1e-6):
+                raise ConfigError(
+                    f"{what}.{key}={list(getattr(cfg, key))} but {pre} says {saved[key]}; set "
+                    f"{what}.{key}={saved[key]} (the encoder was trained with it)"
+                )
+    return model
+
+
 def build_clip(cfg: VisionConfig) -> CLIPVisionModel:
     """A frozen CLIP vision tower from a hub id / folder or from inline config kwargs."""
     if cfg.inline is not None:
         model = CLIPVisionModel(CLIPVisionConfig(**_inline_kwargs(cfg.inline)))
     else:
-        try:
-            model = CLIPVisionModel.from_pretrained(cfg.path)
-        except OSError as exc:
-            raise ConfigError(f"model.vision.path={cfg.path!r} could not be loaded: {exc}") from exc
+        model = _from_pretrained(CLIPVisionModel, cfg.path, "model.vision", cfg)
     for key in ("image_size", "patch_size"):
         if getattr(model.config, key) != getattr(cfg, key):
             raise ConfigError(
@@ -66,10 +95,7 @@ def build_sam(cfg: SamConfig) -> SamVisionModel | None:
     if cfg.inline is not None:
         model = SamVisionModel(SamVisionConfig(**_inline_kwargs(cfg.inline)))
     else:
-        try:
-            model = SamVisionModel.from_pretrained(cfg.path)
-        except OSError as exc:
-            raise ConfigError(f"model.sam.path={cfg.path!r} could not be loaded: {exc}") from exc
+        model = _from_pretrained(SamVisionModel, cfg.path, "model.sam", cfg)
     if model.config.image_size != cfg.image_size:
         raise ConfigError(
             f"model.sam.image_size={cfg.image_size} but the SAM encoder has image_size="

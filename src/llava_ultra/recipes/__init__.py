@@ -1,0 +1,1 @@
+"""Recipes: compositions of data, train and eval (nothing below imports them)."""

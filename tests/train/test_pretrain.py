@@ -1,0 +1,115 @@
+"""Encoder pretraining: losses fall, the output loads through the preset path loader, resume is exact,
+and the pretrained CLIP classifies sites zero-shot better than chance on held-out frames."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llava_ultra.config import SamConfig, VisionConfig, from_dict
+from llava_ultra.data.frames import build_synth_frames, read_frames
+from llava_ultra.data.synth import SynthConfig
+from llava_ultra.errors import ConfigError
+from llava_ultra.eval.encoders import frame_features, zero_shot_sites
+from llava_ultra.model.vision import build_clip, build_sam
+from llava_ultra.train.pretrain import PretrainConfig, batch_indices, encoder_overrides, pretrain
+
+STEPS = 60
+
+
+def corpus_config(seed: int, reports: int = 36) -> SynthConfig:
+    return SynthConfig(reports=reports, seed=seed, k_min=1, k_max=3, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    build_synth_frames(root / "corpus", corpus_config(0), val_frac=0.0)
+    cfg = PretrainConfig(steps=STEPS, batch_size=24, lr=3e-3, warmup_steps=5, save_every=30, progress=False)
+    result = pretrain(root / "corpus", root / "enc", cfg, echo=lambda *a: None)
+    return root, cfg, result
+
+
+def _mean(values):
+    return sum(values) / len(values)
+
+
+def test_pretraining_lowers_contrastive_and_mask_losses(trained):
+    _, _, r = trained
+    assert len(r.clip_loss) == len(r.mask_loss) == STEPS
+    assert _mean(r.clip_loss[-10:]) < 0.8 * _mean(r.clip_loss[:5])
+    assert _mean(r.mask_loss[-10:]) < 0.6 * _mean(r.mask_loss[:5])
+
+
+def test_output_loads_through_the_preset_path_loader_strictly(trained):
+    root, cfg, _ = trained
+    enc = root / "enc"
+    overrides = dict(o.split("=", 1) for o in encoder_overrides(enc))
+    vision = from_dict(
+        VisionConfig,
+        {"path": json.loads(overrides["model.vision.path"]), "image_size": 112, "patch_size": 14,
+         "image_mean": json.loads(overrides["model.vision.image_mean"])},
+        "model.vision",
+    )  # fmt: skip
+    clip = build_clip(vision)
+    saved = load_file(str(enc / "clip" / "model.safetensors"))
+    for name, tensor in clip.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert not any(p.requires_grad for p in clip.parameters())
+    sam = build_sam(from_dict(SamConfig, {"path": str(enc / "sam"), "image_size": 128}, "model.sam"))
+    assert sam.config.image_size == 128
+    # preprocessing is read from the saved config: a different normalisation is refused, named
+    with pytest.raises(
+        ConfigError, match=r"model.vision.image_mean=\[0.5, 0.5, 0.5\] but .*preprocessor_config"
+    ):
+        build_clip(from_dict(VisionConfig, {"path": str(enc / "clip"), "image_size": 112, "patch_size": 14,
+                                             "image_mean": [0.5, 0.5, 0.5]}, "model.vision"))  # fmt: skip
+    # a folder of the wrong kind is refused, naming the missing weights
+    with pytest.raises(ConfigError, match="does not match a SamVisionModel"):
+        build_sam(from_dict(SamConfig, {"path": str(enc / "clip"), "image_size": 128}, "model.sam"))
+
+
+def test_resume_continues_exactly(trained, tmp_path):
+    root, cfg, _ = trained
+    # a run stopped after its step-30 checkpoint: keep only that checkpoint, resume to the end
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(root / "enc", resumed)
+    for p in resumed.iterdir():
+        if p.name != "checkpoints":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    assert [p.name for p in (resumed / "checkpoints").iterdir()] == ["step-00000030"]
+    messages = []
+    r = pretrain(root / "corpus", resumed, cfg, resume=True, echo=messages.append)
+    assert r.resumed_from == 30 and "resuming encoder pretraining" in messages[-1]
+    for part in ("clip", "sam"):
+        a = load_file(str(root / "enc" / part / "model.safetensors"))
+        b = load_file(str(resumed / part / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    with pytest.raises(ConfigError, match="pass --resume to continue it or --overwrite"):
+        pretrain(root / "corpus", resumed, cfg, echo=lambda *a: None)
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    a = batch_indices(10, 4, 2, seed=1)  # crosses the first epoch boundary (frames 8..11)
+    assert torch.equal(a, batch_indices(10, 4, 2, seed=1)) and len(a) == 4
+    epoch0 = torch.cat([batch_indices(10, 5, s, 1) for s in (0, 1)])
+    assert sorted(epoch0.tolist()) == list(range(10))
+
+
+def test_zero_shot_site_accuracy_beats_chance_on_held_out_frames(trained, tmp_path):
+    root, _, _ = trained
+    build_synth_frames(tmp_path / "held", corpus_config(7, reports=24), val_frac=0.0)
+    held = read_frames(tmp_path / "held")
+    feats = frame_features(root / "enc", held, held.records)
+    sites = [r.site for r in held.records]
+    chance = 1 / len(set(sites))
+    acc = zero_shot_sites(root / "enc", feats["clip_pooled"], sites)
+    rnd = zero_shot_sites(
+        root / "enc", frame_features(root / "enc", held, held.records, True)["clip_pooled"], sites, True
+    )
+    assert acc > max(2 * chance, rnd + 0.2), (acc, rnd, chance)

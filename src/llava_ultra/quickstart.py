@@ -272,7 +272,7 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     seconds["data"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    enc = resolve_encoders(opts.encoders, hard=opts.hard, fast=opts.fast, echo=echo)
+    enc = resolve_encoders(opts.encoders, fast=opts.fast, echo=echo)
     seconds["encoders"] = time.perf_counter() - t
     cfg = quickstart_config(opts, instruct_dir, run_dir, enc)
     t = time.perf_counter()

@@ -73,6 +73,7 @@ def test_minimal_ablation_end_to_end(tmp_path: Path) -> None:
         steps2=2,
         eval_samples=6,
         n_boot=50,
+        encoders="random",
     )
     payload = run_ablation(opts, echo=lambda _m: None)
     # no_stage2 reuses the full row's stage-1 checkpoint: one training run only
@@ -88,6 +89,11 @@ def test_minimal_ablation_end_to_end(tmp_path: Path) -> None:
     assert saved["settings"]["rows"] == ["full", "no_stage2"]
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     lines = [ln for ln in md.splitlines() if ln.startswith("| LLaVA-Ultra full model")]
-    assert len(lines) == 3 and all(ln.count("|") == lines[0].count("|") for ln in lines[:1])
+    # main table, per-type table, selection table, teacher-definitions table
+    assert len(lines) == 4 and all(ln.count("|") == lines[0].count("|") for ln in lines[:1])
+    variants = table["full"]["teacher_variants"]
+    assert set(variants) == {f"teacher_{t}_{h}" for t in ("findings", "diagnosis") for h in ("mass", "peak")}
+    pooled = table["full"]["selector_pooled"]
+    assert pooled["ci"][0] <= pooled["rate"] <= pooled["ci"][1] and pooled["n"] > 0
     header = next(ln for ln in md.splitlines() if ln.startswith("| variant | EM"))
     assert md.splitlines()[md.splitlines().index(header) + 1].count("|") == header.count("|")

@@ -63,6 +63,8 @@ def test_command_line_spells_out_every_option(tmp_path: Path):
         "100",
         "--eval-samples",
         "120",
+        "--encoders",
+        "pretrained",
         "train.align.solver=ipfp",
     ]
     odd = command_line(LograOptions(out=tmp_path, steps2=None, n_boot=50, config=tmp_path / "c.yaml"))
@@ -83,6 +85,7 @@ def test_minimal_experiment_end_to_end(tmp_path: Path):
         eval_samples=6,
         overrides=["train.align.k=2"],
         n_boot=50,
+        encoders="random",
     )
     payload = run_experiment(opts, echo=lambda _m: None)
     assert [(r["fraction"], r["arm"]) for r in payload["table"]] == [

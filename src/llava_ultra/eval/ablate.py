@@ -363,6 +363,16 @@ def evaluate_folder(
         "per_question": per_question(rows),
         "selection": selection_summary(diag, scfg.teacher_temperature, n_boot, scfg.teacher_norm),
         "frames": diag,
+        "answers": [
+            {
+                "id": r["sample"]["id"],
+                "question_type": r["sample"]["question_type"],
+                "language": r["sample"].get("language"),
+                "prediction": r["prediction"],
+                "selected": r["selected"],
+            }
+            for r in rows
+        ],
     }
 
 
@@ -387,7 +397,7 @@ def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> di
     root = image_root_for(eval_path)
     synthus = out / "synthus"
     reports = selection_reports(synthus)
-    encoders = resolve_encoders(opts.encoders, hard=opts.hard, echo=echo)
+    encoders = resolve_encoders(opts.encoders, echo=echo)
 
     runs: dict[str, dict[int, dict[str, Any]]] = {k: {} for k in keys}
     for seed in opts.seeds:
@@ -439,9 +449,13 @@ def _payload(
         },
         "table": aggregate(done, opts.n_boot),
         "runs": {
-            k: {str(s): {kk: vv for kk, vv in r.items() if kk != "frames"} for s, r in v.items()}
+            k: {
+                str(s): {kk: vv for kk, vv in r.items() if kk not in ("frames", "answers")}
+                for s, r in v.items()
+            }
             for k, v in done.items()
         },
+        "answers": {k: {str(s): r.get("answers", []) for s, r in v.items()} for k, v in done.items()},
         "frames": {k: {str(s): r["frames"] for s, r in v.items()} for k, v in done.items()},
         "seconds": secs,
     }
@@ -653,7 +667,11 @@ def merge_results(folders: Sequence[Path], out: Path, n_boot: int = 1000) -> dic
                 )
         for key, by_seed in payload["runs"].items():
             for seed, result in by_seed.items():
-                runs.setdefault(key, {})[int(seed)] = {**result, "frames": payload["frames"][key][seed]}
+                runs.setdefault(key, {})[int(seed)] = {
+                    **result,
+                    "frames": payload["frames"][key][seed],
+                    "answers": payload.get("answers", {}).get(key, {}).get(seed, []),
+                }
         secs += payload.get("seconds", 0.0)
     keys = check_rows(list(runs))
     opts = AblateOptions(

@@ -87,7 +87,7 @@ def command_line(opts: LograOptions) -> str:
             extra.append(f"{flag[2:]}=None")
         else:
             args += [flag, str(value)]
-    args += ["--eval-samples", str(opts.eval_samples), *opts.overrides]
+    args += ["--eval-samples", str(opts.eval_samples), "--encoders", str(opts.encoders), *opts.overrides]
     if opts.config is not None:
         extra.append(f"config={opts.config}")
     if opts.n_boot != default.n_boot:

@@ -12,7 +12,6 @@ atomically (a crash leaves no half-built cache).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -38,8 +37,10 @@ class EncoderRecipe:
     corpus_reports: int = 500
     corpus_seed: int = 0
     hard: bool = False
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 64
+    lr: float = 3e-3
+    lesion_weight: float = 30.0
     probe_steps: int = 300
     """Steps of the decoder probe fitted on the random-init SAM (quality table only)."""
 
@@ -50,7 +51,13 @@ class EncoderRecipe:
                            image_size=128, hard=self.hard)  # fmt: skip
 
     def pretrain_config(self) -> PretrainConfig:
-        return PretrainConfig(steps=self.steps, batch_size=self.batch_size, progress=False)
+        return PretrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            lesion_weight=self.lesion_weight,
+            progress=False,
+        )
 
     def key(self) -> str:
         blob = json.dumps({"version": PRETRAIN_VERSION, "corpus": asdict(self.corpus_config()),
@@ -89,17 +96,14 @@ FAST_RECIPE = EncoderRecipe(corpus_reports=40, steps=12, batch_size=32, probe_st
 """The smoke-test encoders of `quickstart --fast` (seconds to build; barely trained)."""
 
 
-def resolve_encoders(
-    choice: str | Path | None, hard: bool = False, fast: bool = False, echo=print
-) -> list[str]:
+def resolve_encoders(choice: str | Path | None, fast: bool = False, echo=print) -> list[str]:
     """Config overrides for --encoders: [] for 'random', the cached default for 'pretrained' (built
-    on first use; pretrained on hard SynthUS frames when `hard`; the smoke-test recipe when `fast`),
-    else a folder written by `pretrain-encoders`."""
+    on first use from default SynthUS frames and used for hard SynthUS too: one pretrained encoder
+    serves every dataset; the smoke-test recipe when `fast`), else a `pretrain-encoders` folder."""
     if choice in (None, "random"):
         return []
     if choice == "pretrained":
-        recipe = dataclasses.replace(FAST_RECIPE if fast else EncoderRecipe(), hard=hard)
-        return encoder_overrides(ensure_encoders(recipe, echo=echo))
+        return encoder_overrides(ensure_encoders(FAST_RECIPE if fast else EncoderRecipe(), echo=echo))
     folder = Path(choice)
     if not (folder / "clip" / "config.json").is_file():
         raise ConfigError(

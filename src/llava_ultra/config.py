@@ -214,6 +214,10 @@ class SelectorConfig:
     'none' (the raw attention masses, which lie in [0, 1] and differ by ~1e-3 between frames: a
     near-uniform target) or 'zscore' (standardised within the sample, so the target's sharpness is
     set by T alone, whatever the scale of the attention masses). See docs/results.md."""
+    score_features: str = "fused"
+    """What the feature scorer reads: 'fused' (the paper: H_v of CLIP + SAM for every frame) or
+    'clip' (cheap selection: the CLIP projector's tokens H1; SAM then runs only on the chosen
+    frames, k times less SAM compute; the attention teacher reads H1 too)."""
     teacher_relevance: str = "mass"
     """What the teacher reads from the attention of the findings text on an image's tokens: 'mass'
     (total attention on the image, the paper's reading of Attn(H_v, H_t)) or 'peak' (the largest
@@ -237,6 +241,7 @@ class SelectorConfig:
         _positive("model.selector.teacher_temperature", self.teacher_temperature)
         _one_of("model.selector.teacher_norm", self.teacher_norm, ("none", "zscore"))
         _one_of("model.selector.teacher_relevance", self.teacher_relevance, ("mass", "peak"))
+        _one_of("model.selector.score_features", self.score_features, ("fused", "clip"))
         if self.supervised_weight < 0:
             raise ConfigError(f"model.selector.supervised_weight={self.supervised_weight} must be >= 0")
 

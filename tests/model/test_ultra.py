@@ -170,6 +170,37 @@ def test_selected_frame_is_the_one_the_llm_sees():
     torch.testing.assert_close(out.logits, alone.logits)
 
 
+def test_clip_only_scoring_matches_a_reference_and_runs_sam_on_the_chosen_frames_only():
+    full = tiny_model()
+    cheap = tiny_model(**{"selector.score_features": "clip"})
+    cheap.load_state_dict(full.state_dict())
+    batch = tiny_batch(cheap, [4, 1, 3])
+    sam_batches = []
+    cheap.sam.register_forward_hook(lambda _m, _i, out: sam_batches.append(out.last_hidden_state.shape[0]))
+    with torch.no_grad():
+        out = cheap(**batch)
+        # reference: the scorer over the CLIP projector's tokens of every frame, argmax per sample
+        v = cheap.config.vision
+        from llava_ultra.model.vision import clip_tokens
+
+        h1 = cheap.fusion.clip_projector(
+            clip_tokens(cheap.clip, batch["pixel_values_clip"], v.select_layer, v.select_feature)
+        )
+        ref = cheap.selector.score(h1)
+        want = [[int(ref[a:b].argmax())] for a, b in ((0, 4), (4, 5), (5, 8))]
+        assert out.selection.indices == want
+        assert sam_batches == [3]  # one SAM call over the 3 chosen frames, not all 8
+        # the LLM sees exactly the fused features of the chosen frames
+        flat = torch.tensor([0 + want[0][0], 4, 5 + want[2][0]])
+        fused = cheap.encode_images(batch["pixel_values_clip"][flat], batch["pixel_values_sam"][flat])
+        torch.testing.assert_close(out.image_features, fused)
+    # training: the straight-through gradient reaches the scorer through the CLIP-only scores
+    cheap.train()
+    cheap.selector.score_head.weight.grad = None
+    cheap(**batch, labels=batch["input_ids"]).loss.backward()
+    assert cheap.selector.score_head.weight.grad.abs().sum() > 0
+
+
 def test_image_count_mismatch_names_both_counts():
     model = tiny_model()
     batch = tiny_batch(model, [2])

@@ -204,13 +204,20 @@ class UltraModel(nn.Module):
         Precomputed encoder outputs (train/feature_cache.py) stand in for the pixels of their encoder:
         `clip_features` (M, N, Dc) for CLIP's selected-layer tokens, `sam_features` (M, C, Gs, Gs) for
         SAM's neck grid; the frozen encoder is then not run."""
-        v = self.config.vision
+        tokens = self._clip_tokens(pixel_values_clip, clip_features)
+        return self._fuse(tokens, pixel_values_sam, sam_features)
+
+    def _clip_tokens(self, pixel_values_clip: torch.Tensor | None, clip_features: torch.Tensor | None) -> torch.Tensor:
+        """(M, 3, S, S) pixels, or cached (M, N, Dc) features -> CLIP's selected-layer tokens (M, N, Dc)."""
         if clip_features is not None:
-            tokens = clip_features.to(self.device)
-        else:
-            tokens = clip_tokens(
-                self.clip, pixel_values_clip.to(self.device), v.select_layer, v.select_feature
-            )
+            return clip_features.to(self.device)
+        v = self.config.vision
+        return clip_tokens(self.clip, pixel_values_clip.to(self.device), v.select_layer, v.select_feature)
+
+    def _fuse(
+        self, tokens: torch.Tensor, pixel_values_sam: torch.Tensor | None, sam_features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """CLIP tokens (M, N, Dc) + SAM (pixels or cached grid, same M images) -> H_v (M, N, D)."""
         grid = None
         if self.sam is not None and sam_features is not None:
             grid = sam_features.to(self.device)  # (M, C, Gs, Gs)
@@ -252,15 +259,33 @@ class UltraModel(nn.Module):
             cached = [None if x is None else x[flat] for x in (clip_features, sam_features)]
             return self.encode_images(*pick, *cached), Selection(indices=indices), None
 
-        feats = self.encode_images(
-            pixel_values_clip, pixel_values_sam, clip_features, sam_features
-        )  # (M, N, D)
+        cheap = scfg.score_features == "clip" and self.sam is not None
+        if cheap:  # score on CLIP alone; SAM runs only on the chosen frames (below)
+            tokens = self._clip_tokens(pixel_values_clip, clip_features)  # (M, N, Dc)
+            feats = self.fusion.clip_projector(tokens.to(self.dtype))  # (M, N, D): H1 of every frame
+        else:
+            feats = self.encode_images(
+                pixel_values_clip, pixel_values_sam, clip_features, sam_features
+            )  # (M, N, D)
         scores, valid = group(self.selector.score(feats), counts)  # (B, K), (B, K)
         chosen = select_top(scores, valid, scfg.top_m)  # (B, K) hard 0/1
         multipliers = None
         if self.training and scfg.straight_through and torch.is_grad_enabled():
             multipliers = straight_through(scores, valid, chosen)
-        selected = select_features(feats, counts, chosen, multipliers)  # (S, N, D)
+        if cheap:
+            offsets = torch.tensor([0, *counts[:-1]], device=chosen.device).cumsum(0)
+            b_idx, k_idx = chosen.nonzero(as_tuple=True)
+            flat = (offsets[b_idx] + k_idx).cpu()  # the chosen frames, sample order
+            fused = self._fuse(
+                tokens[flat.to(tokens.device)],
+                None if pixel_values_sam is None else pixel_values_sam[flat],
+                None if sam_features is None else sam_features[flat],
+            )  # (S, N, D): SAM encoded for S frames instead of M
+            if multipliers is not None:
+                fused = fused * multipliers[b_idx, k_idx].to(fused.dtype).view(-1, 1, 1)
+            selected = fused
+        else:
+            selected = select_features(feats, counts, chosen, multipliers)  # (S, N, D)
 
         kd, teacher = None, None
         if scfg.mode == "feature+attention" and findings_ids is not None:

@@ -346,7 +346,7 @@ def _csv_rows(lines: list[str], start: int) -> Iterator[tuple[int, list[str] | D
                 yield (
                     first,
                     DataError(
-                        "unclosed quote: a cell opened with \" on this line is never closed, so the "
+                        'unclosed quote: a cell opened with " on this line is never closed, so the '
                         "rest of the file would be read as one cell; close the quote (write a quote "
                         'inside a cell as "")'
                     ),

@@ -536,7 +536,9 @@ def _write_deid_dicom(ds: Dataset, frames: np.ndarray, every: int, path: Path) -
     if every > 1 and ds.get("FrameTime") is not None:
         ds.FrameTime = f"{float(ds.FrameTime) * every:.3f}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    # dcmwrite, not save_as: save_as refuses a change of endianness. Every element has been
+    # decoded by `_clean` (it visits all of them), so nothing is copied as raw big-endian bytes.
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return notes
 
 

@@ -71,7 +71,7 @@ _PROSE_CHARS = set(
     "无未见不适诉述因于有及和为在经示发现病史症状痛疼后次个伴行术查检声结节囊肿腺肝胆肾脏宫乳区部侧"
     "叶极内外下左右约可能考虑议随访复情况稳定出院入治疗自来今近曾已既往主的了是由血压疸毒炎癌瘤块"
     "热咳嗽呕吐泻晕乏力瘦肿胀酸麻痒闷悸喘抽搐疹尿便频急孕胎产经量多少低重轻度性型级类期"
-    "回声弱等均匀清晰糙张规则样线摆属径位意显常例资岁男女床号科室签字名同意陪诉告知"
+    "回声弱等均匀清晰糙张规则样线摆属径位意显常例资岁男女床号科室签字名同意陪诉告知请班诊管治修习任"
 )
 # Clinical words that start with a surname character; never a name, whatever follows them.
 _CLINICAL_ZH = (
@@ -88,6 +88,7 @@ _ZH_NAME = r"(?P<v>[" + _HAN + r"]{2,4}?(?:·[" + _HAN + r"]{1,8})?)" + _ZH_NAME
 _MINORITY = rf"(?P<v>[{_HAN}]{{2,5}}·[{_HAN}]{{2,6}})"
 _SEP = r"\s*[:：]\s*"
 _OPT_SEP = r"\s*[:：]?\s*"
+_AFTER_WEAK = "|".join(f"(?<={w})" for w in ("患者", "病人", "患儿", "家属", "联系人", "陪同", "告知", "通知"))
 _TITLES_ZH = (
     r"先生|女士|小姐|阿姨|大爷|大妈|奶奶|爷爷|叔叔|老人|老师|同志|同学|医生|医师|大夫|护士长|护士|主任|"
     r"教授|院长|老板|师傅"
@@ -100,7 +101,7 @@ _EN_INITIAL = r"[A-Z]\."
 _EN_NAME = (
     r"(?P<v>"
     r"[A-Za-z][A-Za-z'-]*(?:\^[A-Za-z'-]*)+"  # DICOM PN: LAST^FIRST^MIDDLE
-    rf"|(?:{_EN_CAP}\s(?:{_EN_PARTICLE}\s)*)?{_EN_CAP},\s?{_EN_CAP}(?:\s{_EN_INITIAL})?(?![A-Za-z])"  # Last, First
+    rf"|(?:(?:{_EN_CAP}|{_EN_PARTICLE})\s(?:{_EN_PARTICLE}\s)*)?{_EN_CAP},\s?{_EN_CAP}(?:\s[A-Z]\.?)?(?![A-Za-z])"  # Last, First
     rf"|{_EN_INITIAL}\s?(?:{_EN_INITIAL}\s?)?{_EN_SURNAME}"  # J. Smith
     rf"|{_EN_CAP}(?:\s{_EN_INITIAL})?(?:\s{_EN_SURNAME})?"  # First (M.) Last, or one word
     r")(?![A-Za-z])"
@@ -127,7 +128,9 @@ _DATE = (
     rf"|\d{{1,2}}[-\s]{_MONTH}[-\s,]*\d{{4}}"
     rf"|{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}}"
     rf"|{_MONTH}\s+\d{{4}}"
-    r"|\d{1,2}月\d{1,2}日)"
+    r"|\d{1,2}月\d{1,2}日"
+    r"|[〇零一二三四五六七八九]{4}年[一二三四五六七八九十]{1,3}月(?:[一二三四五六七八九十]{1,3}日)?"
+    r"|(?:19|20)\d{2}年)"
 )
 
 
@@ -213,23 +216,29 @@ def _c(p: str, flags: int = 0) -> re.Pattern[str]:
     return re.compile(p, flags)
 
 
-_ZH_NAME_LABEL = r"受检者姓名|患者姓名|病人姓名|姓名|名字"
+_ZH_NAME_LABEL = r"受检者姓名|患者姓名|病人姓名|姓\s*名|名\s*字"
 _ZH_STAFF = (
     r"主治医师|主治医生|报告医师|报告医生|审核医师|审核医生|检查医师|检查医生|超声医师|医师|医生|大夫|检查者|"
-    r"报告者|记录者|审核者|审核人|签名|技师|操作者|联系人|紧急联系人|陪同人|监护人"
+    r"报告者|记录者|审核者|审核人|签名|技师|操作者|联系人|紧急联系人|陪同人|监护人|复核|核对|记录|录入|"
+    r"打字|书写|诊断医师|申请医生|申请医师|主诊|报告人|检查人|诊断者|送检医生|开单医生"
 )
-_ZH_WEAK = r"患者|病人|患儿|受检者|被检者|就诊者|家属|孕妇|产妇"
+_ZH_WEAK = r"患者|病人|患儿|受检者|被检者|就诊者|家属|孕妇|产妇|老人"
 _EN_STRONG = (
     r"(?i:patient(?:'s)?\s+name|name|physician|doctor|sonographer|radiologist|operator|pt|attending|"
-    r"consultant|technologist|referring\s+physician|referring\s+doctor|patient|next\s+of\s+kin|contact\s+person)"
+    r"consultant|technologist|referring\s+physician|referring\s+doctor|patient|next\s+of\s+kin|contact\s+person|"
+    r"ordering\s+(?:provider|physician)|provider|signed|interpreting\s+physician|resident|fellow)"
 )
-_EN_BY = r"(?i:reported|signed|examined|reviewed|dictated|read|performed|scanned|verified|approved)\s+by"
+_EN_BY = (
+    r"(?i:reported|signed|examined|reviewed|dictated|read|performed|scanned|verified|approved|interpreted|"
+    r"referred|requested|ordered|transcribed|confirmed)\s+by"
+)
 _RECORD_LABELS = (
-    r"(?:住院|门诊|病历|病案|检查|登记|影像|超声|就诊|就诊卡|医保卡|医保|社保|放射|病理|申请单|流水)号(?:码)?|ID号|"
+    r"(?:住院|门诊|病历|病案|检查|登记|影像|超声|就诊|就诊卡|医保卡|医保|社保|放射|病理|申请单|流水|报告)(?:号|编号)(?:码)?|"
+    r"(?:门诊|住院)ID|就诊卡|医保卡|社保卡|ID号|编号|"
     r"(?<![A-Za-z])(?i:MRN|MR\s*(?:No\.?|#)|Medical\s+Record\s+(?:No\.?|Number|#)|Hospital\s+(?:No\.?|Number|#)|"
     r"Admission\s+(?:No\.?|Number|#)|Inpatient\s+(?:No\.?|Number|#)|Outpatient\s+(?:No\.?|Number|#)|"
     r"Patient\s+ID|Accession\s+(?:No\.?|Number|#)|Case\s+(?:No\.?|Number|#)|Exam\s+(?:No\.?|Number|#)|"
-    r"Record\s+(?:No\.?|Number|#)|ID\s*No\.?|ID(?=\s*[:：#]))"
+    r"Record\s+(?:No\.?|Number|#)|Acc(?:ession)?\s*#|Acc\.?\s*No\.?|ID\s*No\.?|ID(?=\s*[:：#]))"
 )
 _BIRTH_BEFORE = (
     r"(?:出生日期|出生年月日|出生年月|出生于|出生|生于|生日|诞生于|"
@@ -239,9 +248,14 @@ _ADDRESS_LABELS = (
     r"现住址|家庭住址|户籍地址|联系地址|通讯地址|住址|地址|家住|现住|居住于|居住地|"
     r"(?<![A-Za-z])(?i:home\s+address|address|addr\.?|lives\s+at|resides\s+at|residing\s+at)"
 )
+_PROVINCES = (
+    "河北|山西|辽宁|吉林|黑龙江|江苏|浙江|安徽|福建|江西|山东|河南|湖北|湖南|广东|海南|四川|贵州|云南|陕西|"
+    "甘肃|青海|台湾|内蒙古|广西|西藏|宁夏|新疆"
+)
 _ZH_ADDRESS = (
-    rf"(?P<v>(?:[{_HAN}]{{2,8}}(?:省|自治区))?[{_HAN}]{{2,8}}市(?:[{_HAN}]{{1,8}}[区县])?"
-    rf"[{_HAN}\dA-Za-z]{{0,16}}?(?:路|街|道|巷|弄|村|大道)\d+号(?:\d+(?:栋|幢|弄|号楼|单元)\d*(?:号|室)?)*)"
+    rf"(?P<v>(?:(?:{_PROVINCES})(?:省|自治区|壮族自治区|回族自治区|维吾尔自治区)?)?[{_HAN}]{{2,4}}市"
+    rf"(?:[{_HAN}]{{1,6}}[区县])?"
+    rf"[{_HAN}\dA-Za-z]{{0,16}}?(?:路|街|道|巷|弄|村|大道)\d+号(?:院|小区)?(?:\d+(?:栋|幢|弄|号楼|楼|单元|号|室|层))*)"
 )
 _EN_STREET = (
     r"(?P<v>\d{1,5}\s(?:[A-Z][a-z]+\s){1,3}(?:Street|St|Avenue|Ave|Road|Rd|Lane|Ln|Boulevard|Blvd|Drive|Dr|"
@@ -270,6 +284,10 @@ _RULES: tuple[_Rule, ...] = (
         ),
         _id_digits,
     ),
+    _Rule(
+        "id_number",
+        _c(r"(?:(?<![A-Za-z])(?i:SSN|social\s+security(?:\s+(?:no\.?|number))?)\s*[:#]?\s*)?(?<![\d-])(?P<v>\d{3}-\d{2}-\d{4})(?![\d-])"),
+    ),
     _Rule("birth_date", _c(_BIRTH_BEFORE + r"\s*(?:为|是)?\s*[:：]?\s*" + _DATE, re.IGNORECASE)),
     _Rule("birth_date", _c(_DATE + r"\s*(?=出生|生[，,\s(（]|生$|诞生)")),
     _Rule(
@@ -287,12 +305,13 @@ _RULES: tuple[_Rule, ...] = (
         _seven_digits,
     ),
     _Rule("phone", _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:(?:\+|00)86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2})(?!\d|\.\d)")),
-    _Rule("phone", _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:\(0\d{2,3}\)|0\d{2,3})[-\s]?\d{7,8})(?!\d|\.\d)")),
-    _Rule("phone", _c(r"(?<![\d.])(?P<v>(?:\+1[-\s])?\(?[2-9]\d{2}\)?[-\s.]\d{3}[-.]\d{4})(?![\d]|\.\d)")),
+    _Rule("phone", _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:\(0\d{2,3}\)|0\d{2,3})[-\s]?(?:\d{7,8}|\d{3,4}[-\s]\d{4}))(?!\d|\.\d)")),
+    _Rule("phone", _c(r"(?<![\d.])(?P<v>(?:\+1[-\s])?\(?[2-9]\d{2}\)?[-\s.]\d{3}[-\s.]\d{4})(?![\d]|\.\d)")),
     _Rule("address", _c(rf"(?:{_ADDRESS_LABELS})\s*(?:为|是)?\s*[:：]?\s*(?P<v>[^，。；;\n]+?)(?=[，。；;\n]|\.\s|\.$|$)"), _address),
     _Rule("address", _c(_ZH_ADDRESS)),
     _Rule("address", _c(_EN_STREET)),
     _Rule("name", _c(rf"(?:{_ZH_NAME_LABEL}){_OPT_SEP}{_MINORITY}")),
+    _Rule("name", _c(rf"(?:{_ZH_NAME_LABEL}){_SEP}(?P<v>[{_HAN}]\s{{1,2}}[{_HAN}]{{1,2}})(?![{_HAN}])"), _no_prose),
     _Rule("name", _c(rf"(?:{_ZH_NAME_LABEL}){_OPT_SEP}{_ZH_NAME}"), _no_prose),
     _Rule("name", _c(rf"(?:{_ZH_STAFF}){_SEP}{_MINORITY}")),
     _Rule("name", _c(rf"(?:{_ZH_STAFF}){_SEP}{_ZH_NAME}"), _no_prose),
@@ -300,11 +319,13 @@ _RULES: tuple[_Rule, ...] = (
     _Rule("name", _c(rf"(?:{_ZH_STAFF})\s*{_ZH_NAME}"), _weak_zh_name),
     _Rule("name", _c(rf"(?:{_ZH_STAFF}|{_ZH_WEAK})\s*{_MINORITY}")),
     _Rule("name", _c(rf"(?:{_ZH_WEAK}){_SEP}{_ZH_NAME}"), _no_prose),
-    # weak label without colon: only when a demographic or action cue follows (患者张三，女，45岁)
+    # weak label without colon: only when punctuation or a demographic or action cue follows the
+    # candidate (患者张三，女，45岁; 家属李四签字), and the candidate starts with a surname and
+    # holds no report-prose character (患儿高热，stays)
     _Rule(
         "name",
         _c(
-            rf"(?:{_ZH_WEAK})\s*{_ZH_NAME}(?=[，,、\s(（]*(?:男|女|性别|年龄|\d{{1,3}}岁|签字|签名|同意|陪同|代诉|告知))"
+            rf"(?:{_ZH_WEAK})\s*{_ZH_NAME}(?=[，,、。;；\s(（)）]|$|男|女|性别|年龄|\d{{1,3}}岁|签字|签名|同意|陪同|代诉|告知)"
         ),
         _weak_zh_name,
     ),
@@ -313,11 +334,11 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(
         "name",
         _c(
-            rf"(?:(?<=[^{_HAN}·])|^|(?<=[请经由与和及给致向让叫称嘱对被]))(?P<v>{_SURNAME_RE}[{_HAN}]{{0,2}}?)(?={_TITLES_ZH})"
+            rf"(?:(?<=[^{_HAN}·])|^|(?<=[请经由与和及给致向让叫称嘱对被])|{_AFTER_WEAK})"
+            rf"(?P<v>{_SURNAME_RE}[{_HAN}]{{0,2}}?)(?={_TITLES_ZH})"
         ),
         _titled_zh_name,
     ),
-    _Rule("name", _c(rf"(?P<v>{_SURNAME_RE})(?={_TITLES_ZH})"), _titled_zh_name),
     _Rule("name", _c(rf"{_MINORITY}(?={_TITLES_ZH})")),
     _Rule("name", _c(rf"(?<![A-Za-z])(?<![A-Za-z]\s){_EN_STRONG}{_SEP}{_EN_NAME}"), _en_name),
     _Rule("name", _c(rf"(?<![A-Za-z]){_EN_BY}\s*[:：]?\s*(?:Dr\.?\s+)?{_EN_NAME}"), _en_name),

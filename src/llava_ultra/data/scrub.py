@@ -75,20 +75,59 @@ _PROSE_CHARS = set(
 )
 # Clinical words that start with a surname character; never a name, whatever follows them.
 _CLINICAL_ZH = (
-    "高热", "高烧", "高回声", "高血压", "黄疸", "黄体", "毛糙", "毛发", "张力", "张口", "余肝", "余未见",
-    "方位", "方便", "常规", "任意", "明显", "石样", "白线", "白带", "钟摆", "金属", "孔径", "严重", "包块",
-    "江河", "管壁", "付费", "齐全", "尚可", "尚清", "程度", "甘油", "章节", "史密斯", "强回声", "超声", "大小",
+    "高热",
+    "高烧",
+    "高回声",
+    "高血压",
+    "黄疸",
+    "黄体",
+    "毛糙",
+    "毛发",
+    "张力",
+    "张口",
+    "余肝",
+    "余未见",
+    "方位",
+    "方便",
+    "常规",
+    "任意",
+    "明显",
+    "石样",
+    "白线",
+    "白带",
+    "钟摆",
+    "金属",
+    "孔径",
+    "严重",
+    "包块",
+    "江河",
+    "管壁",
+    "付费",
+    "齐全",
+    "尚可",
+    "尚清",
+    "程度",
+    "甘油",
+    "章节",
+    "史密斯",
+    "强回声",
+    "超声",
+    "大小",
+    "谢谢",
+    "感谢",
 )
 # Words that end a Chinese name when written without punctuation (姓名张三性别男).
 _ZH_NAME_END = (
     r"(?=[^" + _HAN + r"·]|$|性别|年龄|男|女|科室|床号|住院|门诊|病历|检查|电话|身份|出生|民族|职业|婚|岁"
-    r"|签字|签名|同意|陪同|代诉|告知|先生|女士|小姐|老师|医生|医师|主任|教授)"
+    r"|签字|签名|同意|陪同|代诉|告知|先生|女士|小姐|老师|医生|医师|主任|教授|因|就诊|复查|来院)"
 )
 _ZH_NAME = r"(?P<v>[" + _HAN + r"]{2,4}?(?:·[" + _HAN + r"]{1,8})?)" + _ZH_NAME_END
 _MINORITY = rf"(?P<v>[{_HAN}]{{2,5}}·[{_HAN}]{{2,6}})"
-_SEP = r"\s*[:：]\s*"
+_SEP = r"\s*(?:[（(](?:签字|签名|盖章)[)）])?\s*[:：]\s*"
 _OPT_SEP = r"\s*[:：]?\s*"
-_AFTER_WEAK = "|".join(f"(?<={w})" for w in ("患者", "病人", "患儿", "家属", "联系人", "陪同", "告知", "通知"))
+_AFTER_WEAK = "|".join(
+    f"(?<={w})" for w in ("患者", "病人", "患儿", "家属", "联系人", "陪同", "告知", "通知", "谢谢", "感谢")
+)
 _TITLES_ZH = (
     r"先生|女士|小姐|阿姨|大爷|大妈|奶奶|爷爷|叔叔|老人|老师|同志|同学|医生|医师|大夫|护士长|护士|主任|"
     r"教授|院长|老板|师傅"
@@ -96,7 +135,9 @@ _TITLES_ZH = (
 
 _EN_CAP = r"(?:[A-Z][a-z]+(?:['-][A-Za-z][a-z]+)*|(?:Mc|Mac|O')[A-Z][a-z]+|[A-Z]{2,}(?:['-][A-Z]+)*)"
 _EN_PARTICLE = r"(?:van|der|den|de|von|da|di|du|le|la|bin|al)"
-_EN_SURNAME = rf"(?:{_EN_CAP}(?:\s(?:{_EN_PARTICLE}\s)*{_EN_CAP})?|{_EN_PARTICLE}(?:\s{_EN_PARTICLE})*\s{_EN_CAP})"
+_EN_SURNAME = (
+    rf"(?:{_EN_CAP}(?:\s(?:{_EN_PARTICLE}\s)*{_EN_CAP})?|{_EN_PARTICLE}(?:\s{_EN_PARTICLE})*\s{_EN_CAP})"
+)
 _EN_INITIAL = r"[A-Z]\."
 _EN_NAME = (
     r"(?P<v>"
@@ -113,12 +154,31 @@ _EN_STOP = {
     "Unknown", "Male", "Female", "M", "F", "Anonymous", "Not", "None", "Consent", "Data", "Details",
     "Identifier", "Study", "Report", "Mr", "Mrs", "Ms", "Dr", "Date", "DOB", "Birth", "Born", "Tel",
     "Phone", "Mobile", "Admission", "Hospital", "Patient", "Physician", "Exam", "Medical", "MRN",
-    "Is", "Fasting", "Presents", "For", "Routine", "Screening", "In", "On", "At", "Of", "And", "Or",
+    "Fasting", "For", "Routine", "Screening", "In", "On", "At", "Of", "And", "Or",
     "Outpatient", "Inpatient", "Follow", "Follow-up", "Known", "Status", "Type", "Sample", "Test", "N/A",
     "NA", "Withheld", "Redacted", "Pending", "See", "Above", "Below", "Same", "Self", "Refused",
+    "Unable", "Tolerated", "Well", "Stable", "Improved", "Declined", "Consented", "Fasted", "Prepped",
+    "Thyroid", "Liver", "Renal", "Kidney", "Breast", "Pelvic", "Abdominal", "Abdomen", "Carotid", "Cardiac",
+    "Obstetric", "Vascular", "Venous", "Arterial", "Scrotal", "Testicular", "Neck", "Chest", "Protocol",
+    "Ultrasound", "US", "Doppler", "Echo", "Echocardiogram", "Examination", "Procedure", "Scan",
 }  # fmt: skip
 
-_EN_CREDENTIALS = {"MD", "DO", "PhD", "RN", "RDMS", "RVT", "RDCS", "RT", "MBBS", "FRCR", "MSc", "BSc", "NP", "PA"}
+_EN_CREDENTIALS = {
+    "MD",
+    "DO",
+    "PhD",
+    "RN",
+    "RDMS",
+    "RVT",
+    "RDCS",
+    "RT",
+    "MBBS",
+    "FRCR",
+    "MSc",
+    "BSc",
+    "NP",
+    "PA",
+}
 
 _MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
 _DATE = (
@@ -182,7 +242,7 @@ def _en_name(s: str) -> str | None:
             return _en_name(s)
     if "^" in s or "," in s:
         return s.rstrip(", ")
-    while words and words[-1] in _EN_STOP:
+    while words and (words[-1] in _EN_STOP or words[-1] in _EN_CREDENTIALS):
         words.pop()
     if not words:
         return None
@@ -216,16 +276,19 @@ def _c(p: str, flags: int = 0) -> re.Pattern[str]:
     return re.compile(p, flags)
 
 
-_ZH_NAME_LABEL = r"受检者姓名|患者姓名|病人姓名|姓\s*名|名\s*字"
+_ZH_NAME_LABEL = r"受检者姓名|患者姓名|病人姓名|孕妇姓名|姓\s*名|名\s*字|受检人"
 _ZH_STAFF = (
     r"主治医师|主治医生|报告医师|报告医生|审核医师|审核医生|检查医师|检查医生|超声医师|医师|医生|大夫|检查者|"
     r"报告者|记录者|审核者|审核人|签名|技师|操作者|联系人|紧急联系人|陪同人|监护人|复核|核对|记录|录入|"
     r"打字|书写|诊断医师|申请医生|申请医师|主诊|报告人|检查人|诊断者|送检医生|开单医生"
 )
-_ZH_WEAK = r"患者|病人|患儿|受检者|被检者|就诊者|家属|孕妇|产妇|老人"
+_ZH_WEAK = (
+    r"患者|病人|患儿|受检者|被检者|受检人|就诊者|就诊人|家属|孕妇|产妇|老人|丈夫|妻子|父亲|母亲|儿子|女儿|"
+    r"配偶|陪诊人|陪诊"
+)
 _EN_STRONG = (
     r"(?i:patient(?:'s)?\s+name|name|physician|doctor|sonographer|radiologist|operator|pt|attending|"
-    r"consultant|technologist|referring\s+physician|referring\s+doctor|patient|next\s+of\s+kin|contact\s+person|"
+    r"consultant|technologist|referring\s+physician|referring\s+doctor|patient|pt\s+name|next\s+of\s+kin|contact\s+person|"
     r"ordering\s+(?:provider|physician)|provider|signed|interpreting\s+physician|resident|fellow)"
 )
 _EN_BY = (
@@ -233,16 +296,17 @@ _EN_BY = (
     r"referred|requested|ordered|transcribed|confirmed)\s+by"
 )
 _RECORD_LABELS = (
-    r"(?:住院|门诊|病历|病案|检查|登记|影像|超声|就诊|就诊卡|医保卡|医保|社保|放射|病理|申请单|流水|报告)(?:号|编号)(?:码)?|"
+    r"(?:住院|门诊|病历|病案|检查|登记|影像|超声|就诊|就诊卡|医保卡|医保|社保|放射|病理|申请单|申请|流水|报告|"
+    r"预约|标本)(?:号|编号)(?:码)?|"
     r"(?:门诊|住院)ID|就诊卡|医保卡|社保卡|ID号|编号|"
-    r"(?<![A-Za-z])(?i:MRN|MR\s*(?:No\.?|#)|Medical\s+Record\s+(?:No\.?|Number|#)|Hospital\s+(?:No\.?|Number|#)|"
+    r"(?<![A-Za-z])(?i:MRN\s*#?|MR\s*(?:No\.?|#)|Visit\s+(?:No\.?|Number|#|ID)|Encounter(?:\s+(?:No\.?|Number|#|ID))?|Medical\s+Record\s+(?:No\.?|Number|#)|Hospital\s+(?:No\.?|Number|#)|"
     r"Admission\s+(?:No\.?|Number|#)|Inpatient\s+(?:No\.?|Number|#)|Outpatient\s+(?:No\.?|Number|#)|"
     r"Patient\s+ID|Accession\s+(?:No\.?|Number|#)|Case\s+(?:No\.?|Number|#)|Exam\s+(?:No\.?|Number|#)|"
     r"Record\s+(?:No\.?|Number|#)|Acc(?:ession)?\s*#|Acc\.?\s*No\.?|ID\s*No\.?|ID(?=\s*[:：#]))"
 )
 _BIRTH_BEFORE = (
     r"(?:出生日期|出生年月日|出生年月|出生于|出生|生于|生日|诞生于|"
-    r"(?<![A-Za-z])(?i:D\.?O\.?B\.?|date\s+of\s+birth|birth\s*date|birthday|born(?:\s+on)?))"
+    r"(?<![A-Za-z])(?i:D\.?O\.?B\.?|date\s+of\s+birth|birth\s*date|birthday|born(?:\s+on)?)|(?<![A-Za-z])b\.)"
 )
 _ADDRESS_LABELS = (
     r"现住址|家庭住址|户籍地址|联系地址|通讯地址|住址|地址|家住|现住|居住于|居住地|"
@@ -266,7 +330,11 @@ _IP = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 
 # In priority order: earlier rules win where matches overlap.
 _RULES: tuple[_Rule, ...] = (
-    _Rule("url", _c(r"(?P<v>(?:https?://|ftp://|www\.)[^\s，。；、（）()<>\"'“”]+)", re.IGNORECASE), _strip_trailing),
+    _Rule(
+        "url",
+        _c(r"(?P<v>(?:https?://|ftp://|www\.)[^\s，。；、（）()<>\"'“”\u4e00-\u9fff]+)", re.IGNORECASE),
+        _strip_trailing,
+    ),
     _Rule("email", _c(r"(?P<v>[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,})")),
     _Rule("ip", _c(rf"(?<![\d.])(?P<v>{_IP}\.{_IP}\.{_IP}\.{_IP}(?::\d{{1,5}})?)(?![\d]|\.\d)")),
     _Rule(
@@ -279,20 +347,30 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(
         "id_number",
         _c(
-            r"(?:身份证(?:号码|号)?|证件号(?:码)?|(?<![A-Za-z])(?i:ID\s*card|resident\s+ID|national\s+ID))"
+            r"(?:公民身份号码|身份证(?:号码|号)?|证件号(?:码)?|(?<![A-Za-z])(?i:ID\s*card|resident\s+ID|national\s+ID))"
             r"\s*(?:号码)?(?:为|是)?\s*[:：#]?\s*(?P<v>[\dXx][\dXx\s-]{13,22}[\dXx])(?![0-9A-Za-z])"
         ),
         _id_digits,
     ),
     _Rule(
         "id_number",
-        _c(r"(?:(?<![A-Za-z])(?i:SSN|social\s+security(?:\s+(?:no\.?|number))?)\s*[:#]?\s*)?(?<![\d-])(?P<v>\d{3}-\d{2}-\d{4})(?![\d-])"),
+        _c(
+            r"(?:(?<![A-Za-z])(?i:SSN|social\s+security(?:\s+(?:no\.?|number))?)\s*[:#]?\s*)?(?<![\d-])(?P<v>\d{3}-\d{2}-\d{4})(?![\d-])"
+        ),
+    ),
+    _Rule(
+        "id_number",
+        _c(
+            r"(?:护照|(?<![A-Za-z])(?i:passport))\s*(?:号码|号|No\.?|Number|#)?\s*[:：]?\s*(?P<v>[A-Za-z]{1,2}\d{6,9})(?![0-9A-Za-z])"
+        ),
     ),
     _Rule("birth_date", _c(_BIRTH_BEFORE + r"\s*(?:为|是)?\s*[:：]?\s*" + _DATE, re.IGNORECASE)),
-    _Rule("birth_date", _c(_DATE + r"\s*(?=出生|生[，,\s(（]|生$|诞生)")),
+    _Rule("birth_date", _c(_DATE + r"\s*(?=出生|生[，,\s(（人]|生$|诞生)")),
     _Rule(
         "record_number",
-        _c(rf"(?:{_RECORD_LABELS})\s*(?:为|是)?\s*[:：#]?\s*(?P<v>[A-Za-z]{{0,4}}-?[A-Za-z0-9][A-Za-z0-9\-_/]{{2,}})"),
+        _c(
+            rf"(?:{_RECORD_LABELS})\s*(?:为|是)?\s*[:：#]?\s*(?P<v>[A-Za-z]{{0,4}}-?[A-Za-z0-9][A-Za-z0-9\-_/]{{2,}})"
+        ),
         _has_digit,
     ),
     _Rule(
@@ -305,13 +383,24 @@ _RULES: tuple[_Rule, ...] = (
         _seven_digits,
     ),
     _Rule("phone", _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:(?:\+|00)86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2})(?!\d|\.\d)")),
-    _Rule("phone", _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:\(0\d{2,3}\)|0\d{2,3})[-\s]?(?:\d{7,8}|\d{3,4}[-\s]\d{4}))(?!\d|\.\d)")),
+    _Rule(
+        "phone",
+        _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:\(0\d{2,3}\)|0\d{2,3})[-\s]?(?:\d{7,8}|\d{3,4}[-\s]\d{4}))(?!\d|\.\d)"),
+    ),
     _Rule("phone", _c(r"(?<![\d.])(?P<v>(?:\+1[-\s])?\(?[2-9]\d{2}\)?[-\s.]\d{3}[-\s.]\d{4})(?![\d]|\.\d)")),
-    _Rule("address", _c(rf"(?:{_ADDRESS_LABELS})\s*(?:为|是)?\s*[:：]?\s*(?P<v>[^，。；;\n]+?)(?=[，。；;\n]|\.\s|\.$|$)"), _address),
+    _Rule(
+        "address",
+        _c(rf"(?:{_ADDRESS_LABELS})\s*(?:为|是)?\s*[:：]?\s*(?P<v>[^，。；;\n]+?)(?=[，。；;\n]|\.\s|\.$|$)"),
+        _address,
+    ),
     _Rule("address", _c(_ZH_ADDRESS)),
     _Rule("address", _c(_EN_STREET)),
     _Rule("name", _c(rf"(?:{_ZH_NAME_LABEL}){_OPT_SEP}{_MINORITY}")),
-    _Rule("name", _c(rf"(?:{_ZH_NAME_LABEL}){_SEP}(?P<v>[{_HAN}]\s{{1,2}}[{_HAN}]{{1,2}})(?![{_HAN}])"), _no_prose),
+    _Rule(
+        "name",
+        _c(rf"(?:{_ZH_NAME_LABEL}){_SEP}(?P<v>[{_HAN}]\s{{1,2}}[{_HAN}]{{1,2}})(?![{_HAN}])"),
+        _no_prose,
+    ),
     _Rule("name", _c(rf"(?:{_ZH_NAME_LABEL}){_OPT_SEP}{_ZH_NAME}"), _no_prose),
     _Rule("name", _c(rf"(?:{_ZH_STAFF}){_SEP}{_MINORITY}")),
     _Rule("name", _c(rf"(?:{_ZH_STAFF}){_SEP}{_ZH_NAME}"), _no_prose),
@@ -325,7 +414,8 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(
         "name",
         _c(
-            rf"(?:{_ZH_WEAK})\s*{_ZH_NAME}(?=[，,、。;；\s(（)）]|$|男|女|性别|年龄|\d{{1,3}}岁|签字|签名|同意|陪同|代诉|告知)"
+            rf"(?:{_ZH_WEAK})\s*{_ZH_NAME}"
+            rf"(?=[，,、。;；\s(（)）]|$|男|女|性别|年龄|\d{{1,3}}岁|签字|签名|同意|陪同|代诉|告知|因|于|来|就诊|复查)"
         ),
         _weak_zh_name,
     ),
@@ -340,11 +430,20 @@ _RULES: tuple[_Rule, ...] = (
         _titled_zh_name,
     ),
     _Rule("name", _c(rf"{_MINORITY}(?={_TITLES_ZH})")),
-    _Rule("name", _c(rf"(?<![A-Za-z])(?<![A-Za-z]\s){_EN_STRONG}{_SEP}{_EN_NAME}"), _en_name),
+    _Rule(
+        "name",
+        _c(
+            rf"(?:^|(?<=[\s，。；]))(?P<v>{_SURNAME_RE}[{_HAN}]{{1,2}})(?=[（(]\s*(?:住院|门诊|病历|病案|ID|MRN))"
+        ),
+        _titled_zh_name,
+    ),
+    _Rule("name", _c(rf"(?<![A-Za-z])(?<![A-Za-z]\s){_EN_STRONG}(?:{_SEP}|\s+-\s+){_EN_NAME}"), _en_name),
     _Rule("name", _c(rf"(?<![A-Za-z]){_EN_BY}\s*[:：]?\s*(?:Dr\.?\s+)?{_EN_NAME}"), _en_name),
     _Rule(
         "name",
-        _c(rf"(?<![A-Za-z])(?i:patient)\s+(?P<v>{_EN_CAP}(?:\s{_EN_INITIAL})?(?:\s{_EN_SURNAME}))(?![A-Za-z])"),
+        _c(
+            rf"(?<![A-Za-z])(?i:patient)\s+(?P<v>{_EN_CAP}(?:\s{_EN_INITIAL})?(?:\s{_EN_SURNAME}))(?![A-Za-z])"
+        ),
         _en_name,
     ),
     _Rule("name", _c(rf"(?<![A-Za-z])(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Madam|Sir)\.?\s+{_EN_NAME}"), _en_name),
@@ -374,10 +473,15 @@ def scrub_text(text: str, language: str | None = None) -> ScrubResult:
     zh = language == "zh" or (language is None and _CJK_RE.search(text) is not None)
     taken: list[tuple[int, int, str]] = []
     for rule in _RULES:
-        for m in rule.pattern.finditer(text):
+        pos = 0
+        while (m := rule.pattern.search(text, pos)) is not None:
             value = rule.accept(m.group("v"))
             if not value:
+                # Retry one character later: a rejected match must not hide an overlapping one
+                # (患儿母亲徐静: "患儿 + 母亲徐静" is rejected, "母亲 + 徐静" is a name).
+                pos = m.start() + 1
                 continue
+            pos = max(m.end(), m.start() + 1)
             start = m.start("v") + len(value) - len(value.lstrip())
             end = m.start("v") + len(value.rstrip())
             if all(end <= s or start >= e for s, e, _ in taken):

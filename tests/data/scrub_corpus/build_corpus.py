@@ -7,7 +7,9 @@ committed files are exactly what this script writes).
 The folder also holds hand-written snippets, not generated: `handwritten_a.jsonl` and
 `handwritten_b.jsonl` (PHI) and `handwritten_clean.jsonl`. Each was written after the rules of its
 time and measured once before any rule was changed for it; docs/data.md gives those first
-figures, which are the better estimate of recall on unseen text.
+figures. `handwritten_c.jsonl` / `handwritten_clean_c.jsonl` were written after the current rules
+and have never been tuned on: they are the held-out estimate for unseen phrasing. Do not change
+rules for them; write a new set instead.
 
 Each PHI snippet is a short piece of a zh or en ultrasound report written the way hospital
 exports write it, with `phi: [[kind, value], ...]`; every occurrence of a value in the text is

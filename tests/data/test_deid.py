@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from llava_ultra.cli import app
 from llava_ultra.data.deid_profile import ACTIONS, REPEATING, TABLE_SOURCE, simple_action
-from llava_ultra.data.dicom import SKELETON_NAME, deidentify_dataset
+from llava_ultra.data.dicom import SKELETON_NAME, decode_frames, deidentify_dataset, read_dicom
 from llava_ultra.data.pixels import detect_text_boxes
 from llava_ultra.data.pseudonym import PseudonymKey
 from llava_ultra.errors import DataError
@@ -46,8 +46,6 @@ def _png(path: Path) -> np.ndarray:
 
 
 def _decoded(path: str) -> np.ndarray:
-    from llava_ultra.data.dicom import decode_frames
-
     return decode_frames(pydicom.dcmread(path), [0])[0]
 
 
@@ -425,3 +423,13 @@ def test_truncated_files_are_named_as_truncated(tmp_path):
     )
     assert f"{no_elements} is truncated: the file ends before its first data element" in flat
     assert "without pixel data" not in flat
+
+
+def test_pydicom_truncated_and_deflated_files():
+    with pytest.raises(DataError) as exc:
+        read_dicom(_testfile("MR_truncated.dcm"))  # pydicom's own truncated file
+    assert str(exc.value).endswith(
+        "is truncated: the file ends inside PixelData (7FE0,0010) (8130 of 8192 bytes); copy or export the file again"
+    )
+    # Offsets in a deflated file refer to the inflated stream: not a truncation.
+    assert read_dicom(_testfile("image_dfl.dcm")).Rows == 512

@@ -100,13 +100,32 @@ def _truncation(path: Path, ds: Dataset) -> str | None:
     """Why `ds` (read from `path`) is truncated, or None. pydicom reads a short file silently."""
     if len(ds) == 0:
         return "the file ends before its first data element"
-    size = path.stat().st_size
+    ts = getattr(getattr(ds, "file_meta", None), "get", lambda _k: None)("TransferSyntaxUID")
+    deflated = ts is not None and getattr(ts, "is_deflated", False)
     last = ds.get_item(max(ds.keys()))
     length = getattr(last, "length", None)
     tell = getattr(last, "value_tell", None)
-    if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length > size:
+    size = path.stat().st_size
+    # Offsets of a deflated file refer to the inflated stream, not to the file on disk.
+    if (
+        not deflated
+        and tell is not None
+        and length is not None
+        and length != 0xFFFFFFFF
+        and tell + length > size
+    ):
         name = pydicom.datadict.keyword_for_tag(last.tag) or str(last.tag)
         return f"the file ends inside {name} {last.tag} ({size - tell} of {length} bytes)"
+    if "PixelData" in ds and ts is not None and not getattr(ts, "is_encapsulated", True):
+        try:
+            bits = int(ds.BitsAllocated)
+            need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * _frame_count(ds)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        need = (need * bits + 7) // 8
+        have = len(ds.PixelData or b"")
+        if have < need:
+            return f"PixelData holds {have} of the {need} bytes its Rows/Columns/frames need"
     return None
 
 

@@ -12,8 +12,8 @@ import pytest
 from llava_ultra.data.scrub import evaluate_scrubber
 
 CORPUS = Path(__file__).parent / "scrub_corpus"
-PHI_FILES = ("phi.jsonl", "handwritten_a.jsonl", "handwritten_b.jsonl")
-CLEAN_FILES = ("clean.jsonl", "handwritten_clean.jsonl")
+PHI_FILES = ("phi.jsonl", "handwritten_a.jsonl", "handwritten_b.jsonl", "handwritten_c.jsonl")
+CLEAN_FILES = ("clean.jsonl", "handwritten_clean.jsonl", "handwritten_clean_c.jsonl")
 STRICT_KINDS = ("name", "id_number", "phone", "record_number", "birth_date")
 
 
@@ -65,8 +65,9 @@ def test_committed_corpus_is_what_the_generator_writes(tmp_path):
         assert (tmp_path / name).read_bytes() == (CORPUS / name).read_bytes(), name
 
 
-def test_held_out_set_c_floor():
-    """Set C was written after the rules and never tuned on: its recall is the honest estimate
-    for unseen phrasing (docs/data.md). Keep it untuned; this only guards against regressions."""
-    r = evaluate_scrubber(_rows("handwritten_c.jsonl"), _rows("handwritten_clean_c.jsonl"), [])
-    assert r["overall_recall"] >= 0.78 and len(r["clean_changed"]) <= 1
+def test_held_out_set_d_floor():
+    """Set D was written after the current rules and never tuned on: its recall is the honest
+    estimate for unseen phrasing (docs/data.md). Keep it untuned (write set E for the next round
+    of fixes); this only guards against regressions."""
+    r = evaluate_scrubber(_rows("handwritten_d.jsonl"), _rows("handwritten_clean_d.jsonl"), [])
+    assert r["overall_recall"] >= 0.81 and len(r["clean_changed"]) <= 1

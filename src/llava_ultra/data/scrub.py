@@ -70,8 +70,9 @@ _SURNAME_RE = rf"(?:{_COMPOUND_SURNAMES}|[{_SURNAMES}])"
 _PROSE_CHARS = set(
     "无未见不适诉述因于有及和为在经示发现病史症状痛疼后次个伴行术查检声结节囊肿腺肝胆肾脏宫乳区部侧"
     "叶极内外下左右约可能考虑议随访复情况稳定出院入治疗自来今近曾已既往主的了是由血压疸毒炎癌瘤块"
-    "热咳嗽呕吐泻晕乏力瘦肿胀酸麻痒闷悸喘抽搐疹尿便频急孕胎产经量多少低重轻度性型级类期"
+    "热咳嗽呕吐泻晕乏力瘦肿胀酸麻痒闷悸喘抽搐疹尿便频急孕胎产经量多低重轻度性型级类期"
     "回声弱等均匀清晰糙张规则样线摆属径位意显常例资岁男女床号科室签字名同意陪诉告知请班诊管治修习任"
+    "才食饮睡眠"
 )
 # Clinical words that start with a surname character; never a name, whatever follows them.
 _CLINICAL_ZH = (
@@ -119,21 +120,21 @@ _CLINICAL_ZH = (
 # Words that end a Chinese name when written without punctuation (姓名张三性别男).
 _ZH_NAME_END = (
     r"(?=[^" + _HAN + r"·]|$|性别|年龄|男|女|科室|床号|住院|门诊|病历|检查|电话|身份|出生|民族|职业|婚|岁"
-    r"|签字|签名|同意|陪同|代诉|告知|先生|女士|小姐|老师|医生|医师|主任|教授|因|就诊|复查|来院)"
+    r"|签字|签名|同意|陪同|代诉|告知|先生|女士|小姐|老师|医生|医师|主任|教授|因|就诊|复查|来院|于\d|行[^\d])"
 )
 _ZH_NAME = r"(?P<v>[" + _HAN + r"]{2,4}?(?:·[" + _HAN + r"]{1,8})?)" + _ZH_NAME_END
 _MINORITY = rf"(?P<v>[{_HAN}]{{2,5}}·[{_HAN}]{{2,6}})"
 _SEP = r"\s*(?:[（(](?:签字|签名|盖章)[)）])?\s*[:：]\s*"
 _OPT_SEP = r"\s*[:：]?\s*"
 _AFTER_WEAK = "|".join(
-    f"(?<={w})" for w in ("患者", "病人", "患儿", "家属", "联系人", "陪同", "告知", "通知", "谢谢", "感谢")
+    f"(?<={w})" for w in ("患者", "病人", "患儿", "家属", "联系人", "陪同", "告知", "通知", "谢谢", "感谢", "转诊自", "来自")
 )
 _TITLES_ZH = (
     r"先生|女士|小姐|阿姨|大爷|大妈|奶奶|爷爷|叔叔|老人|老师|同志|同学|医生|医师|大夫|护士长|护士|主任|"
     r"教授|院长|老板|师傅"
 )
 
-_EN_CAP = r"(?:[A-Z][a-z]+(?:['-][A-Za-z][a-z]+)*|(?:Mc|Mac|O')[A-Z][a-z]+|[A-Z]{2,}(?:['-][A-Z]+)*)"
+_EN_CAP = r"(?:[A-Z][a-z]+(?:['-][A-Za-z][a-z]+)*|(?:Mc|Mac|O')[A-Z][a-z]+|[A-Z]'[A-Z]{2,}|[A-Z]{2,}(?:['-][A-Z]+)*)"
 _EN_PARTICLE = r"(?:van|der|den|de|von|da|di|du|le|la|bin|al)"
 _EN_SURNAME = (
     rf"(?:{_EN_CAP}(?:\s(?:{_EN_PARTICLE}\s)*{_EN_CAP})?|{_EN_PARTICLE}(?:\s{_EN_PARTICLE})*\s{_EN_CAP})"
@@ -278,13 +279,13 @@ def _c(p: str, flags: int = 0) -> re.Pattern[str]:
 
 _ZH_NAME_LABEL = r"受检者姓名|患者姓名|病人姓名|孕妇姓名|姓\s*名|名\s*字|受检人"
 _ZH_STAFF = (
-    r"主治医师|主治医生|报告医师|报告医生|审核医师|审核医生|检查医师|检查医生|超声医师|医师|医生|大夫|检查者|"
+    r"(?:主治|报告|审核|检查|超声|诊断|操作|申请|送检|开单|会诊|转诊|接诊|主诊|经治|复核)(?:医师|医生)|医师|医生|大夫|检查者|"
     r"报告者|记录者|审核者|审核人|签名|技师|操作者|联系人|紧急联系人|陪同人|监护人|复核|核对|记录|录入|"
     r"打字|书写|诊断医师|申请医生|申请医师|主诊|报告人|检查人|诊断者|送检医生|开单医生"
 )
 _ZH_WEAK = (
     r"患者|病人|患儿|受检者|被检者|受检人|就诊者|就诊人|家属|孕妇|产妇|老人|丈夫|妻子|父亲|母亲|儿子|女儿|"
-    r"配偶|陪诊人|陪诊"
+    r"配偶|陪诊人|陪诊|其子|其女|其夫|其妻|其母|其父|之子|之女"
 )
 _EN_STRONG = (
     r"(?i:patient(?:'s)?\s+name|name|physician|doctor|sonographer|radiologist|operator|pt|attending|"
@@ -302,11 +303,11 @@ _RECORD_LABELS = (
     r"(?<![A-Za-z])(?i:MRN\s*#?|MR\s*(?:No\.?|#)|Visit\s+(?:No\.?|Number|#|ID)|Encounter(?:\s+(?:No\.?|Number|#|ID))?|Medical\s+Record\s+(?:No\.?|Number|#)|Hospital\s+(?:No\.?|Number|#)|"
     r"Admission\s+(?:No\.?|Number|#)|Inpatient\s+(?:No\.?|Number|#)|Outpatient\s+(?:No\.?|Number|#)|"
     r"Patient\s+ID|Accession\s+(?:No\.?|Number|#)|Case\s+(?:No\.?|Number|#)|Exam\s+(?:No\.?|Number|#)|"
-    r"Record\s+(?:No\.?|Number|#)|Acc(?:ession)?\s*#|Acc\.?\s*No\.?|ID\s*No\.?|ID(?=\s*[:：#]))"
+    r"Record\s+(?:No\.?|Number|#)|Acc(?:ession)?\s*#|Accession(?=\s*[:：])|Acc\.?\s*No\.?|ID\s*No\.?|ID(?=\s*[:：#]))"
 )
 _BIRTH_BEFORE = (
     r"(?:出生日期|出生年月日|出生年月|出生于|出生|生于|生日|诞生于|"
-    r"(?<![A-Za-z])(?i:D\.?O\.?B\.?|date\s+of\s+birth|birth\s*date|birthday|born(?:\s+on)?)|(?<![A-Za-z])b\.)"
+    r"(?<![A-Za-z])(?i:D\.?O\.?B\.?|date\s+of\s+birth|birth\s*date|birthday|born(?:\s+on|\s+in)?)|(?<![A-Za-z])b\.)"
 )
 _ADDRESS_LABELS = (
     r"现住址|家庭住址|户籍地址|联系地址|通讯地址|住址|地址|家住|现住|居住于|居住地|"
@@ -383,6 +384,12 @@ _RULES: tuple[_Rule, ...] = (
         _seven_digits,
     ),
     _Rule("phone", _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:(?:\+|00)86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2})(?!\d|\.\d)")),
+    # any international number: + country code, optional (area), groups of digits
+    _Rule(
+        "phone",
+        _c(r"(?<![\w+])(?P<v>\+\d{1,3}[-\s]?(?:\(\d{1,4}\)[-\s]?)?\d{2,4}(?:[-\s]\d{2,4}){1,4})(?!\d)"),
+        _seven_digits,
+    ),
     _Rule(
         "phone",
         _c(r"(?<!\d)(?<!\d\.)(?P<v>(?:\(0\d{2,3}\)|0\d{2,3})[-\s]?(?:\d{7,8}|\d{3,4}[-\s]\d{4}))(?!\d|\.\d)"),
@@ -415,7 +422,7 @@ _RULES: tuple[_Rule, ...] = (
         "name",
         _c(
             rf"(?:{_ZH_WEAK})\s*{_ZH_NAME}"
-            rf"(?=[，,、。;；\s(（)）]|$|男|女|性别|年龄|\d{{1,3}}岁|签字|签名|同意|陪同|代诉|告知|因|于|来|就诊|复查)"
+            rf"(?=[，,、。;；\s(（)）]|$|男|女|性别|年龄|\d{{1,3}}岁|签字|签名|同意|陪同|代诉|告知|因|于\d|来|就诊|复查|行)"
         ),
         _weak_zh_name,
     ),
@@ -435,6 +442,12 @@ _RULES: tuple[_Rule, ...] = (
         _c(
             rf"(?:^|(?<=[\s，。；]))(?P<v>{_SURNAME_RE}[{_HAN}]{{1,2}})(?=[（(]\s*(?:住院|门诊|病历|病案|ID|MRN))"
         ),
+        _titled_zh_name,
+    ),
+    # a name opening a line or clause, followed by sex and age: 上官婉儿，女，35岁
+    _Rule(
+        "name",
+        _c(rf"(?:^|(?<=[\s，。；]))(?P<v>{_SURNAME_RE}[{_HAN}]{{1,2}})(?=[，,、\s]*(?:男|女)[，,、\s]*\d{{1,3}}岁)"),
         _titled_zh_name,
     ),
     _Rule("name", _c(rf"(?<![A-Za-z])(?<![A-Za-z]\s){_EN_STRONG}(?:{_SEP}|\s+-\s+){_EN_NAME}"), _en_name),

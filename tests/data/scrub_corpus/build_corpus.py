@@ -4,20 +4,12 @@ Run `python tests/data/scrub_corpus/build_corpus.py` to regenerate (deterministi
 JSONL files are committed and are what the tests and `docs/data.md` measure (a test checks the
 committed files are exactly what this script writes).
 
-The folder also holds hand-written snippets, not generated: `handwritten_a.jsonl` and
-`handwritten_b.jsonl` (PHI) and `handwritten_clean.jsonl`. Each was written after the rules of its
-time and measured once before any rule was changed for it; docs/data.md gives those first
-figures. `handwritten_c.jsonl` / `handwritten_clean_c.jsonl` were written after the current rules
-and have never been tuned on: they are the held-out estimate for unseen phrasing. Do not change
-rules for them; write a new set instead.
-
-Each PHI snippet is a short piece of a zh or en ultrasound report written the way hospital
-exports write it, with `phi: [[kind, value], ...]`; every occurrence of a value in the text is
-PHI. Kinds: name, id_number, phone, record_number, birth_date, email, address, url, ip. Clean
-snippets are report sentences dense with clinical vocabulary (symptoms, anatomy, findings,
-eponyms, measurements, grades, exam dates) and words that start with a common surname character
-(高回声, 黄疸, 毛糙, 张力...) or look like names (Murphy, Graves, Doppler): nothing in them may change.
-`VOCAB` lists the clinical words the tests require to survive in both sets.
+The folder also holds hand-written snippets, not generated: sets A, B, C (`handwritten_a/b/c.jsonl`,
+`handwritten_clean.jsonl`, `handwritten_clean_c.jsonl`), each written after the rules of its time
+and measured once before any rule was changed for it (docs/data.md gives those first figures),
+then fixed and made part of the corpus; and set D (`handwritten_d.jsonl`,
+`handwritten_clean_d.jsonl`), written after the current rules and never tuned on: the held-out
+estimate for unseen phrasing. Do not change rules for D; write a new set instead.
 
 Honest caveat: the snippets are synthetic, written by the same people as the rules; recall here
 is an upper bound for real exports. Add real (de-identified and re-planted) lines when you can.

@@ -362,6 +362,12 @@ def test_no_key_no_pseudonyms(tmp_path):
     assert code == 2 and "lies inside the output folder" in output
     with pytest.raises(DataError, match="holds 3 byte"):
         PseudonymKey(b"abc")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(
+        DataError, match=r"cannot create the pseudonym key file .*; pass --key-file with a writable"
+    ):
+        PseudonymKey.load_or_create(blocker / "deid.key")
 
 
 # ------------------------------------------------------------------------------- robustness

@@ -63,7 +63,10 @@ class PseudonymKey:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"key file {path} does not exist; pass an existing --key-file, or leave it out")
-        raw = path.read_bytes().strip()
+        try:
+            raw = path.read_bytes().strip()
+        except OSError as exc:
+            raise DataError(f"key file {path} cannot be read ({exc.strerror}); fix its permissions") from None
         try:
             secret = bytes.fromhex(raw.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
@@ -76,11 +79,17 @@ class PseudonymKey:
         path = Path(path) if path is not None else default_key_path()
         if path.exists():
             return cls.load(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         secret = secrets.token_bytes(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(secret.hex() + "\n")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(secret.hex() + "\n")
+        except OSError as exc:
+            raise DataError(
+                f"cannot create the pseudonym key file {path} ({exc.strerror}); pass --key-file with a "
+                "writable path outside the output folder"
+            ) from None
         return cls(secret, path, created=True)
 
     def digest(self, value: str, purpose: str) -> bytes:

@@ -192,31 +192,58 @@ def ingest_dicom(
     site: Annotated[str, typer.Option(help="Examination site of these studies, e.g. thyroid.")],
     language: Annotated[str, typer.Option(help="Language the reports will be written in: zh or en.")] = "zh",
     banner_rows: Annotated[
-        int | None, typer.Option(help="Blank this many top rows of every frame (0 disables).")
+        int | None,
+        typer.Option(help="Files without usable ultrasound regions: blank this many top rows (0 disables)."),
     ] = None,
     banner_fraction: Annotated[
-        float | None, typer.Option(help="Blank this fraction of the top rows (default 0.1).")
+        float | None,
+        typer.Option(help="Files without usable ultrasound regions: blank this top fraction (default 0.1)."),
     ] = None,
+    mask: Annotated[
+        list[str] | None,
+        typer.Option(help="Also blank this pixel box x0,y0,x1,y1 (inclusive) in every frame; repeatable."),
+    ] = None,
+    detect_text: Annotated[
+        bool, typer.Option(help="Blank burned-in text found by the detector (files without usable regions).")
+    ] = True,
+    allow_burned_in: Annotated[
+        bool,
+        typer.Option(
+            help="Accept BurnedInAnnotation=YES files that have no ultrasound regions and no --mask/--banner-*."
+        ),
+    ] = False,
     every: Annotated[int, typer.Option(help="Keep every N-th frame of a cine loop.")] = 1,
     max_frames: Annotated[int | None, typer.Option(help="Keep at most N frames per file.")] = None,
     write_dicom: Annotated[bool, typer.Option(help="Also write de-identified DICOM copies.")] = False,
-    salt: Annotated[
-        str, typer.Option(help="Secret mixed into hashed UIDs/pseudonyms (set it for release).")
-    ] = "",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Secret pseudonym key (HMAC) file, created on first use; default "
+            "$LLAVA_ULTRA_KEY_FILE or ~/.config/llava-ultra/deid.key. Same key = same pseudonyms."
+        ),
+    ] = None,
+    retain_dates: Annotated[
+        bool, typer.Option(help="PS3.15 option: Retain Longitudinal Temporal Information with Full Dates.")
+    ] = False,
 ) -> None:
     """Convert ultrasound DICOM (single-frame or cine) to de-identified PNG frames + report skeletons."""
     from .data.dicom import IngestOptions
     from .data.dicom import ingest_dicom as run_ingest
+    from .data.pixels import parse_mask
 
     opts = IngestOptions(
         site=site,
         language=language,
         banner_rows=banner_rows,
         banner_fraction=banner_fraction,
+        masks=tuple(parse_mask(m) for m in mask or ()),
+        detect_text=detect_text,
+        allow_burned_in=allow_burned_in,
         every=every,
         max_frames=max_frames,
         write_dicom=write_dicom,
-        salt=salt,
+        key_file=None if key_file is None else str(key_file),
+        retain_dates=retain_dates,
     )
     summary = run_ingest(inputs, out, opts)
     typer.echo(summary.render())

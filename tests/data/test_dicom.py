@@ -24,11 +24,13 @@ from llava_ultra.data.dicom import (
     decode_frames,
     deidentify_dataset,
     frame_indices,
-    hashed_uid,
     ingest_dicom,
     read_dicom,
 )
+from llava_ultra.data.pseudonym import PseudonymKey
 from llava_ultra.errors import ConfigError, DataError
+
+KEY = PseudonymKey(b"test-key-0123456789abcdef")
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 UID_ROOT = "1.2.826.0.1.3680043.8.498.7000"
@@ -107,13 +109,15 @@ def _all_output_bytes(out: Path) -> dict[Path, bytes]:
 
 def test_real_ybr_cine_becomes_rgb_frames(tmp_path):
     src = _testfile("examples_ybr_color.dcm")
-    summary = ingest_dicom([src], tmp_path, IngestOptions(site="cardiac", every=3, write_dicom=True))
-    assert summary.ok and summary.studies == 1
+    key_file = tmp_path.parent / f"{tmp_path.name}.key"
+    opts = IngestOptions(site="cardiac", every=3, write_dicom=True, key_file=str(key_file))
+    summary = ingest_dicom([src], tmp_path, opts)
+    assert summary.ok and summary.studies == 1 and summary.key_created
     (record,) = [json.loads(line) for line in (tmp_path / SKELETON_NAME).read_text().splitlines()]
     assert len(record["images"]) == 10  # 30 frames, every 3rd
     frames = np.stack([np.asarray(Image.open(tmp_path / p)) for p in record["images"]])
     assert frames.shape == (10, 240, 320, 3)
-    rows = summary.files[0].log["banner_rows"]
+    rows = summary.files[0].log["pixels"]["banner_rows"]
     assert rows == 24 and not frames[:, :rows].any()
     # Converted YBR: a grey-scale echo has R ~ G ~ B. Unconverted Cb/Cr would sit near 128.
     means = frames[:, rows:].reshape(-1, 3).mean(axis=0)
@@ -125,7 +129,7 @@ def test_real_ybr_cine_becomes_rgb_frames(tmp_path):
     assert np.array_equal(clean.pixel_array, frames)
     assert clean.PatientName == "ANONYMOUS" and clean.PatientIdentityRemoved == "YES"
     original = pydicom.dcmread(src)
-    assert clean.StudyInstanceUID == hashed_uid(original.StudyInstanceUID)
+    assert clean.StudyInstanceUID == PseudonymKey.load(key_file).uid(original.StudyInstanceUID)
     assert not any(e.tag.is_private for e in clean.iterall())
     assert clean.StudyDate == "" and "PLA" not in str(clean.PatientName)
 
@@ -176,7 +180,10 @@ def test_planted_phi_never_reaches_any_output(tmp_path):
             "thyroid",
             "--banner-rows",
             "12",
+            "--no-detect-text",
             "--write-dicom",
+            "--key-file",
+            str(tmp_path / "k.key"),
         ],
     )
     assert res.exit_code == 0, res.output
@@ -206,14 +213,13 @@ def test_planted_phi_never_reaches_any_output(tmp_path):
 
 def test_deidentify_dataset_is_a_copy_and_deterministic(tmp_path):
     ds = pydicom.dcmread(_write_dicom(tmp_path / "a.dcm", _burned_frames(1)))
-    a, b = deidentify_dataset(ds, salt="s1"), deidentify_dataset(ds, salt="s1")
-    c = deidentify_dataset(ds, salt="s2")
+    other = PseudonymKey(b"another-key-0123456789")
+    a, b, c = deidentify_dataset(ds, KEY), deidentify_dataset(ds, KEY), deidentify_dataset(ds, other)
     assert ds.PatientName == PHI["PatientName"]  # input untouched
     assert a.SOPInstanceUID == b.SOPInstanceUID != c.SOPInstanceUID
     assert a.file_meta.MediaStorageSOPInstanceUID == a.SOPInstanceUID
     assert a.SOPClassUID == US_MULTIFRAME  # standard UIDs are kept
-    ref = a.ReferencedImageSequence[0]
-    assert ref.ReferencedSOPInstanceUID.startswith("2.25.") and ref.ReferencedSOPClassUID == US_MULTIFRAME
+    assert "ReferencedImageSequence" not in a  # X/Z/U* in Table E.1-1: we take X
     assert a.PatientID.startswith("ANON-") and a.PatientID == b.PatientID != c.PatientID
 
 

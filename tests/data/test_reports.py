@@ -179,3 +179,64 @@ def test_validate_cli_exit_codes_and_capped_listing(tmp_path):
 def test_validate_folder_without_report_files(tmp_path):
     with pytest.raises(DataError, match="no \\*.jsonl or \\*.csv"):
         validate_dataset(tmp_path)
+
+
+def _good_csv_row(rid: str) -> str:
+    return f"{rid},thyroid,,甲状腺结节,TI-RADS 3类,zh,a.png"
+
+
+def test_malformed_csv_rows_give_line_numbered_errors_in_validate_and_scrub(tmp_path):
+    _png(tmp_path / "a.png")
+    path = tmp_path / "r.csv"
+    path.write_text(
+        "id,site,history,findings,diagnosis,language,images\n"
+        + _good_csv_row("a")
+        + "\nb,thyroid,x\n"  # line 3: too few cells
+        + 'c,thyroid,,"unclosed,y,zh,a.png\n'  # line 4: the quote never closes
+        + _good_csv_row("d")  # line 5: still read
+        + "\n",
+        encoding="utf-8",
+    )
+    few = (
+        f"{path}:3: row has 3 cells, the header has 7 (missing: findings, diagnosis, language, images); "
+        "add the missing cells, empty ones as ,,"
+    )
+    unclosed = (
+        f'{path}:4: unclosed quote: a cell opened with " on this line is never closed, so the rest of '
+        'the file would be read as one cell; close the quote (write a quote inside a cell as "")'
+    )
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 1 and few in res.output and unclosed in res.output
+    assert "validated 1 file(s): 4 report(s)" in res.output and "malformed: 2" in res.output
+    res = CliRunner().invoke(app, ["scrub", str(path), str(tmp_path / "out.jsonl")])
+    assert res.exit_code == 1 and few in res.output and unclosed in res.output
+    assert [r.id for r in read_reports(tmp_path / "out.jsonl")] == ["a", "d"]
+
+
+def test_deeply_nested_json_is_a_line_numbered_error_not_a_recursion_error(tmp_path):
+    _png(tmp_path / "a.png")
+    good = json.dumps(_report(0, images=["a.png"], valid=None).to_dict(), ensure_ascii=False)
+    bomb = '{"id": "x", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    deep_but_valid = json.dumps({**json.loads(good), "id": "y", "meta": {"k": [[[[[[[[[[1]]]]]]]]]]}})
+    path = tmp_path / "r.jsonl"
+    path.write_text(f"{good}\n{bomb}\n{deep_but_valid}\n", encoding="utf-8")
+    message = (
+        f"{path}:2: line nests JSON arrays/objects deeper than 32 levels; flatten 'meta' "
+        "(reports need at most a few levels)"
+    )
+    res = CliRunner().invoke(app, ["validate", str(path), "--no-decode"])
+    assert res.exit_code == 1 and message in res.output and "3 report(s)" in res.output
+    res = CliRunner().invoke(app, ["scrub", str(path), str(tmp_path / "out.csv")])
+    assert res.exit_code == 1 and message in res.output
+    assert [r.id for r in read_reports(tmp_path / "out.csv")] == ["r0", "y"]
+    csv_path = tmp_path / "deep.csv"
+    csv_path.write_text(
+        f'id,site,findings,diagnosis,language,images,meta\nz,liver,x,y,zh,a.png,"{"[" * 5000}{"]" * 5000}"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError) as exc:
+        read_reports(csv_path)
+    assert str(exc.value) == (
+        f"{csv_path}:2: column 'meta' nests JSON arrays/objects deeper than 32 levels; flatten 'meta' "
+        "(reports need at most a few levels)"
+    )

@@ -122,3 +122,37 @@ def test_scrub_cli_writes_scrubbed_reports_and_counts(tmp_path):
     assert out[1].history == "Patient: [NAME]" and out[1].meta == {"note": "MRN: [MRN]"}
     assert out[2] == reports[2]
     assert CliRunner().invoke(app, ["scrub", str(src), str(src)]).exit_code == 2
+
+
+# The forms issue #14 found leaking or damaged, one case each.
+ISSUE_CASES = [
+    ("欧阳娜娜女士，请复查。", "[姓名]女士，请复查。"),  # long name before 女士
+    ("请李建国先生到3号诊室。", "请[姓名]先生到3号诊室。"),
+    ("报告医师：司马相如", "报告医师：[姓名]"),  # compound surname
+    ("Name: Smith, John", "Name: [NAME]"),  # Surname, Given
+    ("Reported by: Van der Berg, Thomas, MD", "Reported by: [NAME], MD"),
+    ("患者生于1975年6月3日，", "患者生于[出生日期]，"),
+    ("1980年3月5日出生，女", "[出生日期]出生，女"),
+    ("Birthday: 1980/03/05", "Birthday: [DOB]"),
+    ("住院号为ZY20230101，", "住院号为[病历号]，"),
+    ("身份证 110101 19900307 123X", "身份证 [身份证号]"),
+    ("住址：北京市朝阳区幸福路88号", "住址：[地址]"),
+    ("see https://pacs.example.cn/v?s=1 from 192.168.1.20", "see [URL] from [IP]"),
+]
+CLINICAL_AFTER_WEAK_LABEL = [
+    "患儿高热3天。",
+    "患儿黄疸1周。",
+    "患者张口受限。",
+    "患儿发热，咳嗽。",
+    "患者高血压病史。",
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), ISSUE_CASES)
+def test_issue_forms(text, expected):
+    assert scrub_text(text).text == expected
+
+
+@pytest.mark.parametrize("text", CLINICAL_AFTER_WEAK_LABEL)
+def test_symptom_after_weak_label_is_kept(text):
+    assert scrub_text(text).text == text

@@ -1,31 +1,37 @@
 """DICOM ultrasound ingest: single-frame and cine files -> de-identified 8-bit PNG frames.
 
 What it owns:
-- `read_dicom`: open a file, refusing non-DICOM files and DICOM without pixel data (DataError
-  naming the file and the fix).
+- `read_dicom`: open a file, refusing non-DICOM files, truncated files (named as truncated, with
+  the element where the file ends) and DICOM without pixel data (DataError naming the file and
+  the fix).
 - `decode_frames`: the selected frames as display-ready uint8, (n, H, W, 3) for colour or
   (n, H, W) for grey. YBR_FULL / YBR_FULL_422 (raw or JPEG) become RGB through pydicom's own
   colour conversion (`as_rgb=True`); PALETTE COLOR goes through `apply_color_lut`; MONOCHROME1/2
   get the modality rescale, then the first VOI window when the file has one (else a per-frame
   min-max stretch, unless the data already is unsigned 8-bit), MONOCHROME1 inverted.
-- `deidentify_dataset`: a copy of the dataset de-identified in the spirit of the DICOM PS3.15
-  Basic Application Level Confidentiality Profile: identifying attributes removed or emptied,
-  PatientName -> ANONYMOUS, PatientID -> salted hash pseudonym, every DA/DT/TM/PN value emptied,
-  free-text LT/ST/UT removed, private tags and overlays removed, and every non-standard UID
-  (anything outside the 1.2.840.10008 root) replaced by a deterministic salted-hash UID under
-  2.25. A `DeidLog` records what was done by tag keyword only, never by value.
-- `ingest_dicom`: the batch command. Writes `images/<study>/<instance>_fNNNN.png`, one report
+- `deidentify_dataset`: a copy of the dataset under the DICOM PS3.15 Basic Application Level
+  Confidentiality Profile: every attribute of Table E.1-1 (`deid_profile.ACTIONS`, generated from
+  the standard, not typed here) gets its action D/Z/X/U, recursively through sequences; private
+  attributes, overlays, curves and icon images are removed; UIDs and the patient ID become keyed
+  HMAC values (`pseudonym.PseudonymKey`). Beyond the table, as a safety net, attributes it does
+  not list lose free text (LT/ST/UT/UN), person names and dates, and their non-standard UIDs are
+  keyed. Option: Retain Longitudinal Temporal Information with Full Dates (`retain_dates`). The
+  output records Patient Identity Removed, De-identification Method and its Code Sequence. A
+  `DeidLog` records what was done by tag keyword only, never by value.
+- `ingest_dicom`: the batch command. Writes `images/<study>/<instance>_fNNNN.png` (pixels
+  cleaned by `pixels.py`: ultrasound regions kept, or band + burned-in text blanked), one report
   skeleton per study in `reports.skeleton.jsonl` (text left empty for a person to fill, so
-  `validate` flags a skeleton until it is filled), `logs/deid.jsonl`, and optionally
-  de-identified DICOM copies in `dicom/<study>/<instance>.dcm` that hold exactly the written
-  (banner-blanked) frames, uncompressed. Bad files are counted and listed; the rest go on.
+  `validate` flags a skeleton until it is filled), `logs/deid.jsonl` (every header and pixel
+  decision per file), and optionally de-identified DICOM copies in `dicom/<study>/<instance>.dcm`
+  holding exactly the written frames, uncompressed, explicit VR little endian (big-endian input
+  is re-encoded). Anything that fails for one file (not DICOM, truncated, undecodable, refused
+  for burned-in text, a SOPInstanceUID already ingested in this batch, a write error) is one
+  failure line; the batch goes on.
 
 Choices: the site is required (a hospital export has no machine-readable examination site we can
-trust); a top banner (default 10% of rows) of every frame is zeroed before anything is written,
-because ultrasound machines burn the patient name into the pixels; source paths never appear in
-any written file (hospital file names often hold patient names), only on the console. Hashing
-with an empty salt is deterministic but lets anyone holding the original IDs/UIDs link records;
-pass a secret `--salt` for data that leaves the hospital.
+trust); source paths never appear in any written file (hospital file names often hold patient
+names), only on the console; study/instance folder and file names are hashes of keyed UIDs; the
+pseudonym key never goes into the output folder (a key file inside it is refused).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,44 +53,37 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels
+from pydicom.sequence import Sequence as PydicomSequence
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
 
 from ..errors import ConfigError, DataError
 from ..sites import check_site
+from .deid_profile import action_for, simple_action
+from .pixels import Box, apply_plan, banner_height, blank_banner, plan_pixel_cleaning
+from .pseudonym import PseudonymKey, default_key_path
 from .reports import LANGUAGES
 
-DEFAULT_BANNER_FRACTION = 0.10
+__all__ = [
+    "DeidLog",
+    "IngestOptions",
+    "IngestSummary",
+    "banner_height",
+    "blank_banner",
+    "decode_frames",
+    "deidentify_dataset",
+    "frame_indices",
+    "ingest_dicom",
+    "ingest_file",
+    "read_dicom",
+]
+
 STANDARD_UID_ROOT = "1.2.840.10008."  # DICOM-defined UIDs (SOP classes, transfer syntaxes...)
 SKELETON_NAME = "reports.skeleton.jsonl"
 DEID_LOG_NAME = "logs/deid.jsonl"
 
-# Attributes removed outright (identifying, or free text that may name people).
-REMOVE_KEYWORDS = frozenset(
-    {
-        "PatientAddress", "PatientBirthTime", "PatientBirthName", "PatientMotherBirthName",
-        "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientTelephoneNumbers",
-        "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup", "Occupation", "MilitaryRank",
-        "BranchOfService", "MedicalRecordLocator", "PatientInsurancePlanCodeSequence",
-        "PatientReligiousPreference", "CountryOfResidence", "RegionOfResidence", "PatientState",
-        "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "AdmissionID",
-        "IssuerOfAdmissionIDSequence", "CurrentPatientLocation", "PatientInstitutionResidence",
-        "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "InstitutionCodeSequence",
-        "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers",
-        "ReferringPhysicianIdentificationSequence", "PhysiciansOfRecord",
-        "PhysiciansOfRecordIdentificationSequence", "PerformingPhysicianName",
-        "PerformingPhysicianIdentificationSequence", "NameOfPhysiciansReadingStudy",
-        "PhysiciansReadingStudyIdentificationSequence", "OperatorsName", "OperatorIdentificationSequence",
-        "RequestingPhysician", "RequestingService", "StationName", "DeviceSerialNumber",
-        "StudyDescription", "SeriesDescription", "ProtocolName", "RequestAttributesSequence",
-        "ReferencedPatientSequence", "PerformedProcedureStepID", "PerformedProcedureStepDescription",
-        "ScheduledProcedureStepID", "RequestedProcedureID", "RequestedProcedureDescription",
-        "ResponsiblePerson", "ResponsibleOrganization", "PerformedLocation", "ScheduledStationName",
-        "PerformedStationName", "InstanceCreatorUID",
-    }
-)  # fmt: skip
-# Type 2 attributes kept present but emptied.
-EMPTY_KEYWORDS = frozenset({"PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID"})
-EMPTY_VRS = frozenset({"DA", "DT", "TM", "PN"})  # every date, time and person name
-REMOVE_VRS = frozenset({"LT", "ST", "UT"})  # free text
+EMPTY_VRS = frozenset({"DA", "DT", "TM", "PN"})  # safety net: dates and names the table misses
+REMOVE_VRS = frozenset({"LT", "ST", "UT"})  # safety net: free text the table misses
 FILE_META_REMOVE = (
     "SourceApplicationEntityTitle",
     "SendingApplicationEntityTitle",
@@ -96,13 +96,48 @@ FILE_META_REMOVE = (
 # --------------------------------------------------------------------------------- reading
 
 
+def _truncation(path: Path, ds: Dataset) -> str | None:
+    """Why `ds` (read from `path`) is truncated, or None. pydicom reads a short file silently."""
+    if len(ds) == 0:
+        return "the file ends before its first data element"
+    ts = getattr(getattr(ds, "file_meta", None), "get", lambda _k: None)("TransferSyntaxUID")
+    deflated = ts is not None and getattr(ts, "is_deflated", False)
+    last = ds.get_item(max(ds.keys()))
+    length = getattr(last, "length", None)
+    tell = getattr(last, "value_tell", None)
+    size = path.stat().st_size
+    # Offsets of a deflated file refer to the inflated stream, not to the file on disk.
+    if (
+        not deflated
+        and tell is not None
+        and length is not None
+        and length != 0xFFFFFFFF
+        and tell + length > size
+    ):
+        name = pydicom.datadict.keyword_for_tag(last.tag) or str(last.tag)
+        return f"the file ends inside {name} {last.tag} ({size - tell} of {length} bytes)"
+    if "PixelData" in ds and ts is not None and not getattr(ts, "is_encapsulated", True):
+        try:
+            bits = int(ds.BitsAllocated)
+            need = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * _frame_count(ds)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        need = (need * bits + 7) // 8
+        have = len(ds.PixelData or b"")
+        if have < need:
+            return f"PixelData holds {have} of the {need} bytes its Rows/Columns/frames need"
+    return None
+
+
 def read_dicom(path: str | os.PathLike[str]) -> Dataset:
     """Open a DICOM file with pixel data; DataError naming the file and the fix otherwise."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist or is not a file; check the path")
     try:
-        ds = pydicom.dcmread(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
     except InvalidDicomError:
         raise DataError(
             f"{path} is not a DICOM file (no 'DICM' marker after the 128-byte preamble); "
@@ -110,6 +145,10 @@ def read_dicom(path: str | os.PathLike[str]) -> Dataset:
         ) from None
     except Exception as exc:  # pydicom raises many types on truncated/corrupt input
         raise DataError(f"{path} could not be parsed as DICOM ({exc}); re-export the file") from None
+    eof = [str(w.message) for w in caught if "EOF" in str(w.message) or "end of file" in str(w.message)]
+    why = _truncation(path, ds) or (f"reading stopped early ({eof[0]})" if eof else None)
+    if why:
+        raise DataError(f"{path} is truncated: {why}; copy or export the file again")
     if "PixelData" not in ds:
         sop = ds.get("SOPClassUID")
         what = f" ({sop.name})" if sop is not None and hasattr(sop, "name") else ""
@@ -202,38 +241,13 @@ def decode_frames(ds: Dataset, indices: Sequence[int], source: str = "") -> np.n
     return np.stack(frames)
 
 
-def banner_height(rows: int, banner_rows: int | None = None, banner_fraction: float | None = None) -> int:
-    """Rows of the top banner to blank: explicit rows, else a fraction of the height (default 10%)."""
-    if banner_rows is not None and banner_fraction is not None:
-        raise ConfigError("give either banner_rows or banner_fraction, not both")
-    if banner_rows is not None:
-        if banner_rows < 0:
-            raise ConfigError(f"banner_rows={banner_rows}: must be >= 0 (0 disables blanking)")
-        return min(banner_rows, rows)
-    fraction = DEFAULT_BANNER_FRACTION if banner_fraction is None else banner_fraction
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"banner_fraction={fraction}: must be in [0, 1] (0 disables blanking)")
-    return min(rows, int(np.ceil(rows * fraction)))
-
-
-def blank_banner(frames: np.ndarray, rows: int) -> np.ndarray:
-    """Copy of `frames` (n, H, W[, C]) with the top `rows` rows set to 0."""
-    out = frames.copy()
-    out[:, :rows] = 0
-    return out
-
-
 # ------------------------------------------------------------------------- de-identification
 
-
-def hashed_uid(uid: str, salt: str = "") -> str:
-    """Deterministic replacement UID: 2.25.<128-bit integer of sha256(salt, uid)>."""
-    digest = hashlib.sha256(f"{salt}\x00{uid}".encode()).digest()
-    return "2.25." + str(int.from_bytes(digest[:16], "big"))
-
-
-def _pseudonym(value: str, salt: str, prefix: str) -> str:
-    return prefix + hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:12]
+_DUMMY_TEXT = {"AE": "ANONYMOUS", "CS": "ANONYMIZED", "PN": "ANONYMOUS", "AS": "000Y", "UR": ""}
+_DUMMY_DATES = {"DA": "19000101", "TM": "000000", "DT": "19000101000000"}
+_NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
+_BINARY_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
+_BIRTH = frozenset({"PatientBirthDate", "PatientBirthTime"})
 
 
 @dataclass
@@ -242,7 +256,9 @@ class DeidLog:
 
     removed: set[str] = field(default_factory=set)
     emptied: set[str] = field(default_factory=set)
+    dummied: set[str] = field(default_factory=set)
     replaced: set[str] = field(default_factory=set)
+    dates_retained: set[str] = field(default_factory=set)
     private_tags_removed: int = 0
     overlay_elements_removed: int = 0
 
@@ -250,7 +266,9 @@ class DeidLog:
         return {
             "removed": sorted(self.removed),
             "emptied": sorted(self.emptied),
+            "dummied": sorted(self.dummied),
             "replaced": sorted(self.replaced),
+            "dates_retained": sorted(self.dates_retained),
             "private_tags_removed": self.private_tags_removed,
             "overlay_elements_removed": self.overlay_elements_removed,
         }
@@ -261,44 +279,141 @@ def _is_overlay_or_curve(tag: Any) -> bool:
     return (0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF) and group % 2 == 0
 
 
-def _clean(ds: Dataset, salt: str, log: DeidLog) -> None:
+def _new_uid(value: Any, key: PseudonymKey) -> Any:
+    """Keyed replacement of every non-standard UID in a (possibly multi-valued) UI value."""
+    values = list(value) if isinstance(value, MultiValue | list) else [value]
+    new = [v if not v or str(v).startswith(STANDARD_UID_ROOT) else key.uid(str(v)) for v in values]
+    return new if isinstance(value, MultiValue | list) else new[0]
+
+
+def _dummy(elem: Any, key: PseudonymKey) -> Any:
+    vr = elem.VR
+    if vr == "UI":
+        return _new_uid(elem.value, key)
+    if vr in _DUMMY_DATES:
+        return _DUMMY_DATES[vr]
+    if vr in _DUMMY_TEXT:
+        return _DUMMY_TEXT[vr]
+    if vr in ("IS", "DS"):
+        return "0"
+    if vr in _NUMERIC_VRS:
+        return 0
+    if vr in _BINARY_VRS:
+        return b"\x00\x00"
+    return "ANONYMIZED"  # LO, SH, LT, ST, UT, UC
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    key: PseudonymKey
+    retain_dates: bool
+    log: DeidLog
+
+
+def _clean(ds: Dataset, ctx: _Ctx) -> None:
+    """Apply Table E.1-1 to `ds` in place, recursing into every sequence that is kept."""
+    log = ctx.log
     for elem in list(ds):
-        tag, kw, vr = elem.tag, elem.keyword, elem.VR
+        tag, vr = elem.tag, elem.VR
+        kw = elem.keyword or str(tag)
         if tag.is_private:
             del ds[tag]
             log.private_tags_removed += 1
-        elif _is_overlay_or_curve(tag):
+            continue
+        if _is_overlay_or_curve(tag):  # Table E.1-1 (50xx,xxxx), (60xx,3000/4000); whole groups go
             del ds[tag]
             log.overlay_elements_removed += 1
+            continue
+        table_action = action_for(tag)
+        if ctx.retain_dates and vr in ("DA", "DT", "TM") and kw not in _BIRTH:
+            log.dates_retained.add(kw)  # Retain Longitudinal Temporal Information, Full Dates
+            continue
+        if table_action is None:
+            # Not in the table. Belt and braces beyond the profile: free text, unknown-VR and
+            # person-name values are dropped, dates emptied, non-standard UIDs keyed.
+            if vr == "SQ":
+                for item in elem.value:
+                    _clean(item, ctx)
+            elif vr in REMOVE_VRS or vr == "UN":
+                del ds[tag]
+                log.removed.add(kw)
+            elif vr in EMPTY_VRS and elem.value not in (None, ""):
+                elem.value = ""
+                log.emptied.add(kw)
+            elif vr == "UI" and elem.value:
+                new = _new_uid(elem.value, ctx.key)
+                if new != elem.value:
+                    elem.value = new
+                    log.replaced.add(kw)
+            continue
+        action = simple_action(table_action)
+        if kw == "PatientID":  # Z in the table: a keyed pseudonym is the dummy value
+            elem.value = ctx.key.pseudonym(str(elem.value)) if elem.value else ""
+            log.replaced.add(kw)
         elif kw == "PatientName":
             elem.value = "ANONYMOUS"
-            log.replaced.add(kw)
-        elif kw == "PatientID":
-            elem.value = _pseudonym(str(elem.value), salt, "ANON-") if elem.value else ""
-            log.replaced.add(kw)
-        elif kw in REMOVE_KEYWORDS or vr in REMOVE_VRS or vr == "UN":
+            log.dummied.add(kw)
+        elif action == "X":
             del ds[tag]
-            log.removed.add(kw or str(tag))
-        elif kw in EMPTY_KEYWORDS or vr in EMPTY_VRS:
-            if elem.value not in (None, ""):
-                elem.value = ""
-                log.emptied.add(kw or str(tag))
-        elif vr == "UI" and elem.value:
-            values = elem.value if elem.VM > 1 else [elem.value]
-            new = [v if str(v).startswith(STANDARD_UID_ROOT) else hashed_uid(str(v), salt) for v in values]
-            if new != [str(v) for v in values]:
-                elem.value = new if elem.VM > 1 else new[0]
-                log.replaced.add(kw or str(tag))
-        elif vr == "SQ":
-            for item in elem.value:
-                _clean(item, salt, log)
+            log.removed.add(kw)
+        elif action == "U" or (vr == "UI" and action == "D"):
+            if vr == "SQ":  # not in the 2026c table, but never keep a sequence we cannot rewrite
+                del ds[tag]
+                log.removed.add(kw)
+            else:
+                elem.value = _new_uid(elem.value, ctx.key)
+                log.replaced.add(kw)
+        elif vr == "SQ":  # Z or D on a sequence: no items survive (a dummy item would be invented)
+            elem.value = []
+            log.emptied.add(kw)
+        elif action == "Z":
+            elem.value = None if vr in _NUMERIC_VRS else (b"" if vr in _BINARY_VRS else "")
+            log.emptied.add(kw)
+        else:  # D
+            elem.value = _dummy(elem, ctx.key)
+            log.dummied.add(kw)
 
 
-def deidentify_dataset(ds: Dataset, salt: str = "", log: DeidLog | None = None) -> Dataset:
-    """Return a de-identified copy of `ds` (the input is not modified); fill `log` if given."""
+def _method_codes(retain_dates: bool, pixels_cleaned: bool) -> PydicomSequence:
+    items = []
+    chosen = [codes.DCM.BasicApplicationConfidentialityProfile]
+    if pixels_cleaned:
+        chosen.append(codes.DCM.CleanPixelDataOption)
+    if retain_dates:
+        chosen.append(codes.DCM.RetainLongitudinalTemporalInformationFullDatesOption)
+    for code in chosen:
+        item = Dataset()
+        item.CodeValue = code.value
+        item.CodingSchemeDesignator = code.scheme_designator
+        item.CodeMeaning = code.meaning
+        items.append(item)
+    return PydicomSequence(items)
+
+
+def deidentify_dataset(
+    ds: Dataset,
+    key: PseudonymKey | None,
+    *,
+    retain_dates: bool = False,
+    pixels_cleaned: bool = False,
+    log: DeidLog | None = None,
+) -> Dataset:
+    """A de-identified copy of `ds` under DICOM PS3.15 Table E.1-1 (the input is not modified).
+
+    Every attribute of the table gets its action, recursively through sequences; private
+    attributes, overlays and curves are removed; UIDs and the patient ID are replaced with keyed
+    HMAC values (`key` is required: no key, no pseudonyms). `retain_dates` is the standard's
+    Retain Longitudinal Temporal Information with Full Dates option (birth date/time still go).
+    The output records Patient Identity Removed, the methods and their codes (CID 7050).
+    """
+    if key is None:
+        raise DataError(
+            "de-identification needs a pseudonym key (keyed HMAC pseudonyms); load one with "
+            "PseudonymKey.load_or_create(path) or pass --key-file"
+        )
     log = log if log is not None else DeidLog()
     out = copy.deepcopy(ds)
-    _clean(out, salt, log)
+    _clean(out, _Ctx(key, retain_dates, log))
     meta = getattr(out, "file_meta", None)
     if meta is not None:
         for kw in FILE_META_REMOVE:
@@ -307,10 +422,12 @@ def deidentify_dataset(ds: Dataset, salt: str = "", log: DeidLog | None = None) 
                 log.removed.add(kw)
         uid = str(meta.get("MediaStorageSOPInstanceUID") or "")
         if uid and not uid.startswith(STANDARD_UID_ROOT):
-            meta.MediaStorageSOPInstanceUID = hashed_uid(uid, salt)
+            meta.MediaStorageSOPInstanceUID = key.uid(uid)
             log.replaced.add("MediaStorageSOPInstanceUID")
     out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = "llava-ultra: PS3.15 basic profile (spirit), UIDs hashed"  # LO: <= 64
+    out.DeidentificationMethod = "llava-ultra: PS3.15 Table E.1-1 (2026c), keyed HMAC UIDs/IDs"  # LO <= 64
+    out.DeidentificationMethodCodeSequence = _method_codes(retain_dates, pixels_cleaned)
+    out.LongitudinalTemporalInformationModified = "UNMODIFIED" if retain_dates else "REMOVED"
     return out
 
 
@@ -324,22 +441,30 @@ class IngestOptions:
     Attributes:
         site: examination site key for the report skeletons (one of `llava_ultra.sites.SITES`).
         language: language the report text will be written in ('zh' or 'en').
-        banner_rows / banner_fraction: top band blanked in every frame (at most one given;
-            neither means 10% of the rows; 0 disables).
+        banner_rows / banner_fraction: top band blanked when the file has no usable ultrasound
+            regions (at most one given; neither means 10% of the rows; 0 disables the band).
+        masks: extra pixel boxes (x0, y0, x1, y1, inclusive) blanked in every frame.
+        detect_text: blank burned-in text found by the detector (files without usable regions).
+        allow_burned_in: accept Burned In Annotation = YES files without regions or a mask.
         every: keep every N-th frame of a cine loop.
         max_frames: keep at most this many frames per file (after `every`).
         write_dicom: also write de-identified DICOM copies holding the written frames.
-        salt: secret mixed into hashed UIDs and pseudonyms; set it for data that leaves the site.
+        key_file: pseudonym key file (created on first use); None: `pseudonym.default_key_path()`.
+        retain_dates: PS3.15 option Retain Longitudinal Temporal Information with Full Dates.
     """
 
     site: str
     language: str = "zh"
     banner_rows: int | None = None
     banner_fraction: float | None = None
+    masks: tuple[Box, ...] = ()
+    detect_text: bool = True
+    allow_burned_in: bool = False
     every: int = 1
     max_frames: int | None = None
     write_dicom: bool = False
-    salt: str = ""
+    key_file: str | None = None
+    retain_dates: bool = False
 
     def __post_init__(self) -> None:
         check_site(self.site)
@@ -369,6 +494,8 @@ class IngestSummary:
     files: list[IngestedFile] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     studies: int = 0
+    key_path: Path | None = None
+    key_created: bool = False
 
     @property
     def ok(self) -> bool:
@@ -382,6 +509,13 @@ class IngestSummary:
             f"failed: {len(self.failures)}",
         ]
         lines += [f"  {msg}" if path in msg else f"  {path}: {msg}" for path, msg in self.failures]
+        if self.key_path is not None:
+            lines.append(
+                f"pseudonym key: created {self.key_path} (keep it secret and out of any data release; "
+                "pass the same --key-file to link patients across runs)"
+                if self.key_created
+                else f"pseudonym key: {self.key_path}"
+            )
         if self.files:
             lines.append(
                 f"next: fill findings/diagnosis in {self.out / SKELETON_NAME}, "
@@ -395,8 +529,17 @@ def _save_png(frame: np.ndarray, path: Path) -> None:
     Image.fromarray(frame, mode="RGB" if frame.ndim == 3 else "L").save(path, format="PNG")
 
 
-def _write_deid_dicom(ds: Dataset, frames: np.ndarray, every: int, path: Path) -> None:
-    """Store the written frames (uncompressed, 8-bit, display-ready) in the de-identified copy."""
+def _write_deid_dicom(ds: Dataset, frames: np.ndarray, every: int, path: Path) -> list[str]:
+    """Store the written frames (uncompressed, 8-bit, display-ready) in the de-identified copy.
+
+    Always explicit VR little endian: big-endian input (which pydicom cannot store new pixel data
+    in) is re-encoded. Returns notes for the log.
+    """
+    notes = []
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None and ts != ExplicitVRLittleEndian:
+        notes.append(f"re-encoded from {getattr(ts, 'name', ts)} to Explicit VR Little Endian")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     for elem in list(ds):
         kw = elem.keyword
         if "PaletteColorLookupTable" in kw or kw in (
@@ -412,43 +555,85 @@ def _write_deid_dicom(ds: Dataset, frames: np.ndarray, every: int, path: Path) -
     if every > 1 and ds.get("FrameTime") is not None:
         ds.FrameTime = f"{float(ds.FrameTime) * every:.3f}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    # dcmwrite, not save_as: save_as refuses a change of endianness. Every element has been
+    # decoded by `_clean` (it visits all of them), so nothing is copied as raw big-endian bytes.
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return notes
+
+
+def _names(clean: Dataset, path: Path) -> tuple[str, str]:
+    """Folder (study) and file (instance) names: hashes of the keyed UIDs, never of source names."""
+    instance_uid = str(clean.get("SOPInstanceUID") or "")
+    seed = instance_uid or hashlib.sha256(path.read_bytes()).hexdigest()
+    instance = "i" + hashlib.sha256(seed.encode()).hexdigest()[:12]
+    study_uid = str(clean.get("StudyInstanceUID") or "")
+    study = "s" + hashlib.sha256(study_uid.encode()).hexdigest()[:12] if study_uid else "s" + instance[1:]
+    return study, instance
 
 
 def ingest_file(
-    path: str | os.PathLike[str], out: str | os.PathLike[str], opts: IngestOptions
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    opts: IngestOptions,
+    key: PseudonymKey | None,
+    seen: dict[str, str] | None = None,
 ) -> IngestedFile:
-    """Ingest one DICOM file: decode, blank the banner, write PNGs (and a de-identified copy)."""
+    """Ingest one DICOM file: decode, clean the pixels, write PNGs (and a de-identified copy).
+
+    `seen` maps instance names already written in this batch to their source path; a file whose
+    SOPInstanceUID repeats one of them is refused before anything is written.
+    """
     path, out = Path(path), Path(out)
     ds = read_dicom(path)
     n = _frame_count(ds)
     frames = decode_frames(ds, frame_indices(n, opts.every, opts.max_frames), source=str(path))
-    rows = banner_height(frames.shape[1], opts.banner_rows, opts.banner_fraction)
-    frames = blank_banner(frames, rows)
+    plan = plan_pixel_cleaning(
+        ds,
+        frames,
+        banner_rows=opts.banner_rows,
+        banner_fraction=opts.banner_fraction,
+        masks=opts.masks,
+        detect_text=opts.detect_text,
+        allow_burned_in=opts.allow_burned_in,
+        source=str(path),
+    )
+    frames = apply_plan(frames, plan)
 
     log = DeidLog()
-    clean = deidentify_dataset(ds, salt=opts.salt, log=log)
-    instance_uid = str(clean.get("SOPInstanceUID") or "")
-    instance = (
-        "i"
-        + hashlib.sha256(
-            (instance_uid or hashlib.sha256(path.read_bytes()).hexdigest()).encode()
-        ).hexdigest()[:12]
-    )
-    study_uid = str(clean.get("StudyInstanceUID") or "")
-    study = "s" + hashlib.sha256(study_uid.encode()).hexdigest()[:12] if study_uid else "s" + instance[1:]
+    clean = deidentify_dataset(ds, key, retain_dates=opts.retain_dates, pixels_cleaned=True, log=log)
+    study, instance = _names(clean, path)
+    if seen is not None:
+        if instance in seen:
+            raise DataError(
+                f"{path} has the same SOPInstanceUID as {seen[instance]} (a duplicate or a re-export); "
+                "skipped so that it does not overwrite that file's frames. Remove one of the two, or "
+                "give the copy a new SOPInstanceUID"
+            )
+        seen[instance] = str(path)
 
     images = []
     for j, frame in enumerate(frames):
         rel = f"images/{study}/{instance}_f{j:04d}.png"
         _save_png(frame, out / rel)
         images.append(rel)
+    write_notes: list[str] = []
     if opts.write_dicom:
-        _write_deid_dicom(clean, frames, opts.every, out / "dicom" / study / f"{instance}.dcm")
-
-    def _int(key: str) -> int:
         try:
-            return int(ds.get(key) or 0)
+            write_notes = _write_deid_dicom(
+                clean, frames, opts.every, out / "dicom" / study / f"{instance}.dcm"
+            )
+        except Exception as exc:  # any pydicom encoding failure is this file's problem, not the batch's
+            for rel in images:
+                (out / rel).unlink(missing_ok=True)
+            raise DataError(
+                f"{path}: the de-identified DICOM copy could not be written ({type(exc).__name__}: {exc}); "
+                "its PNGs were removed too. Convert the file (e.g. gdcmconv --raw) or run without "
+                "--write-dicom"
+            ) from None
+
+    def _int(key_: str) -> int:
+        try:
+            return int(ds.get(key_) or 0)
         except (TypeError, ValueError):
             return 0
 
@@ -463,10 +648,13 @@ def ingest_file(
     entry = {
         "study": study,
         "instance": instance,
+        "profile": "PS3.15 Table E.1-1 basic" + (" + retain full dates" if opts.retain_dates else ""),
         **log.to_dict(),
-        "banner_rows": rows,
+        "pixels": plan.to_dict(),
         "burned_in_annotation": str(ds.get("BurnedInAnnotation", "")),
         "frames_written": len(images),
+        "dicom_written": opts.write_dicom,
+        "notes": write_notes,
     }
     return IngestedFile(study, instance, (_int("SeriesNumber"), _int("InstanceNumber")), images, entry, meta)
 
@@ -493,12 +681,29 @@ def ingest_dicom(
     files = _expand(inputs)
     if not files:
         raise DataError("no input files found; pass DICOM files or folders that contain them")
-    summary = IngestSummary(out=out)
+    key_path = Path(opts.key_file) if opts.key_file else None
+    resolved = (key_path or default_key_path()).resolve()
+    if resolved.is_relative_to(out.resolve()):
+        raise DataError(
+            f"pseudonym key {resolved} lies inside the output folder {out}, which is meant to be "
+            "shared; keep the key elsewhere (e.g. the default ~/.config/llava-ultra/deid.key)"
+        )
+    key = PseudonymKey.load_or_create(key_path)
+    summary = IngestSummary(out=out, key_path=key.path, key_created=key.created)
+    seen: dict[str, str] = {}
     for path in files:
         try:
-            summary.files.append(ingest_file(path, out, opts))
+            summary.files.append(ingest_file(path, out, opts, key, seen))
         except DataError as exc:
             summary.failures.append((str(path), str(exc)))
+        except Exception as exc:  # a decoder or pydicom bug on one file must not stop the batch
+            summary.failures.append(
+                (
+                    str(path),
+                    f"{path}: could not be ingested ({type(exc).__name__}: {exc}); re-export the file, "
+                    "and report it if it opens in a DICOM viewer",
+                )
+            )
 
     by_study: dict[str, list[IngestedFile]] = {}
     for f in summary.files:

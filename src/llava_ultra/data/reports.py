@@ -156,6 +156,48 @@ def _format_of(path: Path) -> str:
     return suffix[1:]
 
 
+MAX_JSON_DEPTH = 32  # reports are flat; deeper nesting is a broken or hostile export
+
+
+def _depth_error(what: str) -> DataError:
+    return DataError(
+        f"{what} nests JSON arrays/objects deeper than {MAX_JSON_DEPTH} levels; flatten 'meta' "
+        f"(reports need at most a few levels)"
+    )
+
+
+def _json_depth(text: str) -> int:
+    """Deepest bracket nesting of a JSON text, brackets inside strings ignored (no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _loads(text: str, what: str) -> Any:
+    """json.loads that refuses pathological nesting with a DataError instead of a RecursionError."""
+    if ("[" in text or "{" in text) and _json_depth(text) > MAX_JSON_DEPTH:
+        raise _depth_error(what)
+    try:
+        return json.loads(text)
+    except RecursionError:  # belt and braces: the depth scan should have caught it
+        raise _depth_error(what) from None
+
+
 def _csv_list(cell: str, what: str) -> list[Any] | None:
     """Parse a CSV list cell: a JSON list, or '|'-separated values; '' means None."""
     cell = cell.strip()
@@ -163,7 +205,7 @@ def _csv_list(cell: str, what: str) -> list[Any] | None:
         return None
     if cell.startswith("["):
         try:
-            value = json.loads(cell)
+            value = _loads(cell, f"column {what!r}")
         except json.JSONDecodeError as exc:
             raise DataError(
                 f'column {what!r} is not valid JSON ({exc.msg}); write a JSON list like ["a.png"]'
@@ -185,7 +227,7 @@ def _csv_row_to_obj(row: dict[str, str]) -> dict[str, Any]:
     obj["valid"] = valid
     meta = row.get("meta", "").strip()
     try:
-        obj["meta"] = json.loads(meta) if meta else {}
+        obj["meta"] = _loads(meta, "column 'meta'") if meta else {}
     except json.JSONDecodeError as exc:
         raise DataError(
             f"column 'meta' is not valid JSON ({exc.msg}); write a JSON object like {{}}"
@@ -209,7 +251,7 @@ def _iter_records(path: Path) -> Iterator[tuple[int, Report | DataError]]:
                     continue
                 try:
                     text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                    yield lineno, Report.from_dict(json.loads(text))
+                    yield lineno, Report.from_dict(_loads(text, "line"))
                 except UnicodeDecodeError:
                     yield (
                         lineno,
@@ -232,8 +274,9 @@ def _iter_records(path: Path) -> Iterator[tuple[int, Report | DataError]]:
             text = fh.read()
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8; re-save it as UTF-8 (e.g. iconv -f GBK -t UTF-8)") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
+    lines = io.StringIO(text, newline="").readlines()  # the line breaks the csv module counts
+    header_rows = list(csv.reader(lines[:1]))
+    header = header_rows[0] if header_rows else []
     missing = [k for k in REQUIRED_FIELDS if k not in header]
     unknown = [k for k in header if k not in FIELDS]
     if missing or unknown:
@@ -242,22 +285,97 @@ def _iter_records(path: Path) -> Iterator[tuple[int, Report | DataError]]:
             f"{', '.join(unknown) or '-'}; the header must be {', '.join(FIELDS)} "
             "(history, valid and meta may be left out)"
         )
-    while True:
-        lineno = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield lineno, DataError(f"bad CSV ({exc}); check quoting of this row")
-            return
-        if None in row:
-            yield lineno, DataError("row has more cells than the header; quote cells that contain commas")
+    for lineno, cells in _csv_rows(lines, start=1):
+        if isinstance(cells, DataError):
+            yield lineno, cells
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) > len(header):
+            yield (
+                lineno,
+                DataError(
+                    f"row has {len(cells)} cells, the header has {len(header)}; quote cells that "
+                    "contain commas"
+                ),
+            )
+            continue
+        if len(cells) < len(header):
+            yield (
+                lineno,
+                DataError(
+                    f"row has {len(cells)} cells, the header has {len(header)} "
+                    f"(missing: {', '.join(header[len(cells) :])}); add the missing cells, empty ones "
+                    "as ,,"
+                ),
+            )
             continue
         try:
-            yield lineno, Report.from_dict(_csv_row_to_obj(row))
+            yield lineno, Report.from_dict(_csv_row_to_obj(dict(zip(header, cells, strict=True))))
         except DataError as exc:
             yield lineno, exc
+
+
+def _csv_rows(lines: list[str], start: int) -> Iterator[tuple[int, list[str] | DataError]]:
+    """(line number, cells) for each CSV record after line `start` (1-based header line).
+
+    A quoted cell may span lines. A quote left open swallows the rest of the file in Python's
+    csv module; we detect that (the record reaches the end of the file with too few cells and
+    a cell holding a line break), report it at the line where the record starts, and resume
+    parsing at the next line, so the rows after it are still read.
+    """
+    i = start  # index into `lines` of the next record's first line
+    while i < len(lines):
+        reader = csv.reader(io.StringIO("".join(lines[i:]), newline=""))
+        before = 0
+        resume = None
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield i + before + 1, DataError(f"bad CSV ({exc}); check quoting of this row")
+                resume = i + before + 1
+                break
+            first = i + before + 1  # 1-based line where this record starts
+            consumed = reader.line_num - before
+            at_end = i + reader.line_num >= len(lines)
+            record = "".join(lines[first - 1 : i + reader.line_num])
+            if consumed > 1 and at_end and _unclosed_quote(record):
+                yield (
+                    first,
+                    DataError(
+                        'unclosed quote: a cell opened with " on this line is never closed, so the '
+                        "rest of the file would be read as one cell; close the quote (write a quote "
+                        'inside a cell as "")'
+                    ),
+                )
+                resume = first  # re-read from the line after the broken one
+                break
+            yield first, cells
+            before = reader.line_num
+        i = resume if resume is not None else len(lines)
+
+
+def _unclosed_quote(line: str) -> bool:
+    """True when the CSV text `line` leaves a quoted cell open at its end."""
+    open_ = False
+    at_cell_start = True
+    k = 0
+    while k < len(line):
+        ch = line[k]
+        if open_:
+            if ch == '"':
+                if k + 1 < len(line) and line[k + 1] == '"':
+                    k += 1
+                else:
+                    open_ = False
+        elif ch == '"' and at_cell_start:
+            open_ = True
+        at_cell_start = ch == "," and not open_
+        k += 1
+    return open_
 
 
 def read_reports(path: str | os.PathLike[str]) -> list[Report]:

@@ -852,6 +852,10 @@ def quickstart(
         ),
     ] = "pretrained",
     hard: Annotated[bool, typer.Option(help="Hard SynthUS: fewer valid frames, fainter findings.")] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(help="Evaluation device ('cpu', 'cuda'); default: the GPU when there is one."),
+    ] = None,
 ) -> None:
     """Generate SynthUS, train the tiny model (stage 1 + 2) on CPU, and compare it with the untrained one."""
     from .quickstart import QuickstartOptions, run_quickstart, usage_hint
@@ -869,6 +873,7 @@ def quickstart(
         overwrite=overwrite,
         encoders=encoders,
         hard=hard,
+        device=device,
     )
     result = run_quickstart(opts, echo=typer.echo)
     typer.echo("")

@@ -64,7 +64,9 @@ class QuickstartOptions:
     """'pretrained' (the SynthUS-pretrained tiny encoders, built once and cached), 'random' (the
     preset's random-init encoders), or a folder written by `llava-ultra pretrain-encoders`."""
     hard: bool = False
-    """Hard SynthUS (and, with encoders='pretrained', encoders pretrained on hard frames)."""
+    """Hard SynthUS (fewer valid frames, fainter findings)."""
+    device: str | None = None
+    """Where the evaluation runs ('cpu', 'cuda', 'cuda:1'); None: the GPU when there is one."""
 
 
 @dataclass
@@ -136,6 +138,13 @@ def quickstart_config(
     if extra:
         cfg = from_dict(Config, apply_overrides(to_dict(cfg), extra))
     return cfg
+
+
+def eval_device() -> str:
+    """'cuda' when a GPU is visible, else 'cpu' (quickstart, ablate and the LoGra experiment evaluate there)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def quickstart_synth(reports: int, seed: int, hard: bool = False) -> Any:
@@ -286,9 +295,12 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     root = image_root_for(eval_path)
     tokenizer = load_tokenizer(run_dir / "stage1")
     echo(f"evaluating {len(samples)} test questions: untrained model ...")
-    untrained = score_answers(generate_answers(initial_model(cfg, tokenizer), tokenizer, samples, root))
+    device = opts.device or eval_device()
+    untrained = score_answers(
+        generate_answers(initial_model(cfg, tokenizer, device), tokenizer, samples, root)
+    )
     echo("... trained model (stage 2)")
-    model, tokenizer = load_checkpoint(run_dir / "stage2")
+    model, tokenizer = load_checkpoint(run_dir / "stage2", device=device)
     trained_rows = generate_answers(model, tokenizer, samples, root)
     trained = score_answers(trained_rows)
     seconds["eval"] = time.perf_counter() - t

@@ -113,3 +113,21 @@ def test_zero_shot_site_accuracy_beats_chance_on_held_out_frames(trained, tmp_pa
         root / "enc", frame_features(root / "enc", held, held.records, True)["clip_pooled"], sites, True
     )
     assert acc > max(2 * chance, rnd + 0.2), (acc, rnd, chance)
+
+
+def test_a_corrupt_frame_is_reported_and_counted_not_fatal(trained, tmp_path):
+    import shutil
+
+    root, _, _ = trained
+    corpus = tmp_path / "corpus"
+    shutil.copytree(root / "corpus", corpus)
+    first = json.loads((corpus / "frames.jsonl").read_text().splitlines()[0])
+    (corpus / first["image"]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    messages = []
+    cfg = PretrainConfig(steps=3, batch_size=24, save_every=100, progress=False)
+    r = pretrain(corpus, tmp_path / "enc", cfg, echo=messages.append)
+    assert len(r.bad_frames) == 1 and first["image"] in r.bad_frames[0]
+    saved = json.loads((tmp_path / "enc" / "pretrain.json").read_text())
+    assert saved["frames"]["undecodable"] == 1
+    events = [json.loads(x) for x in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if "event" in e] == ["bad_frame"]

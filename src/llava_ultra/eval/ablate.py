@@ -353,9 +353,9 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Answers + per-question scores + frame diagnostics of one checkpoint folder."""
     from ..model.lora import load_checkpoint
-    from ..quickstart import generate_answers
+    from ..quickstart import eval_device, generate_answers
 
-    model, tokenizer = load_checkpoint(folder)
+    model, tokenizer = load_checkpoint(folder, device=eval_device())
     rows = generate_answers(model, tokenizer, samples, root)
     scfg = model.config.selector
     diag = frame_diagnostics(model, tokenizer, reports, synthus, with_teacher=scfg.mode != "none")

@@ -207,7 +207,9 @@ class UltraModel(nn.Module):
         tokens = self._clip_tokens(pixel_values_clip, clip_features)
         return self._fuse(tokens, pixel_values_sam, sam_features)
 
-    def _clip_tokens(self, pixel_values_clip: torch.Tensor | None, clip_features: torch.Tensor | None) -> torch.Tensor:
+    def _clip_tokens(
+        self, pixel_values_clip: torch.Tensor | None, clip_features: torch.Tensor | None
+    ) -> torch.Tensor:
         """(M, 3, S, S) pixels, or cached (M, N, Dc) features -> CLIP's selected-layer tokens (M, N, Dc)."""
         if clip_features is not None:
             return clip_features.to(self.device)

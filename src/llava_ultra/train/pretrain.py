@@ -254,56 +254,82 @@ class Encoders(nn.Module):
 # -------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class Tensors:
-    """A split of the corpus preprocessed once: encoder inputs, caption ids, masks."""
+class FrameData:
+    """The training frames as model inputs: preprocessed once and kept in memory when they fit in
+    `memory_limit` bytes (the tiny sizes: ~350 KB per frame), else decoded per batch. Captions are
+    tokenised once. A frame that cannot be decoded is dropped from every batch and reported once in
+    `bad` (index, reason): a corrupt frame in a corpus of thousands is counted, never fatal."""
 
-    clip: torch.Tensor  # (n, 3, S, S)
-    sam: torch.Tensor | None  # (n, 3, S', S')
-    caption_ids: torch.Tensor  # (n, T) token ids, 0-padded
-    caption_mask: torch.Tensor  # (n, T)
-    caption_key: torch.Tensor  # (n,) equal for equal captions; -1 for frames without caption
-    masks: torch.Tensor | None  # (n, 4Gs, 4Gs) int64 labels, -1 where a frame has no mask
-    records: list[Any]
+    def __init__(self, records: list[Any], root: Path, cfg: PretrainConfig, tokenizer: Any,
+                 mask_side: int, memory_limit: int = 2 * 1024**3) -> None:  # fmt: skip
+        from ..model.vision import ImageProcessor
 
+        self.records, self.root, self.cfg, self.mask_side = records, root, cfg, mask_side
+        self.proc = ImageProcessor(cfg.vision, cfg.sam)
+        self.bad: dict[int, str] = {}
+        captions = [r.caption or "" for r in records]
+        enc = tokenizer(captions, padding=True, truncation=True, max_length=cfg.text["max_position_embeddings"],
+                        return_tensors="pt", add_special_tokens=True)  # fmt: skip
+        self.caption_ids, self.caption_mask = enc["input_ids"], enc["attention_mask"]
+        keys = {c: i for i, c in enumerate(sorted(set(captions)))}
+        self.caption_key = torch.tensor([keys[c] if c else -1 for c in captions])
+        side = cfg.vision.image_size
+        per_frame = 4 * 3 * (side**2 + (cfg.sam.image_size**2 if cfg.sam.enabled else 0)) + 8 * mask_side**2
+        self.cached: dict[str, torch.Tensor | None] | None = None
+        if per_frame * len(records) <= memory_limit:
+            parts = [
+                self._load(list(range(i, min(i + 256, len(records))))) for i in range(0, len(records), 256)
+            ]
+            self.cached = {
+                k: None if parts[0][k] is None else torch.cat([p[k] for p in parts])
+                for k in ("clip", "sam", "masks", "ok")
+            }
 
-def prepare_tensors(
-    records: list[Any], root: Path, cfg: PretrainConfig, tokenizer: Any, mask_side: int
-) -> Tensors:
-    """Decode and preprocess every frame once (frames are small; this is far cheaper than per step)."""
-    from ..model.vision import ImageProcessor
+    def _load(self, idx: list[int]) -> dict[str, torch.Tensor | None]:
+        images, masks, ok = [], [], []
+        for i in idx:
+            r = self.records[i]
+            try:
+                with Image.open(self.root / r.image) as im:
+                    image = im.convert("RGB")
+                mask = (
+                    _square_mask(
+                        self.root / r.mask, image.size, self.cfg.vision.image_aspect_ratio, self.mask_side
+                    )
+                    if r.mask
+                    else np.full((self.mask_side, self.mask_side), -1, dtype=np.int64)
+                )
+                ok.append(True)
+            except (OSError, ValueError, DataError) as exc:
+                self.bad.setdefault(i, f"{r.image}: {exc}")
+                image = Image.new("RGB", (self.cfg.vision.image_size,) * 2)
+                mask = np.full((self.mask_side, self.mask_side), -1, dtype=np.int64)
+                ok.append(False)
+            images.append(image)
+            masks.append(mask)
+        px = self.proc(images)
+        return {
+            "clip": px["pixel_values_clip"],
+            "sam": px["pixel_values_sam"],
+            "masks": torch.from_numpy(np.stack(masks)),
+            "ok": torch.tensor(ok),
+        }
 
-    proc = ImageProcessor(cfg.vision, cfg.sam)
-    clips, sams, masks = [], [], []
-    for start in range(0, len(records), 256):
-        chunk = records[start : start + 256]
-        images = []
-        for r in chunk:
-            with Image.open(root / r.image) as im:
-                images.append(im.convert("RGB"))
-        px = proc(images)
-        clips.append(px["pixel_values_clip"])
-        if px["pixel_values_sam"] is not None:
-            sams.append(px["pixel_values_sam"])
-        for r, im in zip(chunk, images, strict=True):
-            if r.mask:
-                masks.append(_square_mask(root / r.mask, im.size, cfg.vision.image_aspect_ratio, mask_side))
-            else:
-                masks.append(np.full((mask_side, mask_side), -1, dtype=np.int64))
-    captions = [r.caption or "" for r in records]
-    enc = tokenizer(captions, padding=True, truncation=True, max_length=cfg.text["max_position_embeddings"],
-                    return_tensors="pt", add_special_tokens=True)  # fmt: skip
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    keys = {c: i for i, c in enumerate(sorted(set(captions)))}
-    return Tensors(
-        clip=torch.cat(clips),
-        sam=torch.cat(sams) if sams else None,
-        caption_ids=ids,
-        caption_mask=mask,
-        caption_key=torch.tensor([keys[c] if c else -1 for c in captions]),
-        masks=torch.from_numpy(np.stack(masks)) if masks else None,
-        records=records,
-    )
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Inputs of the frames `idx` that decode: clip, sam, masks, caption ids/mask/keys."""
+        if self.cached is not None:
+            part = {k: None if v is None else v[idx] for k, v in self.cached.items()}
+        else:
+            part = self._load(idx.tolist())
+        keep = part.pop("ok")
+        idx = idx[keep]
+        out = {k: None if v is None else v[keep] for k, v in part.items()}
+        out.update(
+            caption_ids=self.caption_ids[idx],
+            caption_mask=self.caption_mask[idx],
+            caption_key=self.caption_key[idx],
+        )
+        return out
 
 
 def _square_mask(path: Path, size: tuple[int, int], aspect: str, side: int) -> np.ndarray:
@@ -367,6 +393,8 @@ class PretrainResult:
     mask_loss: list[float]
     seconds: float
     resumed_from: int | None = None
+    bad_frames: list[str] = field(default_factory=list)
+    """Frames that could not be decoded (skipped, each reported once)."""
 
 
 def _lr(cfg: PretrainConfig, step: int) -> float:
@@ -418,7 +446,8 @@ def pretrain(corpus_path: Path, out: Path, cfg: PretrainConfig, *, resume: bool 
     n_labels = max(len(corpus.labels or []), _max_label(corpus) + 1, 2)
     sam_grid = cfg.sam.image_size // int((cfg.sam.inline or {}).get("patch_size", 16))
     mask_side = 4 * sam_grid
-    data = prepare_tensors(train_recs, corpus.root, cfg, tokenizer, mask_side)
+    data = FrameData(train_recs, corpus.root, cfg, tokenizer, mask_side)
+    reported = 0
     model = Encoders(cfg, len(tokenizer), tokenizer.pad_token_id, n_labels)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -452,18 +481,23 @@ def pretrain(corpus_path: Path, out: Path, cfg: PretrainConfig, *, resume: bool 
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         model.train()
-        keys = data.caption_key[idx]
-        cap = keys >= 0
+        b = data.batch(idx)
+        cap = b["caption_key"] >= 0
         c_loss, m_loss = model(
-            clip_pixels=data.clip[idx[cap]].to(acc.device) if int(cap.sum()) >= 2 else None,
-            caption_ids=data.caption_ids[idx[cap]].to(acc.device),
-            caption_mask=data.caption_mask[idx[cap]].to(acc.device),
-            caption_keys=keys[cap].to(acc.device),
-            sam_pixels=data.sam[idx].to(acc.device) if data.sam is not None else None,
-            masks=data.masks[idx].to(acc.device) if data.masks is not None else None,
+            clip_pixels=b["clip"][cap].to(acc.device) if int(cap.sum()) >= 2 else None,
+            caption_ids=b["caption_ids"][cap].to(acc.device),
+            caption_mask=b["caption_mask"][cap].to(acc.device),
+            caption_keys=b["caption_key"][cap].to(acc.device),
+            sam_pixels=b["sam"].to(acc.device) if b["sam"] is not None else None,
+            masks=b["masks"].to(acc.device) if b["masks"] is not None else None,
             dice_weight=cfg.dice_weight,
             lesion_weight=cfg.lesion_weight,
         )
+        for i in list(data.bad)[reported:]:
+            bar.write(f"skipped frame (cannot be decoded): {data.bad[i]}")
+            if log is not None:
+                log.event("bad_frame", frame=data.bad[i])
+        reported = len(data.bad)
         loss = c_loss + m_loss
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
@@ -495,7 +529,7 @@ def pretrain(corpus_path: Path, out: Path, cfg: PretrainConfig, *, resume: bool 
             "version": PRETRAIN_VERSION,
             "config": cfg.to_dict(),
             "corpus": str(Path(corpus_path)),
-            "frames": {"train": len(train_recs), "bad_lines": len(corpus.bad)},
+            "frames": {"train": len(train_recs), "bad_lines": len(corpus.bad), "undecodable": len(data.bad)},
             "labels": n_labels,
             "steps": cfg.steps,
             "seconds": seconds,
@@ -506,7 +540,7 @@ def pretrain(corpus_path: Path, out: Path, cfg: PretrainConfig, *, resume: bool 
         if log is not None:
             log.close()
     acc.wait_for_everyone()
-    return PretrainResult(out, cfg.steps, clip_hist, mask_hist, seconds, resumed)
+    return PretrainResult(out, cfg.steps, clip_hist, mask_hist, seconds, resumed, list(data.bad.values()))
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:

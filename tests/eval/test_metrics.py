@@ -459,3 +459,65 @@ def test_bootstrap_ci():
     assert all(math.isnan(x) for x in m.bootstrap_ci([]))
     with pytest.raises(ConfigError):
         m.bootstrap_ci(values, alpha=1.5)
+
+
+# ------------------------------------------------------------------ strict: negation, uncertainty
+
+
+@pytest.mark.parametrize(
+    ("pred", "ref", "lang", "hit"),
+    [
+        ("不均匀", "均匀", "zh", 0),  # 不 is a cue the reference lacks
+        ("均匀。", "均匀", "zh", 1),
+        ("不是左侧", "左侧", "zh", 0),
+        ("左侧", "左侧", "zh", 1),
+        ("非均匀", "均匀", "zh", 0),
+        ("无回声", "无回声", "zh", 1),  # 无回声 (anechoic) is one token, no negation
+        ("not uniform", "uniform", "en", 0),
+        ("Uniform.", "uniform", "en", 1),
+        ("It is not on the left", "left", "en", 0),
+        ("without contrast", "contrast", "en", 0),
+        ("isn't left", "left", "en", 0),
+        ("not enhancing", "not enhancing", "en", 1),  # the reference has the cue too
+    ],
+)
+def test_strict_negation_cue_the_reference_lacks_is_a_miss(pred, ref, lang, hit):
+    assert one(pred, ref, "CLOSED", lang)["closed_hit"] == hit
+
+
+@pytest.mark.parametrize(
+    ("text", "lang"),
+    [
+        ("不确定", "zh"),
+        ("我不确定是否有结节", "zh"),
+        ("无法判断", "zh"),
+        ("不能确定", "zh"),
+        ("难以确定有无结节", "zh"),
+        ("不知道", "zh"),
+        ("I am not sure.", "en"),
+        ("I'm not certain", "en"),
+        ("It is uncertain", "en"),
+        ("I don't know", "en"),
+        ("Cannot be determined from this image", "en"),
+        ("unable to tell", "en"),
+    ],
+)
+def test_strict_uncertainty_is_neither_yes_nor_no(text, lang):
+    assert m.yes_no_label(m.normalize_strict(text, lang)) is None
+    # so it is a miss against either answer, and a miss against a non-yes/no answer
+    for ref in ("yes", "no") if lang == "en" else ("是", "否"):
+        assert one(text, ref, "CLOSED", lang)["closed_hit"] == 0
+    assert one(text + (" 左侧" if lang == "zh" else " left"), "左侧" if lang == "zh" else "left", "CLOSED", lang)[
+        "closed_hit"
+    ] == 0
+    # v1.0.0 would read "not sure" as a "no"
+    if lang == "en":
+        assert one(text, "no", "CLOSED", lang, mode="llava-med")["closed_hit"] == int("no" in text.lower())
+
+
+def test_strict_clear_answers_are_still_read():
+    # the uncertainty phrases do not swallow findings or plain verdicts
+    assert not m.is_uncertain("边界不清") and not m.is_uncertain("边界不明确")  # findings, not doubt
+    assert not m.is_uncertain("margins are unclear")
+    assert m.yes_no_label(m.normalize_strict("No, not enlarged", "en")) == "no"
+    assert m.yes_no_label(m.normalize_strict("是的，确定有结节", "zh")) == "yes"

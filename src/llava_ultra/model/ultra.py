@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
@@ -71,6 +71,7 @@ from .selector import (
     straight_through,
 )
 from .vision import ImageProcessor, build_clip, build_sam, clip_tokens, sam_grid
+from .weights import read_safetensors_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -625,7 +626,7 @@ class UltraModel(nn.Module):
             )
         with no_init_weights():  # every weight is overwritten below; skip the random init
             model = build_model(dataclasses.replace(cfg, dtype="float32"))
-        load_state_dict_strict(model, load_file(str(weights)), source=str(weights))
+        load_state_dict_strict(model, read_safetensors_file(weights), source=str(weights))
         return model.to(device=device or "cpu", dtype=resolve_dtype(cfg.dtype, device))
 
 
@@ -809,10 +810,10 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors_file(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+        return {k: v for shard in shards for k, v in read_safetensors_file(folder / shard).items()}
     raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
 
 

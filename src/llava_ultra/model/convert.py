@@ -80,6 +80,7 @@ LLAVA_ONLY_KEYS = (
 TEMPLATE_FOR_FAMILY = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}
 ASPECT = {"pad": "pad", None: "crop", "square": "crop"}  # LLaVA without 'pad': CLIP's resize + centre crop
 PROCESSOR_NAME = "preprocessor_config.json"
+COMBINED_PROCESSOR_NAME = "processor_config.json"
 # image processors whose pipeline we reproduce: [pad to square] -> resize -> centre crop -> rescale -> normalise
 CLIP_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil", "CLIPFeatureExtractor")
 LLAVA_PROCESSORS = ("LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil")
@@ -522,9 +523,18 @@ def preprocessing_from_processor(
     }
 
 
-def _processor_config(folder: Path) -> dict[str, Any] | None:
+def _processor_config(folder: Path) -> tuple[dict[str, Any], str] | tuple[None, None]:
+    """(image processor config, where it was read) from `preprocessor_config.json`, or from the
+    "image_processor" entry of `processor_config.json` (how transformers 5 saves a processor)."""
     path = folder / PROCESSOR_NAME
-    return _read_json(path) if path.is_file() else None
+    if path.is_file():
+        return _read_json(path), str(path)
+    combined = folder / COMBINED_PROCESSOR_NAME
+    if combined.is_file():
+        nested = _read_json(combined).get("image_processor")
+        if isinstance(nested, dict):
+            return nested, f"{combined} (image_processor)"
+    return None, None
 
 
 # --------------------------------------------------------------------------- original LLaVA
@@ -819,14 +829,12 @@ def convert_llava(
         ) from exc
     _check_tower(src, fields, clip_config, tower, state, in_ckpt)
     tower_folder = Path(tower)
-    pp = _processor_config(tower_folder) if tower_folder.is_dir() else None
+    pp, where = _processor_config(tower_folder) if tower_folder.is_dir() else (None, None)
     side = clip_config.image_size
     if pp is None:  # what LLaVA's CLIPImageProcessor.from_pretrained(mm_vision_tower) holds for CLIP towers
         pp = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": side}}
         pp |= {"crop_size": {"height": side, "width": side}, "resample": 3, **CLIP_DEFAULTS}
         where = f"CLIPImageProcessor defaults for {tower!r} (no {PROCESSOR_NAME} in it)"
-    else:
-        where = str(tower_folder / PROCESSOR_NAME)
     preprocess = preprocessing_from_processor(pp, side, where, aspect=fields.aspect)
     key_map = LLAVA_KEY_MAP | PROJECTOR_KEY_MAPS[fields.projector_type]
     state = map_keys(state, key_map)
@@ -878,20 +886,21 @@ def convert_llava_hf(
             f"{src}: config.json says image_token_index={cfg.image_token_id} but the tokenizer maps "
             f"{cfg.image_token!r} to {token_id}; fix one of them"
         )
-    pp = _processor_config(src)
+    pp, where = _processor_config(src)
     if pp is None:
         raise CheckpointError(
-            f"{src} has no {PROCESSOR_NAME}: the image preprocessing the model was trained with is unknown; "
-            f"copy the model's {PROCESSOR_NAME} (from its hub page) into the folder"
+            f"{src} has no {PROCESSOR_NAME} (nor a {COMBINED_PROCESSOR_NAME} with an image_processor): the image "
+            f"preprocessing the model was trained with is unknown; copy the model's {PROCESSOR_NAME} (from its "
+            "hub page) into the folder"
         )
-    preprocess = preprocessing_from_processor(pp, cfg.vision.image_size, str(src / PROCESSOR_NAME))
+    preprocess = preprocessing_from_processor(pp, cfg.vision.image_size, where)
     cfg_dict = to_dict(dataclasses.replace(cfg, template=template or "vicuna_v1"))
     cfg_dict["vision"].update(preprocess)
     cfg_dict["vision"]["origin"] = cfg_dict["llm"]["origin"] = str(src)
     summary = ConvertSummary(
         out=Path(out), source=f"llava-hf {src}", kind="llava-hf", tensors=0, image_token_id=token_id
     )
-    summary.preprocessing = _describe_preprocessing(preprocess, cfg.vision.image_size, str(src / PROCESSOR_NAME))
+    summary.preprocessing = _describe_preprocessing(preprocess, cfg.vision.image_size, where)
     scheme = prefix_scheme(tokenizer)
     if scheme is not None:  # keep what LlavaProcessor does with this tokenizer through our save / load
         set_prefix_scheme(tokenizer, scheme)

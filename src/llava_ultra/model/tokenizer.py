@@ -103,14 +103,17 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
         raise ConfigError(
             f"no tokenizer could be loaded from {folder}: {exc}; save one there with tokenizer.save_pretrained"
         ) from exc
+    scheme = prefix_scheme(tokenizer)
     config = Path(folder) / "tokenizer_config.json"
-    if config.is_file() and prefix_scheme(tokenizer) is not None:
-        try:
-            legacy = json.loads(config.read_text(encoding="utf-8")).get("legacy")
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{config} is not valid UTF-8 JSON ({exc}); re-save the tokenizer") from None
-        if legacy is True and prefix_scheme(tokenizer) != "always":
-            set_prefix_scheme(tokenizer, "always")
+    if scheme is not None:
+        legacy = None
+        if config.is_file():
+            try:
+                legacy = json.loads(config.read_text(encoding="utf-8")).get("legacy")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{config} is not valid UTF-8 JSON ({exc}); re-save the tokenizer") from None
+        # also writes the flag into init_kwargs, which transformers does not: a later save keeps it
+        set_prefix_scheme(tokenizer, "always" if legacy is True else scheme)
     return tokenizer
 
 

@@ -578,7 +578,10 @@ def check_images(
     template: Annotated[str | None, typer.Option(help=TEMPLATE_HELP)] = None,
     max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 16,
 ) -> None:
-    """Does the checkpoint look at its images? Replace them by noise and compare; exit 1 if nothing moves."""
+    """Does the checkpoint look at its images? Replace them by noise and compare; exit 1 if nothing moves.
+
+    Several --image options are one study: all are replaced together, then each one alone, and the
+    output says how many of them the model's selector passes to the LLM."""
     from .model.ultra import check_checkpoint_images
     from .serve.engine import pick_device
 
@@ -588,6 +591,15 @@ def check_images(
     typer.echo(f"largest change of the first answer token's logits: {result.max_logit_diff:.4g}")
     typer.echo(f"answer with the images: {result.answer_real!r}")
     typer.echo(f"answer with noise:      {result.answer_noise!r}")
+    if result.per_image_diffs:
+        typer.echo(
+            f"{len(image)} images of one study; the model feeds {result.images_into_llm} of them to its LLM "
+            f"({result.selector}); replacing one image at a time by noise:"
+        )
+        for path, diff in zip(image, result.per_image_diffs, strict=True):
+            typer.echo(
+                f"  {path}: largest logit change {diff:.4g}" + ("" if diff > 1e-4 else " (not looked at)")
+            )
     if result.image_matters:
         typer.echo(
             "OK: the output depends on the images"

@@ -218,7 +218,9 @@ def test_every_printed_metric_equals_llava_med_v100(tmp_path):
     # closed hits: 10, 12, 13 ("no" inside "nodule") and 16 (empty reference); 15 passes the gate
     # through "cannot" and misses; every Chinese answer is 0
     assert want["closed_accuracy"] == 4 / 10 * 100
-    result = _score(tmp_path, "--candidates", str(tmp_path / "candidate.json"), "--out", str(tmp_path / "run"))
+    result = _score(
+        tmp_path, "--candidates", str(tmp_path / "candidate.json"), "--out", str(tmp_path / "run")
+    )
     assert result.exit_code == 0, result.output
     got = json.loads((tmp_path / "run" / "scores.json").read_text(encoding="utf-8"))
     assert {k: got[k] for k in want} == want  # to the last bit
@@ -247,7 +249,14 @@ def test_jsonl_ground_truth_and_scheme(tmp_path):
     lines = tmp_path / "test.jsonl"
     lines.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in gt), encoding="utf-8")
     args = ["score", str(tmp_path / "answers.jsonl"), f"llava-med:{lines}", "--mode", "llava-med"]
-    args += ["--candidates", str(tmp_path / "candidate.json"), "--bootstrap", "0", "--out", str(tmp_path / "r")]
+    args += [
+        "--candidates",
+        str(tmp_path / "candidate.json"),
+        "--bootstrap",
+        "0",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     result = CliRunner().invoke(app, [*args, "--no-plots"])
     assert result.exit_code == 0, result.output
     got = json.loads((tmp_path / "r" / "scores.json").read_text(encoding="utf-8"))
@@ -290,19 +299,27 @@ def test_bad_files_are_named_with_the_fix(tmp_path):
     cand = tmp_path / "candidate.json"
     cand.write_bytes('{"0": ["肝脏"]}'.encode("utf-16"))
     result = _score(tmp_path, "--candidates", str(cand))
-    assert "candidate file" in result.output and "is not UTF-8: byte 0xff at offset 0 (line 1)" in result.output
+    assert (
+        "candidate file" in result.output and "is not UTF-8: byte 0xff at offset 0 (line 1)" in result.output
+    )
     cand.write_text('{"answers": ["a"]}')
     result = _score(tmp_path, "--candidates", str(cand))
-    assert """has no key "0"; LLaVA-Med's format is {"0": [answers]} (keys found: 'answers')""" in result.output
+    assert (
+        """has no key "0"; LLaVA-Med's format is {"0": [answers]} (keys found: 'answers')""" in result.output
+    )
     cand.write_text('{"0": ["a", 1.5]}')
     result = _score(tmp_path, "--candidates", str(cand))
     assert "open-accuracy candidate 1 is float (1.5), not a string" in result.output
     result = CliRunner().invoke(
-        app, ["score", str(tmp_path / "answers.jsonl"), str(tmp_path / "test.json"), "--candidates", str(cand)]
+        app,
+        ["score", str(tmp_path / "answers.jsonl"), str(tmp_path / "test.json"), "--candidates", str(cand)],
     )
     assert "candidates (open accuracy) apply to --mode llava-med only" in result.output
     result = _score(tmp_path, "--closed-variant", "legacy")
-    assert "'legacy' was renamed after the LLaVA-Med commit it reproduces: use 'run_eval@ad758b6'" in result.output
+    assert (
+        "'legacy' was renamed after the LLaVA-Med commit it reproduces: use 'run_eval@ad758b6'"
+        in result.output
+    )
 
     gt = json.loads((tmp_path / "test.json").read_text(encoding="utf-8"))
     gt[2]["conversations"] = [{"from": "human", "value": "q"}]
@@ -320,12 +337,17 @@ def test_missing_and_extra_predictions_by_id(tmp_path):
     lines = (tmp_path / "answers.jsonl").read_text(encoding="utf-8").splitlines(True)
     (tmp_path / "answers.jsonl").write_text("".join(lines[1:]), encoding="utf-8")  # drops id 12
     result = _score(tmp_path)
-    assert "19 predictions but 20 ground-truth samples: 1 ground-truth sample(s) have no prediction" in result.output
+    assert (
+        "19 predictions but 20 ground-truth samples: 1 ground-truth sample(s) have no prediction"
+        in result.output
+    )
     assert "first: ground truth [1] id=12" in result.output
     extra = json.dumps({"question_id": 99, "text": "yes"}) + "\n"
     (tmp_path / "answers.jsonl").write_text("".join(lines) + extra, encoding="utf-8")
     result = _score(tmp_path)
-    assert "1 prediction(s) have no ground-truth sample, first: prediction [20] question_id=99" in result.output
+    assert (
+        "1 prediction(s) have no ground-truth sample, first: prediction [20] question_id=99" in result.output
+    )
     # --limit cuts the ground truth: the predictions beyond it are left out and counted
     result = _score(tmp_path, "--limit", "5")
     assert result.exit_code == 0, result.output

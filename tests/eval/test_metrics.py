@@ -507,9 +507,12 @@ def test_strict_uncertainty_is_neither_yes_nor_no(text, lang):
     # so it is a miss against either answer, and a miss against a non-yes/no answer
     for ref in ("yes", "no") if lang == "en" else ("是", "否"):
         assert one(text, ref, "CLOSED", lang)["closed_hit"] == 0
-    assert one(text + (" 左侧" if lang == "zh" else " left"), "左侧" if lang == "zh" else "left", "CLOSED", lang)[
-        "closed_hit"
-    ] == 0
+    assert (
+        one(
+            text + (" 左侧" if lang == "zh" else " left"), "左侧" if lang == "zh" else "left", "CLOSED", lang
+        )["closed_hit"]
+        == 0
+    )
     # v1.0.0 would read "not sure" as a "no"
     if lang == "en":
         assert one(text, "no", "CLOSED", lang, mode="llava-med")["closed_hit"] == int("no" in text.lower())

@@ -389,7 +389,10 @@ def test_llava_hf_converts_and_matches_transformers(tmp_path):
     ).eval()
     reference.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
-    with pytest.raises(CheckpointError, match=r"hf has no preprocessor_config.json \(nor a processor_config.json with an image_processor\): the image preprocessing"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"hf has no preprocessor_config.json \(nor a processor_config.json with an image_processor\): the image preprocessing",
+    ):
         convert("llava-hf", tmp_path / "hf", tmp_path / "out")
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
         tmp_path / "hf"

@@ -45,7 +45,11 @@ from llava_ultra.model.tokenizer import load_tokenizer
 CLIP = dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)  # fmt: skip
 N_TOKENS = 16  # (32 / 8) ** 2
 PROMPT = "A chat between a user and an assistant. USER: <image>\nWhat is shown in the image? ASSISTANT:"
-TEXTS = [PROMPT.replace("<image>", ""), "The liver is normal. 甲状腺右叶低回声结节。", "What is this?\nIt is a lung."]
+TEXTS = [
+    PROMPT.replace("<image>", ""),
+    "The liver is normal. 甲状腺右叶低回声结节。",
+    "What is this?\nIt is a lung.",
+]
 PROCESSOR = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
 
 
@@ -57,7 +61,9 @@ def sentencepiece_like() -> Tokenizer:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tok.train_from_iterator(TEXTS * 8, trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False))
+    tok.train_from_iterator(
+        TEXTS * 8, trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False)
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return tok
 
@@ -66,7 +72,12 @@ def write_tokenizer(tok: Tokenizer, folder, legacy: bool | None) -> None:
     """tokenizer.json + a tokenizer_config.json as LLaMA checkpoints ship it (`legacy` as given)."""
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+    }
     if legacy is not None:
         config["legacy"] = legacy
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -125,9 +136,18 @@ def llama_parts():
     torch.manual_seed(0)
     tok = sentencepiece_like()
     llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-                    eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
+        LlamaConfig(
+            vocab_size=tok.get_vocab_size(),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+        )  # fmt: skip
     ).eval()
     clip = CLIPVisionModel(CLIPVisionConfig(**CLIP)).eval()
     proj = {
@@ -202,8 +222,10 @@ def test_llava_hf_crop_parity_through_llava_processor(llama_parts, tmp_path, leg
     reference = LlavaForConditionalGeneration(
         LlavaConfig(
             vision_config=CLIPVisionConfig(**CLIP),
-            text_config=LlamaConfig(**{k: v for k, v in llama.config.to_dict().items() if k != "vocab_size"},
-                                    vocab_size=len(tokenizer)),  # fmt: skip
+            text_config=LlamaConfig(
+                **{k: v for k, v in llama.config.to_dict().items() if k != "vocab_size"},
+                vocab_size=len(tokenizer),
+            ),  # fmt: skip
             image_token_index=image_id,
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",

@@ -40,7 +40,9 @@ def read_text_file(path: str | Path, what: str) -> str:
     except IsADirectoryError:
         raise DataError(f"{what} {path} is a folder; pass the file itself") from None
     except OSError as exc:
-        raise DataError(f"cannot read {what} {path} ({exc.strerror}); check the path and permissions") from None
+        raise DataError(
+            f"cannot read {what} {path} ({exc.strerror}); check the path and permissions"
+        ) from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -64,9 +66,13 @@ def _records(path: Path, what: str) -> list[Any]:
                 continue
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as exc:
+                # a JSON Lines file (its first lines parsed) names its bad line; otherwise the whole-file error
+                lineno, colno, msg = (
+                    (line_no, exc.colno, exc.msg) if rows else (whole.lineno, whole.colno, whole.msg)
+                )
                 raise DataError(
-                    f"{what} {path}: bad JSON at line {whole.lineno} column {whole.colno} ({whole.msg}); "
+                    f"{what} {path}: bad JSON at line {lineno} column {colno} ({msg}); "
                     "give a JSON list or one JSON object per line"
                 ) from None
         return rows
@@ -115,7 +121,9 @@ def read_ground_truth(path: str | Path) -> list[dict[str, Any]]:
     for i, rec in enumerate(records):
         where = f"{path} record[{i}]"
         if not isinstance(rec, dict) or "id" not in rec:
-            raise DataError(f"{where} has no id; LLaVA-Med ground truth records are {{id, image, conversations, answer_type}}")
+            raise DataError(
+                f"{where} has no id; LLaVA-Med ground truth records are {{id, image, conversations, answer_type}}"
+            )
         conv = _conversations(rec)
         if (
             not isinstance(conv, list)
@@ -166,7 +174,9 @@ def read_candidates(path: str | Path) -> list[Any]:
             )
         data = data[CANDIDATE_KEY]
     if not isinstance(data, list):
-        raise DataError(f'candidate file {path}: expected a list of answers under "0", got {type(data).__name__}')
+        raise DataError(
+            f'candidate file {path}: expected a list of answers under "0", got {type(data).__name__}'
+        )
     if not data:
         raise DataError(f"candidate file {path} lists no answers; open accuracy needs at least one candidate")
     return data

@@ -422,7 +422,9 @@ def open_candidates(answers: Sequence[Any], tokenizers: Mapping[str, str] | None
             )
         tok = tokenizers[detect_language(answer)]
         # theirs: normalize_word(candidate), without the lower() applied to answers (it lower-cases inside)
-        texts.append(llava_med_normalize(answer) if tok == "whitespace" else _llava_med_first_pass(answer, tok))
+        texts.append(
+            llava_med_normalize(answer) if tok == "whitespace" else _llava_med_first_pass(answer, tok)
+        )
     return OpenCandidates(texts)
 
 
@@ -521,7 +523,9 @@ _EN_UNCERTAIN = re.compile(
     r"(?:cannot|can not|cant|unable to|impossible to|difficult to|hard to|not possible to) "
     r"(?:be )?(?:determine|determined|tell|say|confirm|confirmed|assess|assessed|decide|know))(?![a-z0-9])"
 )
-_ZH_UNCERTAIN = re.compile(r"(?:不|无法|不能|难以|没法|无从|不好)(?:确定|判断|判定|确认|肯定|说)|不知道|说不清|不一定")
+_ZH_UNCERTAIN = re.compile(
+    r"(?:不|无法|不能|难以|没法|无从|不好)(?:确定|判断|判定|确认|肯定|说)|不知道|说不清|不一定"
+)
 # Negation cues for closed answers that are not yes/no (不均匀 vs 均匀, "not uniform" vs "uniform"):
 # a cue the prediction has and the reference lacks makes a hit impossible. Chinese cues are jieba
 # tokens (无回声 / 无法 / 所有 are not cues); English cues are whole words.
@@ -682,7 +686,11 @@ def score_samples(
         if isinstance(candidates, OpenCandidates):
             pool = candidates
         else:
-            answers = [r for r, k in zip(refs, types, strict=True) if k == "open"] if candidates is None else candidates
+            answers = (
+                [r for r, k in zip(refs, types, strict=True) if k == "open"]
+                if candidates is None
+                else candidates
+            )
             pool = open_candidates(answers, tokenizers)
     rows = []
     with warnings.catch_warnings():
@@ -839,8 +847,14 @@ def score(
         "closed_rule": CLOSED_DESCRIPTIONS[closed_variant if mode == "llava-med" else "strict"],
     }
     if mode == "llava-med":
-        n_cand = len(candidates) if candidates is not None else sum(1 for s in samples if s["answer_type"] == "open")
-        where = candidates_label or ("given list" if candidates is not None else "the open references of this set")
+        n_cand = (
+            len(candidates)
+            if candidates is not None
+            else sum(1 for s in samples if s["answer_type"] == "open")
+        )
+        where = candidates_label or (
+            "given list" if candidates is not None else "the open references of this set"
+        )
         result["open_accuracy_candidates"] = f"{where} ({n_cand} answers)"
     result.update(aggregate(samples))
     open_idx = [s["index"] for s in samples if s["answer_type"] == "open"]

@@ -290,7 +290,13 @@ def score_run(
     per_sample = []
     for row, pred, gt in zip(rows, predictions, ground_truth, strict=True):
         out = {"id": gt.get("id"), **{d: subset_value(gt, d) for d in SUBSETS}}
-        keys = (*metrics.METRIC_KEYS, metrics.OPEN_ACCURACY, "closed_hit", "empty_prediction", "empty_reference")
+        keys = (
+            *metrics.METRIC_KEYS,
+            metrics.OPEN_ACCURACY,
+            "closed_hit",
+            "empty_prediction",
+            "empty_reference",
+        )
         out.update({k: row[k] for k in keys})
         out["selected"] = pred.get("selected")
         per_sample.append(out)
@@ -377,7 +383,9 @@ def render_report(scores: Mapping[str, Any]) -> str:
         f"- closed questions: {scores['closed_rule']}",
         f"- samples: {scores['n']} ({scores['n_open']} open, {scores['n_closed']} closed, "
         f"{scores['n_closed_scored']} closed scored); empty predictions: {scores['n_empty_predictions']} "
-        + ("(scored as the text '', as LLaVA-Med does)" if scores["mode"] == "llava-med" else "(scored as 0)"),
+        + (
+            "(scored as the text '', as LLaVA-Med does)" if scores["mode"] == "llava-med" else "(scored as 0)"
+        ),
     ]
     if scores.get("n_empty_references"):
         lines.append(

@@ -82,10 +82,18 @@ ASPECT = {"pad": "pad", None: "crop", "square": "crop"}  # LLaVA without 'pad': 
 PROCESSOR_NAME = "preprocessor_config.json"
 COMBINED_PROCESSOR_NAME = "processor_config.json"
 # image processors whose pipeline we reproduce: [pad to square] -> resize -> centre crop -> rescale -> normalise
-CLIP_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil", "CLIPFeatureExtractor")
+CLIP_PROCESSORS = (
+    "CLIPImageProcessor",
+    "CLIPImageProcessorFast",
+    "CLIPImageProcessorPil",
+    "CLIPFeatureExtractor",
+)
 LLAVA_PROCESSORS = ("LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil")
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
-CLIP_DEFAULTS = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+CLIP_DEFAULTS = {
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
 # Original-LLaVA towers by their hub id (config.json `mm_vision_tower`): what a --vision-tower must match
 KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": {"hidden_size": 1024, "image_size": 336, "patch_size": 14},
@@ -684,7 +692,11 @@ def _check_tower(
         pos = state.get(prefix + "position_embedding.weight")  # ((S / P) ** 2 + 1, D)
         if patch is not None and pos is not None:
             p = patch.shape[-1]
-            have = {"hidden_size": patch.shape[0], "image_size": round(math.sqrt(pos.shape[0] - 1)) * p, "patch_size": p}
+            have = {
+                "hidden_size": patch.shape[0],
+                "image_size": round(math.sqrt(pos.shape[0] - 1)) * p,
+                "patch_size": p,
+            }
             if have != got:
                 raise ConfigError(
                     f"{src} holds a CLIP tower with {_sizes(have)} but the tower config {tower!r} says "
@@ -722,7 +734,9 @@ def _llava_tokenisation(tokenizer: PreTrainedTokenizerBase, src: Path) -> str | 
             "sentencepiece-style (Metaspace): every piece after <image> gets the '▁' prefix, as LLaVA's "
             f"tokenizer_image_token gives it (prefix scheme 'always', legacy=true; the source loaded as {before!r})"
         )
-    probe = "A chat. USER: <image>\nWhat is shown? ASSISTANT: The liver.</s>USER: <image>\nAnd here? ASSISTANT:"
+    probe = (
+        "A chat. USER: <image>\nWhat is shown? ASSISTANT: The liver.</s>USER: <image>\nAnd here? ASSISTANT:"
+    )
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     ours = [-200 if i == image_id else i for i in tokenizer(probe).input_ids]
     theirs = tokenizer_image_token_ids(tokenizer, probe)
@@ -904,7 +918,9 @@ def convert_llava_hf(
     scheme = prefix_scheme(tokenizer)
     if scheme is not None:  # keep what LlavaProcessor does with this tokenizer through our save / load
         set_prefix_scheme(tokenizer, scheme)
-        summary.tokenizer_note = f"sentencepiece-style (Metaspace), prefix scheme {scheme!r} kept as in the source"
+        summary.tokenizer_note = (
+            f"sentencepiece-style (Metaspace), prefix scheme {scheme!r} kept as in the source"
+        )
     if sam is not None:
         _inject_sam(cfg_dict, state, sam)
     return _finish(cfg_dict, state, tokenizer, Path(out), summary, overrides, str(src))

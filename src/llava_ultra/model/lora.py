@@ -53,7 +53,6 @@ from transformers.initialization import no_init_weights
 from ..config import COMPONENT_MODES, LoraSettings, ModelConfig, from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
 from .tokenizer import load_tokenizer
-from .weights import read_safetensors_file
 from .ultra import (
     CONFIG_NAME,
     FORMAT,
@@ -65,6 +64,7 @@ from .ultra import (
     read_model_config,
     resolve_dtype,
 )
+from .weights import read_safetensors_file
 
 TRAINABILITY_NAME = "trainability.json"
 ADAPTER_NAME = "adapter_model.safetensors"

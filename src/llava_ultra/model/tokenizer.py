@@ -32,11 +32,10 @@ on every load and does not always write the flag back, so `set_prefix_scheme` se
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import json
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -111,7 +110,9 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
             try:
                 legacy = json.loads(config.read_text(encoding="utf-8")).get("legacy")
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{config} is not valid UTF-8 JSON ({exc}); re-save the tokenizer") from None
+                raise ConfigError(
+                    f"{config} is not valid UTF-8 JSON ({exc}); re-save the tokenizer"
+                ) from None
         # also writes the flag into init_kwargs, which transformers does not: a later save keeps it
         set_prefix_scheme(tokenizer, "always" if legacy is True else scheme)
     return tokenizer

@@ -36,7 +36,7 @@ import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -876,6 +876,13 @@ class NoiseCheck:
     """Greedy answer with the real images."""
     answer_noise: str
     """Greedy answer with noise images."""
+    per_image_diffs: list[float] = field(default_factory=list)
+    """With several images: the largest logit change when only image i is replaced by noise."""
+    images_into_llm: int = 1
+    """How many of the images the model feeds to its LLM (its selector's choice; the others are
+    scored, or skipped, but never seen by the LLM)."""
+    selector: str = ""
+    """The selector setting that decides which images reach the LLM, in words."""
 
 
 def noise_image_check(
@@ -891,8 +898,11 @@ def noise_image_check(
     """Replace `images` by uniform noise of the same sizes and report whether the output changes.
 
     `prompt` is the text the model continues (e.g. `render_prompt(...)`) with one image placeholder;
-    if it has none, one is put in front. A model whose logits do not move ignores its images (a
-    re-initialised or zeroed projector, a vision tower that did not load): `image_matters` is False.
+    if it has none, one is put in front. All images are one study (one sample of k images). A
+    model whose logits do not move ignores its images (a re-initialised or zeroed projector, a
+    vision tower that did not load): `image_matters` is False. With several images each one is
+    also replaced alone (`per_image_diffs`), and `images_into_llm` says how many of them the
+    model's selector passes to the LLM: an image the selector leaves out changes nothing.
     """
     if not images:
         raise DataError("noise_image_check needs at least one image")
@@ -900,23 +910,37 @@ def noise_image_check(
         prompt = f"{model.config.image_token}\n{prompt}"
     rng = np.random.default_rng(seed)
     noise = [Image.fromarray(rng.integers(0, 256, (im.height, im.width, 3), dtype=np.uint8)) for im in images]
-    answers, last_logits = [], []
-    for imgs in (list(images), noise):
+    was_training = model.training
+    model.eval()
+
+    def last_logits(imgs: list[Image.Image]) -> tuple[dict[str, Any], torch.Tensor]:
         batch = model.prepare_inputs(tokenizer, [prompt], [imgs])
-        was_training = model.training
-        model.eval()
         with torch.no_grad():
-            logits = model(**batch).logits[0, -1].float()
-        model.train(was_training)
-        last_logits.append(logits)
+            return batch, model(**batch).logits[0, -1].float()
+
+    answers, logits = [], []
+    for imgs in (list(images), noise):
+        batch, last = last_logits(imgs)
+        logits.append(last)
         answers.append(model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=tokenizer).texts[0])
-    diff = float((last_logits[0] - last_logits[1]).abs().max())
+    per_image = []
+    if len(images) > 1:
+        for i in range(len(images)):
+            one_noised = [noise[j] if j == i else im for j, im in enumerate(images)]
+            per_image.append(float((logits[0] - last_logits(one_noised)[1]).abs().max()))
+    model.train(was_training)
+    diff = float((logits[0] - logits[1]).abs().max())
+    sel = model.config.selector
+    how = f"selector mode {sel.mode!r}" + (f", strategy {sel.none_strategy!r}" if sel.mode == "none" else "")
     return NoiseCheck(
         image_matters=diff > atol,
         max_logit_diff=diff,
         answer_changed=answers[0] != answers[1],
         answer_real=answers[0],
         answer_noise=answers[1],
+        per_image_diffs=per_image,
+        images_into_llm=sel.images_into_llm(len(images)),
+        selector=how,
     )
 
 

@@ -312,7 +312,8 @@ def test_compare_command_prints_and_writes_a_table(work, live, tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith(
-        "| run | mode | tokenizer | n | EM | F1 | Precision | Recall | BLEU | BLEU-1 | BLEU-2 | BLEU-3 | Closed acc |"
+        "| run | mode | tokenizer | n | EM | F1 | Precision | Recall | BLEU | BLEU-1 | BLEU-2 | BLEU-3 | Open acc "
+        "| Closed acc |"
     )
     assert sum(line.startswith("| live (en)") for line in lines) == 2
     assert table.read_text() == res.output

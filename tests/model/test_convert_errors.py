@@ -163,3 +163,27 @@ def test_check_images_with_several_images_says_what_it_does(parts, clip_folder, 
     lines = [line for line in result.output.splitlines() if "largest logit change" in line]
     assert len(lines) == 3 and "not looked at" not in lines[0]
     assert lines[1].endswith("(not looked at)") and lines[2].endswith("(not looked at)")
+
+
+def test_preprocessing_fields_validate_and_old_checkpoints_load(parts, clip_folder, tmp_path):
+    from llava_ultra.config import VisionConfig
+    from llava_ultra.model.lora import load_checkpoint
+
+    with pytest.raises(
+        ConfigError, match=r"model.vision.resize='shortest_edge' is not supported \(did you mean"
+    ):
+        VisionConfig(inline={"image_size": 336, "patch_size": 14}, resize="shortest_edge")
+    with pytest.raises(ConfigError, match=r"model.vision.pad_colour='mean' is not supported"):
+        VisionConfig(inline={"image_size": 336, "patch_size": 14}, pad_colour="mean")
+    with pytest.raises(ConfigError, match=r"model.vision.resample='cubic' is not supported"):
+        VisionConfig(inline={"image_size": 336, "patch_size": 14}, resample="cubic")
+    # a checkpoint written before the fields existed loads with the defaults
+    convert("llava", write_llava(parts, tmp_path / "src"), tmp_path / "out", vision_tower=clip_folder)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model"]["vision"]["resize"] == "shortest_edge_crop"
+    for key in ("resize", "resample", "pad_colour"):
+        del config["model"]["vision"][key]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    model, _ = load_checkpoint(tmp_path / "out")
+    v = model.config.vision
+    assert (v.resize, v.resample, v.pad_colour) == ("square", "bicubic", "truncate")

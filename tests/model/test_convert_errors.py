@@ -187,3 +187,27 @@ def test_preprocessing_fields_validate_and_old_checkpoints_load(parts, clip_fold
     model, _ = load_checkpoint(tmp_path / "out")
     v = model.config.vision
     assert (v.resize, v.resample, v.pad_colour) == ("square", "bicubic", "truncate")
+
+
+def test_processor_configs_as_the_hub_ships_them():
+    from llava_ultra.model.convert import preprocessing_from_processor
+
+    # openai/clip-vit-large-patch14-336 (older feature-extractor form: integer sizes)
+    openai = {"feature_extractor_type": "CLIPFeatureExtractor", "size": 336, "crop_size": 336, "resample": 3,
+              "do_center_crop": True, "do_normalize": True, "do_resize": True,
+              "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}  # fmt: skip
+    got = preprocessing_from_processor(openai, 336, "tower", aspect="pad")
+    assert (got["image_aspect_ratio"], got["resize"], got["resample"]) == (
+        "pad",
+        "shortest_edge_crop",
+        "bicubic",
+    )
+    assert preprocessing_from_processor(openai, 336, "tower")["image_aspect_ratio"] == "crop"
+    # transformers' LlavaImageProcessor with do_pad: LLaVA's expand2square in front
+    llava = {"image_processor_type": "LlavaImageProcessor", "do_pad": True, "size": {"shortest_edge": 336},
+             "crop_size": {"height": 336, "width": 336}}  # fmt: skip
+    assert preprocessing_from_processor(llava, 336, "hf")["image_aspect_ratio"] == "pad"
+    with pytest.raises(
+        ConfigError, match=r"hf: size=\{'height': 336, 'width': 336\} \(only \{'shortest_edge': 336\}"
+    ):
+        preprocessing_from_processor(llava | {"size": {"height": 336, "width": 336}}, 336, "hf")

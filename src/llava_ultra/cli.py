@@ -284,7 +284,13 @@ def eval_cmd(
     metric_tokenizer: Annotated[
         str | None, typer.Option(help="Override the mode's metric tokenizer: whitespace, jieba or char.")
     ] = None,
-    closed_variant: Annotated[str, typer.Option(help="llava-med mode: substring or legacy.")] = "substring",
+    closed_variant: Annotated[
+        str,
+        typer.Option(
+            help="llava-med mode: closed-question rule named by the LLaVA-Med file@commit it reproduces: "
+            "run_eval@b9a98a7 (v1.0.0), run_eval@ad758b6 or run_eval_batch@ad758b6."
+        ),
+    ] = "run_eval@b9a98a7",
     batch_size: Annotated[int, typer.Option(help="Samples per generate call.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy (default); > 0 samples.")] = 0.0,
@@ -339,13 +345,30 @@ def eval_cmd(
 def score(
     predictions: Annotated[Path, typer.Argument(help="predictions.jsonl (or the run folder holding it).")],
     ground_truth: Annotated[
-        str, typer.Argument(help="The eval JSON or dataset SPEC the predictions answer.")
+        str,
+        typer.Argument(
+            help="The eval JSON, dataset SPEC, or LLaVA-Med ground-truth file (test.json; or llava-med:PATH) "
+            "the predictions answer."
+        ),
     ],
     mode: Annotated[str, typer.Option(help="Metric mode: strict or llava-med.")] = "strict",
     metric_tokenizer: Annotated[
         str | None, typer.Option(help="Override the mode's metric tokenizer: whitespace, jieba or char.")
     ] = None,
-    closed_variant: Annotated[str, typer.Option(help="llava-med mode: substring or legacy.")] = "substring",
+    closed_variant: Annotated[
+        str,
+        typer.Option(
+            help="llava-med mode: closed-question rule named by the LLaVA-Med file@commit it reproduces: "
+            "run_eval@b9a98a7 (v1.0.0), run_eval@ad758b6 or run_eval_batch@ad758b6."
+        ),
+    ] = "run_eval@b9a98a7",
+    candidates: Annotated[
+        Path | None,
+        typer.Option(
+            help='llava-med mode: LLaVA-Med candidate file {"0": [answers]} for open accuracy '
+            "(default: the open reference answers of the scored set)."
+        ),
+    ] = None,
     limit: Annotated[
         int | None, typer.Option(help="Only the first N ground-truth samples (as eval --limit).")
     ] = None,
@@ -363,7 +386,7 @@ def score(
     ] = None,
     plots: Annotated[bool, typer.Option(help="Draw PNG plots (with --out).")] = True,
 ) -> None:
-    """Re-score saved predictions without the model (pairs by position, checks ids)."""
+    """Re-score saved predictions without the model (pairs predictions with ground truth by question id)."""
     from .eval.report import compare_table, render_compare, render_report
     from .eval.runner import EvalSettings, rescore
 
@@ -371,6 +394,7 @@ def score(
         mode=mode,
         metric_tokenizer=metric_tokenizer,
         closed_variant=closed_variant,
+        candidates=None if candidates is None else str(candidates),
         limit=limit,
         max_bad_fraction=max_bad_fraction,
         bootstrap=bootstrap,
@@ -581,7 +605,10 @@ def check_images(
     template: Annotated[str | None, typer.Option(help=TEMPLATE_HELP)] = None,
     max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 16,
 ) -> None:
-    """Does the checkpoint look at its images? Replace them by noise and compare; exit 1 if nothing moves."""
+    """Does the checkpoint look at its images? Replace them by noise and compare; exit 1 if nothing moves.
+
+    Several --image options are one study: all are replaced together, then each one alone, and the
+    output says how many of them the model's selector passes to the LLM."""
     from .model.ultra import check_checkpoint_images
     from .serve.engine import pick_device
 
@@ -591,6 +618,15 @@ def check_images(
     typer.echo(f"largest change of the first answer token's logits: {result.max_logit_diff:.4g}")
     typer.echo(f"answer with the images: {result.answer_real!r}")
     typer.echo(f"answer with noise:      {result.answer_noise!r}")
+    if result.per_image_diffs:
+        typer.echo(
+            f"{len(image)} images of one study; the model feeds {result.images_into_llm} of them to its LLM "
+            f"({result.selector}); replacing one image at a time by noise:"
+        )
+        for path, diff in zip(image, result.per_image_diffs, strict=True):
+            typer.echo(
+                f"  {path}: largest logit change {diff:.4g}" + ("" if diff > 1e-4 else " (not looked at)")
+            )
     if result.image_matters:
         typer.echo(
             "OK: the output depends on the images"

@@ -39,6 +39,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ASPECT_RATIOS = ("pad", "crop", "resize")
+RESIZE_RULES = ("square", "shortest_edge_crop")
+RESAMPLE_FILTERS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")  # PIL's 0..5
+PAD_COLOUR_RULES = ("truncate", "round")
 SELECT_FEATURES = ("patch", "cls_patch")
 ALIGNS = ("pool", "conv")
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
@@ -104,6 +107,16 @@ class VisionConfig:
     """Patch side in pixels; the token grid is image_size/patch_size per side."""
     image_aspect_ratio: str = "pad"
     """'pad': expand to a square with the mean colour (LLaVA v1.5); 'crop': centre crop; 'resize': squash."""
+    resize: str = "square"
+    """How CLIP's input reaches image_size: 'square' resizes the square image to image_size x image_size;
+    'shortest_edge_crop' is CLIPImageProcessor's rule (shortest edge to image_size, the other edge
+    int(image_size * long / short), then a centre crop), so with image_aspect_ratio='crop' the crop comes
+    after the resize, as in llava-hf and in original LLaVA without 'pad'. Both agree on square images."""
+    resample: str = "bicubic"
+    """PIL resampling filter of the CLIP resize: nearest, lanczos, bilinear, bicubic, box or hamming."""
+    pad_colour: str = "truncate"
+    """How 'pad' turns image_mean into a colour: 'truncate' = int(mean * 255) per channel, LLaVA's
+    expand2square rule; 'round' = round(mean * 255) (what llava-ultra did before this field existed)."""
     image_mean: tuple[float, float, float] = CLIP_MEAN
     """Per-channel normalisation mean (CLIP's by default)."""
     image_std: tuple[float, float, float] = CLIP_STD
@@ -115,6 +128,9 @@ class VisionConfig:
         _source("model.vision", self.path, self.inline)
         _one_of("model.vision.select_feature", self.select_feature, SELECT_FEATURES)
         _one_of("model.vision.image_aspect_ratio", self.image_aspect_ratio, ASPECT_RATIOS)
+        _one_of("model.vision.resize", self.resize, RESIZE_RULES)
+        _one_of("model.vision.resample", self.resample, RESAMPLE_FILTERS)
+        _one_of("model.vision.pad_colour", self.pad_colour, PAD_COLOUR_RULES)
         _positive("model.vision.image_size", self.image_size)
         _positive("model.vision.patch_size", self.patch_size)
         if self.image_size % self.patch_size:

@@ -188,11 +188,14 @@ def test_chinese_strict_exact_match_ignores_spacing_and_punctuation():
 # ------------------------------------------------------------------ closed questions
 
 
+BATCH, FIRST, V100 = "run_eval_batch@ad758b6", "run_eval@ad758b6", "run_eval@b9a98a7"
+
+
 def test_no_substring_bug_reproduced_only_in_llava_med_mode():
-    # gt "no": "nodule seen" and "normal" contain the substring "no".
+    # gt "no": "nodule seen" and "normal" contain the substring "no" (LLaVA-Med issue 12).
     for pred in ("nodule seen", "normal"):
-        assert one(pred, "no", "CLOSED", mode="llava-med")["closed_hit"] == 1
-        assert one(pred, "no", "CLOSED", mode="llava-med", closed_variant="legacy")["closed_hit"] == 1
+        for variant in (V100, FIRST, BATCH):
+            assert one(pred, "no", "CLOSED", mode="llava-med", closed_variant=variant)["closed_hit"] == 1
         assert one(pred, "no", "CLOSED")["closed_hit"] == 0
     # strict word-boundary cues
     assert one("There is no nodule.", "no", "CLOSED")["closed_hit"] == 1
@@ -200,23 +203,37 @@ def test_no_substring_bug_reproduced_only_in_llava_med_mode():
     assert one("Yes, it is.", "yes", "CLOSED")["closed_hit"] == 1
 
 
-def test_legacy_variant_drops_gated_misses_from_denominator():
-    preds = ["no", "nodule", "maybe"]
-    refs = ["yes", "no", "yes"]
-    kinds = ["CLOSED"] * 3
-    langs = ["en"] * 3
-    # legacy: "no" passes the yes/no gate but misses -> not counted; "nodule" -> hit;
-    # "maybe" fails the gate -> 0. Accuracy = 1 / 2 = 50.
-    r = m.score(preds, refs, kinds, langs, mode="llava-med", closed_variant="legacy")
-    assert r["closed_accuracy"] == 50.0 and r["n_closed_scored"] == 2 and r["n_closed"] == 3
-    # substring (run_eval_batch.py): [0, 1, 0] -> 33.33; strict: [0, 0, 0] -> 0.
-    r = m.score(preds, refs, kinds, langs, mode="llava-med")
-    assert close(r["closed_accuracy"], 100 / 3) and r["n_closed_scored"] == 3
-    assert m.score(preds, refs, kinds, langs)["closed_accuracy"] == 0.0
+def test_closed_variants_named_by_llava_med_commit():
+    preds = ["no", "nodule", "maybe", "left"]
+    refs = ["yes", "no", "yes", "left"]
+    kinds = ["CLOSED"] * 4
+    langs = ["en"] * 4
+
+    def acc(variant):
+        r = m.score(preds, refs, kinds, langs, mode="llava-med", closed_variant=variant)
+        return r["closed_accuracy"], r["n_closed_scored"], r["closed_variant"]
+
+    # v1.0.0 (b9a98a7, the default): hit needs a yes/no substring AND the reference:
+    # "no" vs yes -> 0; "nodule" vs no -> 1; "maybe" -> 0 (no gate); "left" -> 0 (no gate). 1/4.
+    assert acc(V100) == (25.0, 4, V100)
+    assert m.score(preds, refs, kinds, langs, mode="llava-med")["closed_variant"] == V100
+    # ad758b6 run_eval.py: the gated miss ("no" vs yes) leaves the denominator: 1/3.
+    assert acc(FIRST) == (1 / 3 * 100, 3, FIRST)  # sum / count * 100, as run_eval.py
+    # run_eval_batch.py: reference substring alone: nodule, left -> 2/4.
+    assert acc(BATCH) == (50.0, 4, BATCH)
+    # strict: [0, 0, 0, 1]
+    assert m.score(preds, refs, kinds, langs)["closed_accuracy"] == 25.0
+
+
+def test_old_closed_variant_names_say_their_new_names():
+    with pytest.raises(ConfigError, match=r"'legacy' was renamed .*: use 'run_eval@ad758b6'"):
+        m.score(["a"], ["a"], ["CLOSED"], ["en"], mode="llava-med", closed_variant="legacy")
+    with pytest.raises(ConfigError, match=r"'substring' was renamed .*: use 'run_eval_batch@ad758b6'"):
+        m.score(["a"], ["a"], ["CLOSED"], ["en"], mode="llava-med", closed_variant="substring")
 
 
 @pytest.mark.parametrize(
-    ("pred", "ref", "llava_med", "strict"),
+    ("pred", "ref", "batch", "strict"),
     [
         ("是的，可见结节", "是", 1, 1),  # substring hit; 是的 -> yes
         ("未见明显异常", "否", 0, 1),  # no 否 substring; 未见 -> no
@@ -228,8 +245,10 @@ def test_legacy_variant_drops_gated_misses_from_denominator():
         ("有，边界清", "有", 1, 1),
     ],
 )
-def test_chinese_yes_no_synonyms(pred, ref, llava_med, strict):
-    assert one(pred, ref, "CLOSED", "zh", mode="llava-med")["closed_hit"] == llava_med
+def test_chinese_yes_no_synonyms(pred, ref, batch, strict):
+    # v1.0.0 needs "yes"/"no" in the prediction: every Chinese closed answer scores 0
+    assert one(pred, ref, "CLOSED", "zh", mode="llava-med")["closed_hit"] == 0
+    assert one(pred, ref, "CLOSED", "zh", mode="llava-med", closed_variant=BATCH)["closed_hit"] == batch
     assert one(pred, ref, "CLOSED", "zh")["closed_hit"] == strict
 
 
@@ -287,7 +306,7 @@ def test_strict_chinese_yes_no_false_cues_score_correctly():
 
 
 def test_non_yes_no_closed_answer_needs_whole_tokens_in_strict():
-    assert one("cleft", "left", "CLOSED", mode="llava-med")["closed_hit"] == 1
+    assert one("cleft", "left", "CLOSED", mode="llava-med", closed_variant=BATCH)["closed_hit"] == 1
     assert one("cleft", "left", "CLOSED")["closed_hit"] == 0
     assert one("The left lobe.", "left", "CLOSED")["closed_hit"] == 1
 
@@ -333,7 +352,11 @@ def test_bad_codes_are_named():
     with pytest.raises(ConfigError, match=r"'fr'.*zh, en"):
         m.score(["a"], ["a"], ["OPEN"], ["en"], tokenizer={"fr": "char"})
     with pytest.raises(ConfigError, match="'llava-med' only"):
-        m.score(["a"], ["a"], ["OPEN"], ["en"], closed_variant="legacy")
+        m.score(["a"], ["a"], ["OPEN"], ["en"], closed_variant=FIRST)
+    with pytest.raises(ConfigError, match=r"unknown closed_variant 'v2'; use one of: run_eval@b9a98a7, "):
+        m.score(["a"], ["a"], ["OPEN"], ["en"], mode="llava-med", closed_variant="v2")
+    with pytest.raises(ConfigError, match="candidates apply to mode='llava-med' only"):
+        m.score(["a"], ["a"], ["OPEN"], ["en"], candidates=["a"])
 
 
 def test_auto_language_and_detection():
@@ -436,3 +459,68 @@ def test_bootstrap_ci():
     assert all(math.isnan(x) for x in m.bootstrap_ci([]))
     with pytest.raises(ConfigError):
         m.bootstrap_ci(values, alpha=1.5)
+
+
+# ------------------------------------------------------------------ strict: negation, uncertainty
+
+
+@pytest.mark.parametrize(
+    ("pred", "ref", "lang", "hit"),
+    [
+        ("不均匀", "均匀", "zh", 0),  # 不 is a cue the reference lacks
+        ("均匀。", "均匀", "zh", 1),
+        ("不是左侧", "左侧", "zh", 0),
+        ("左侧", "左侧", "zh", 1),
+        ("非均匀", "均匀", "zh", 0),
+        ("无回声", "无回声", "zh", 1),  # 无回声 (anechoic) is one token, no negation
+        ("not uniform", "uniform", "en", 0),
+        ("Uniform.", "uniform", "en", 1),
+        ("It is not on the left", "left", "en", 0),
+        ("without contrast", "contrast", "en", 0),
+        ("isn't left", "left", "en", 0),
+        ("not enhancing", "not enhancing", "en", 1),  # the reference has the cue too
+    ],
+)
+def test_strict_negation_cue_the_reference_lacks_is_a_miss(pred, ref, lang, hit):
+    assert one(pred, ref, "CLOSED", lang)["closed_hit"] == hit
+
+
+@pytest.mark.parametrize(
+    ("text", "lang"),
+    [
+        ("不确定", "zh"),
+        ("我不确定是否有结节", "zh"),
+        ("无法判断", "zh"),
+        ("不能确定", "zh"),
+        ("难以确定有无结节", "zh"),
+        ("不知道", "zh"),
+        ("I am not sure.", "en"),
+        ("I'm not certain", "en"),
+        ("It is uncertain", "en"),
+        ("I don't know", "en"),
+        ("Cannot be determined from this image", "en"),
+        ("unable to tell", "en"),
+    ],
+)
+def test_strict_uncertainty_is_neither_yes_nor_no(text, lang):
+    assert m.yes_no_label(m.normalize_strict(text, lang)) is None
+    # so it is a miss against either answer, and a miss against a non-yes/no answer
+    for ref in ("yes", "no") if lang == "en" else ("是", "否"):
+        assert one(text, ref, "CLOSED", lang)["closed_hit"] == 0
+    assert (
+        one(
+            text + (" 左侧" if lang == "zh" else " left"), "左侧" if lang == "zh" else "left", "CLOSED", lang
+        )["closed_hit"]
+        == 0
+    )
+    # v1.0.0 would read "not sure" as a "no"
+    if lang == "en":
+        assert one(text, "no", "CLOSED", lang, mode="llava-med")["closed_hit"] == int("no" in text.lower())
+
+
+def test_strict_clear_answers_are_still_read():
+    # the uncertainty phrases do not swallow findings or plain verdicts
+    assert not m.is_uncertain("边界不清") and not m.is_uncertain("边界不明确")  # findings, not doubt
+    assert not m.is_uncertain("margins are unclear")
+    assert m.yes_no_label(m.normalize_strict("No, not enlarged", "en")) == "no"
+    assert m.yes_no_label(m.normalize_strict("是的，确定有结节", "zh")) == "yes"

@@ -13,9 +13,9 @@ import pytest
 from llava_ultra.errors import DataError
 from llava_ultra.eval import metrics
 from llava_ultra.eval.report import (
-    check_pairs,
     compare_table,
     decoding_label,
+    pair_by_id,
     read_scores,
     render_compare,
     render_report,
@@ -163,28 +163,47 @@ def test_empty_predictions_score_zero_and_are_counted():
     assert "empty predictions: 3 (scored as 0)" in render_report(scores)
 
 
-def test_length_mismatch_names_the_first_unpaired_record():
-    with pytest.raises(DataError, match=r"4 predictions but 5 ground-truth.*ground truth \[4\] id='z1'"):
-        check_pairs(PREDICTIONS[:4], GROUND_TRUTH)
-    extra = [*PREDICTIONS, pred("x9", "extra")]
-    with pytest.raises(DataError, match=r"6 predictions but 5.*prediction \[5\] question_id='x9'"):
-        check_pairs(extra, GROUND_TRUTH)
-
-
-def test_id_mismatch_names_the_first_record():
-    swapped = [PREDICTIONS[0], PREDICTIONS[2], PREDICTIONS[1], *PREDICTIONS[3:]]
+def test_missing_and_extra_predictions_are_named():
     with pytest.raises(
-        DataError, match=r"record 1: prediction question_id 'c1' does not match ground-truth id 'o2'"
+        DataError,
+        match=r"4 predictions but 5 ground-truth samples: 1 ground-truth sample\(s\) have no prediction, "
+        r"first: ground truth \[4\] id='z1'",
     ):
-        score_run(swapped, GROUND_TRUTH)
-    # an id mismatch is reported before a length mismatch
-    with pytest.raises(DataError, match="record 1"):
-        check_pairs(swapped[:3], GROUND_TRUTH)
+        pair_by_id(PREDICTIONS[:4], GROUND_TRUTH)
+    extra = [*PREDICTIONS, pred("x9", "extra")]
+    with pytest.raises(
+        DataError,
+        match=r"6 predictions but 5 .* 1 prediction\(s\) have no ground-truth sample, first: prediction "
+        r"\[5\] question_id='x9'",
+    ):
+        pair_by_id(extra, GROUND_TRUTH)
+    # allowed (ground truth cut by --limit, or malformed records skipped): left out and counted
+    paired, unpaired = pair_by_id(extra, GROUND_TRUTH, allow_unpaired=True)
+    assert [p["question_id"] for p in paired] == ["o1", "o2", "c1", "c2", "z1"] and unpaired == 1
+
+
+def test_pairing_is_by_id_not_position():
+    shuffled = [PREDICTIONS[i] for i in (4, 2, 0, 3, 1)]
+    a, rows_a = scored()
+    b, rows_b = scored(preds=shuffled)
+    assert rows_a == rows_b
+    assert {k: a[k] for k in metrics.METRIC_KEYS} == {k: b[k] for k in metrics.METRIC_KEYS}
+    # integer ids in one file and strings in the other still pair (LLaVA-Med writes ints)
+    truth = [dict(g, id=i) for i, g in enumerate(GROUND_TRUTH)]
+    preds = [dict(p, question_id=str(i)) for i, p in enumerate(PREDICTIONS)]
+    assert scored(preds=preds, truth=truth)[1] == [dict(r, id=i) for i, r in enumerate(rows_a)]
+
+
+def test_duplicate_ids_are_named():
+    with pytest.raises(DataError, match=r"prediction records 0 and 5 both answer question_id 'o1'"):
+        pair_by_id([*PREDICTIONS, pred("o1", "again")], GROUND_TRUTH)
+    with pytest.raises(DataError, match=r"ground-truth samples \[0\] and \[1\] share id 'o1'"):
+        pair_by_id(PREDICTIONS, [GROUND_TRUTH[0], GROUND_TRUTH[0]])
 
 
 def test_malformed_prediction_records():
     with pytest.raises(DataError, match="prediction record 0 has no question_id"):
-        check_pairs([{"text": "a"}], GROUND_TRUTH[:1])
+        pair_by_id([{"text": "a"}], GROUND_TRUTH[:1])
     with pytest.raises(DataError, match="text is int"):
         score_run([pred("o1", 3)], GROUND_TRUTH[:1])
 

@@ -175,7 +175,9 @@ def test_rescoring_perfect_and_empty_answers(work, live, tmp_path):
 
 def test_rescoring_against_other_data_names_the_first_mismatch(work, live, tmp_path):
     with pytest.raises(
-        DataError, match=r"record 0: prediction question_id .* does not match ground-truth id"
+        DataError,
+        match=r"16 predictions but 22 ground-truth samples: 22 ground-truth sample\(s\) have no prediction, "
+        r"first: ground truth \[0\] id='r\d+-\w+-eval-",
     ):
         rescore(work / "live", str(work / "inst" / "eval.val.json"), EvalSettings(bootstrap=0))
     short = tmp_path / "short.jsonl"
@@ -183,7 +185,9 @@ def test_rescoring_against_other_data_names_the_first_mismatch(work, live, tmp_p
         "".join((work / "live" / "predictions.jsonl").read_text(encoding="utf-8").splitlines(True)[:5])
     )
     with pytest.raises(
-        DataError, match=r"5 predictions but 16 ground-truth samples; first mismatch: ground truth \[5\]"
+        DataError,
+        match=r"5 predictions but 16 ground-truth samples: 11 ground-truth sample\(s\) have no prediction, "
+        r"first: ground truth \[5\]",
     ):
         rescore(short, str(work / "inst" / "eval.mix.json"), EvalSettings(bootstrap=0))
     # the same file scores against the first five samples with --limit
@@ -308,7 +312,8 @@ def test_compare_command_prints_and_writes_a_table(work, live, tmp_path):
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert lines[0].startswith(
-        "| run | mode | tokenizer | n | EM | F1 | Precision | Recall | BLEU | BLEU-1 | BLEU-2 | BLEU-3 | Closed acc |"
+        "| run | mode | tokenizer | n | EM | F1 | Precision | Recall | BLEU | BLEU-1 | BLEU-2 | BLEU-3 | Open acc "
+        "| Closed acc |"
     )
     assert sum(line.startswith("| live (en)") for line in lines) == 2
     assert table.read_text() == res.output

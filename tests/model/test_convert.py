@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
@@ -111,7 +112,7 @@ class Parts:
         config = self.llama.config.to_dict() | {
             "architectures": [self.architecture],
             "model_type": self.model_type,
-            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+            "mm_vision_tower": "tiny-test/clip-vit-8-32",  # not a known hub tower: any tower of its width fits
             "mm_hidden_size": 24,
             "mm_projector_type": "mlp2x_gelu",
             "mm_vision_select_layer": -2,
@@ -388,6 +389,14 @@ def test_llava_hf_converts_and_matches_transformers(tmp_path):
     ).eval()
     reference.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
+    with pytest.raises(
+        CheckpointError,
+        match=r"hf has no preprocessor_config.json \(nor a processor_config.json with an image_processor\): the image preprocessing",
+    ):
+        convert("llava-hf", tmp_path / "hf", tmp_path / "out")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "hf"
+    )
     summary = convert("llava-hf", tmp_path / "hf", tmp_path / "out")
     assert summary.kind == "llava-hf" and summary.image_token_id == 4
     ids, pixels = _inputs(4, 300)

@@ -9,8 +9,12 @@ from llava_ultra.errors import ConfigError, DataError
 from llava_ultra.model.tokenizer import (
     SPECIAL_TOKENS,
     build_tiny_tokenizer,
+    load_tokenizer,
+    prefix_scheme,
     render_conversation,
     render_prompt,
+    set_prefix_scheme,
+    tokenizer_image_token_ids,
 )
 from tests.helpers import TINY_TEXTS, tiny_tokenizer
 
@@ -64,3 +68,42 @@ def test_bad_conversations():
         render_conversation([{"role": "assistant", "content": "x"}])
     with pytest.raises(ConfigError, match="unknown conversation template 'chatml'"):
         render_conversation([{"role": "user", "content": "x"}], template="chatml")
+
+
+def test_prefix_scheme_round_trip_and_errors(tmp_path):
+    from tests.model.test_convert_parity import (
+        PROMPT,
+        sentencepiece_like,
+        tokenizer_image_token,
+        write_tokenizer,
+    )
+
+    raw = sentencepiece_like()
+    write_tokenizer(raw, tmp_path / "src", legacy=False)
+    tok = load_tokenizer(tmp_path / "src")
+    assert prefix_scheme(tok) == "first"  # what transformers builds from legacy=false
+    tok.add_tokens(["<image>"], special_tokens=True)
+    set_prefix_scheme(tok, "always")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    want = tokenizer_image_token(PROMPT, lambda s: raw.encode(s).ids, bos_id=1)
+    assert tokenizer_image_token_ids(tok, PROMPT) == want  # LLaVA's per-piece tokenisation
+    for i in range(3):  # save / load / save ...: the scheme and the ids survive
+        tok.save_pretrained(tmp_path / f"t{i}")
+        tok = load_tokenizer(tmp_path / f"t{i}")
+        assert prefix_scheme(tok) == "always"
+        assert [-200 if t == image_id else t for t in tok(PROMPT).input_ids] == want
+
+    with pytest.raises(
+        ConfigError, match=r"unknown Metaspace prepend scheme 'sometimes'; use always, first or never"
+    ):
+        set_prefix_scheme(tok, "sometimes")
+    byte_level = tiny_tokenizer()
+    assert prefix_scheme(byte_level) is None
+    with pytest.raises(
+        ConfigError,
+        match=r"has no Metaspace pre-tokenizer; the prefix scheme applies to sentencepiece-style \(LLaMA / Mistral\)",
+    ):
+        set_prefix_scheme(byte_level, "always")
+    (tmp_path / "t2" / "tokenizer_config.json").write_bytes(b"\xff{")
+    with pytest.raises(ConfigError, match=r"no tokenizer could be loaded from|is not valid UTF-8 JSON"):
+        load_tokenizer(tmp_path / "t2")

@@ -51,7 +51,9 @@ def test_pad_to_square_with_mean_colour():
     image = Image.new("RGB", (20, 10), (255, 0, 0))
     square = to_square(image, "pad", (0.5, 0.25, 0.0))
     assert square.size == (20, 20)
-    assert square.getpixel((0, 0)) == (128, 64, 0) and square.getpixel((10, 10)) == (255, 0, 0)
+    # LLaVA's expand2square: int(x * 255) truncates (127.5 -> 127); 'round' is the old rule
+    assert square.getpixel((0, 0)) == (127, 63, 0) and square.getpixel((10, 10)) == (255, 0, 0)
+    assert to_square(image, "pad", (0.5, 0.25, 0.0), "round").getpixel((0, 0)) == (128, 64, 0)
     assert to_square(image, "crop", (0, 0, 0)).size == (10, 10)
     assert to_square(image, "resize", (0, 0, 0)).size == (20, 20)
 

@@ -6,24 +6,30 @@ Every function here is pure (jieba's tokenizer is the only state: built once, la
 
 Modes (see docs/metrics.md for each formula in words):
 
-- `llava-med` reproduces LLaVA-Med v1.0 `llava/eval/run_eval.py` + `eval_metrics/` exactly,
-  quirks included: VQA-style normalisation applied once for BLEU and twice for EM/F1 (their
-  metric functions re-normalise already-normalised text), a period-strip capped at 32
-  deletions (`re.UNICODE` passed as `count`), "exact match" = |unique reference words found in
-  the prediction| / |prediction tokens|, precision/recall from word counts where true positives
-  are counted on the prediction side, nltk 3.10.4 `sentence_bleu` without smoothing and
-  single-order BLEU-1/2/3 weights, and closed questions scored by substring (`gt in pred`, as
-  in `run_eval_batch.py`) or, with `closed_variant="legacy"`, by `run_eval.py`'s rule: a
-  yes/no substring gate ("nodule" and "normal" contain "no") whose misses are silently left
-  out of the denominator. Tokens are whitespace-split by default, so a Chinese answer is one
-  token; `tokenizer="jieba"|"char"` keeps their formulas but feeds them real Chinese tokens
+- `llava-med` reproduces LLaVA-Med v1.0.0 (`llava/eval/run_eval.py` + `eval_metrics/` at commit
+  b9a98a7, the `v1.0.0` tag) exactly, quirks included: VQA-style normalisation applied once for
+  BLEU and closed questions and twice for EM/F1 (their metric functions re-normalise already
+  normalised text), a period-strip capped at 32 deletions (`re.UNICODE` passed as `count`),
+  "exact match" = |unique reference words found in the prediction| / |prediction tokens|,
+  precision/recall from word counts where true positives are counted on the prediction side,
+  nltk 3.10.4 `sentence_bleu` without smoothing and single-order BLEU-1/2/3 weights, "open
+  accuracy" (the candidate answer with the highest word overlap with the prediction, first
+  maximum wins, must equal the reference), and closed questions scored by v1.0.0's rule: a hit
+  needs "yes" or "no" as a substring of the prediction ("nodule" and "normal" contain "no") and
+  the reference as a substring; every other closed question is a miss. Empty references and
+  empty predictions are scored like any other text, as v1.0.0 does. Earlier LLaVA-Med rules
+  stay available as closed variants named by the file and commit they reproduce (see
+  CLOSED_VARIANTS). Tokens are whitespace-split by default, so a Chinese answer is one token;
+  `tokenizer="jieba"|"char"` keeps their formulas but feeds them real Chinese tokens
   (LLaVA-Ultra's "we tokenize answers").
 - `strict`: normalised-string exact match, SQuAD-style multiset token precision/recall/F1,
   cumulative BLEU-n with exponential smoothing and effective order (sacreBLEU's sentence-level
   semantics, so a perfect short answer scores 100), and closed questions decided by yes/no
   cues with word boundaries plus Chinese synonyms read as jieba tokens (是/有/存在 ... vs
-  否/没有/未见 ...). Chinese is tokenised with jieba plus `resources/medical_dict.txt`
-  (default) or by characters.
+  否/没有/未见 ...). An uncertain answer (不确定, "I am not sure") is neither yes nor no, and a
+  negation cue in the prediction that the reference lacks (不均匀 vs 均匀) makes a closed hit
+  impossible. Chinese is tokenised with jieba plus `resources/medical_dict.txt` (default) or by
+  characters.
 
 nltk's unsmoothed BLEU substitutes `sys.float_info.min` for an n-gram order with no matches and
 warns each time; that value (~1e-308, or ~1e-154 inside the uniform 4-gram mean) is what
@@ -51,8 +57,14 @@ from ..errors import ConfigError, DataError
 MODES = ("llava-med", "strict")
 TOKENIZERS = ("whitespace", "jieba", "char")
 LANGUAGES = ("zh", "en")
-CLOSED_VARIANTS = ("substring", "legacy")
+# Closed-question rules of llava-med mode, named by the LLaVA-Med file and commit they reproduce;
+# the first is v1.0.0 (the `v1.0.0` tag) and the default.
+CLOSED_VARIANTS = ("run_eval@b9a98a7", "run_eval@ad758b6", "run_eval_batch@ad758b6")
+DEFAULT_CLOSED_VARIANT = CLOSED_VARIANTS[0]
+RENAMED_CLOSED_VARIANTS = {"substring": "run_eval_batch@ad758b6", "legacy": "run_eval@ad758b6"}
 METRIC_KEYS = ("exact_match", "f1", "precision", "recall", "bleu", "bleu_1", "bleu_2", "bleu_3")
+# llava-med mode's candidate-set match of open answers (None in strict mode)
+OPEN_ACCURACY = "open_accuracy"
 
 DEFAULT_TOKENIZERS: dict[str, dict[str, str]] = {
     "llava-med": {"zh": "whitespace", "en": "whitespace"},
@@ -65,11 +77,17 @@ BLEU_VARIANTS = {
     "exp smoothing (Chen & Cherry 2014 method 3), effective order",
 }
 CLOSED_DESCRIPTIONS = {
-    "substring": "hit if normalised reference is a substring of the prediction (run_eval_batch.py)",
-    "legacy": "run_eval.py: needs 'yes' or 'no' as a substring, then hit if reference is a "
-    "substring; gated misses are dropped from the denominator",
-    "strict": "yes/no cue with word boundaries (Chinese: jieba tokens and synonyms); other closed answers: "
-    "reference tokens appear contiguously in the prediction tokens",
+    "run_eval@b9a98a7": "LLaVA-Med v1.0.0 run_eval.py (b9a98a7): hit if the prediction contains 'yes' or "
+    "'no' as a substring and the normalised reference as a substring; every other closed question is a "
+    "miss, all in the denominator",
+    "run_eval@ad758b6": "LLaVA-Med run_eval.py as first released (ad758b6, before b9a98a7's fix): needs "
+    "'yes' or 'no' as a substring, then hit if the reference is a substring; gated misses are dropped "
+    "from the denominator",
+    "run_eval_batch@ad758b6": "LLaVA-Med run_eval_batch.py (ad758b6, unchanged at b9a98a7): hit if the "
+    "normalised reference is a substring of the prediction",
+    "strict": "yes/no cue with word boundaries (Chinese: jieba tokens and synonyms; uncertainty is neither); "
+    "other closed answers: reference tokens appear contiguously in the prediction tokens and the "
+    "prediction has no negation or uncertainty cue the reference lacks",
 }
 
 # Answer-type spellings seen in SLAKE / VQA-RAD (OPEN, CLOSED) and PathVQA (other, number, yes/no).
@@ -320,13 +338,94 @@ def llava_med_bleu(pred: Sequence[str], ref: Sequence[str]) -> tuple[float, floa
     return tuple(float(s) for s in scores)  # type: ignore[return-value]
 
 
-def llava_med_closed_hit(pred: str, ref: str, variant: str = "substring") -> int | None:
-    """1/0 by substring; the 'legacy' variant returns None (not counted) for gated misses."""
-    if variant == "substring":
+def llava_med_closed_hit(pred: str, ref: str, variant: str = DEFAULT_CLOSED_VARIANT) -> int | None:
+    """1/0 for a closed question on normalised text, by the named LLaVA-Med rule.
+
+    'run_eval@b9a98a7' (v1.0.0): 1 only when 'yes' or 'no' is a substring of `pred` and `ref` is
+    a substring of `pred`, else 0. 'run_eval@ad758b6': the same gate, but a gated miss returns
+    None (the script appended nothing, so the sample left the denominator). 'run_eval_batch@ad758b6':
+    1 when `ref` is a substring of `pred`.
+    """
+    variant = check_closed_variant(variant)
+    if variant == "run_eval_batch@ad758b6":
         return int(ref in pred)
-    if "yes" in pred or "no" in pred:
-        return 1 if ref in pred else None
-    return 0
+    gated = "yes" in pred or "no" in pred
+    if not gated:
+        return 0
+    if ref in pred:
+        return 1
+    return None if variant == "run_eval@ad758b6" else 0
+
+
+def check_closed_variant(variant: str) -> str:
+    """`variant` if it is one of CLOSED_VARIANTS; a ConfigError naming the new name for old ones."""
+    if variant in CLOSED_VARIANTS:
+        return variant
+    if variant in RENAMED_CLOSED_VARIANTS:
+        raise ConfigError(
+            f"closed_variant {variant!r} was renamed after the LLaVA-Med commit it reproduces: use "
+            f"{RENAMED_CLOSED_VARIANTS[variant]!r} (LLaVA-Med v1.0.0 itself is {DEFAULT_CLOSED_VARIANT!r})"
+        )
+    raise ConfigError(f"unknown closed_variant {variant!r}; use one of: {', '.join(CLOSED_VARIANTS)}")
+
+
+class OpenCandidates:
+    """LLaVA-Med v1.0.0's "open accuracy" candidate set, prepared once for many predictions.
+
+    Their `calculate_appearance_with_normalization`: every candidate answer is normalised once;
+    the similarity of a candidate to a prediction is |unique prediction words in the candidate|
+    / |unique candidate words| (0 for a candidate without words); the candidate with the highest
+    similarity wins, the first one on ties (all-zero similarities pick the first candidate);
+    the prediction scores 1 when that candidate equals the normalised reference. An inverted
+    index over candidate words gives the same argmax without scanning every candidate.
+    """
+
+    def __init__(self, normalised: Sequence[str]) -> None:
+        if not normalised:
+            raise DataError(
+                "the open-accuracy candidate set is empty; pass a candidate file with answers "
+                '(LLaVA-Med\'s {"0": [answers]}) or score a set with open questions'
+            )
+        self.texts = list(normalised)
+        self.sizes = [len(set(t.split())) for t in self.texts]
+        self.index: dict[str, list[int]] = {}
+        for i, text in enumerate(self.texts):
+            for word in set(text.split()):
+                self.index.setdefault(word, []).append(i)
+
+    def best(self, pred_words: Sequence[str]) -> str:
+        """The normalised candidate LLaVA-Med's argmax picks for a prediction's words."""
+        counts: Counter[int] = Counter()
+        for word in set(pred_words):
+            for i in self.index.get(word, ()):
+                counts[i] += 1
+        best_i, best_sim = 0, 0.0
+        for i in sorted(counts):
+            sim = counts[i] / self.sizes[i]
+            if sim > best_sim:
+                best_i, best_sim = i, sim
+        return self.texts[best_i]
+
+
+def open_candidates(answers: Sequence[Any], tokenizers: Mapping[str, str] | None = None) -> OpenCandidates:
+    """Candidate answers (LLaVA-Med's candidate file values, or the open references) prepared for
+    `score`. Integers become strings as in LLaVA-Med; anything else that is not a string is an error."""
+    tokenizers = tokenizers or DEFAULT_TOKENIZERS["llava-med"]
+    texts = []
+    for i, answer in enumerate(answers):
+        if isinstance(answer, int) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str):
+            raise DataError(
+                f"open-accuracy candidate {i} is {type(answer).__name__} ({answer!r}), not a string; "
+                "candidates must be answer texts"
+            )
+        tok = tokenizers[detect_language(answer)]
+        # theirs: normalize_word(candidate), without the lower() applied to answers (it lower-cases inside)
+        texts.append(
+            llava_med_normalize(answer) if tok == "whitespace" else _llava_med_first_pass(answer, tok)
+        )
+    return OpenCandidates(texts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +514,38 @@ _ZH_QUESTION = frozenset({"是否", "有无", "是不是", "有没有"})
 _ZH_ANSWER_LABEL = re.compile(r"^\s*(?:答案|回答|结论|答)\s*[:：]?\s*")
 _EN_YES, _EN_NO = frozenset({"yes"}), frozenset({"no", "not"})
 _EN_CUE_RE = re.compile(r"(?<![a-z0-9])(yes|no|not)(?![a-z0-9])")
+# Uncertainty is neither yes nor no ("I am not sure" is not a "no"; 不确定 is not 不). Matched on
+# strict-normalised text (apostrophes deleted, so "don't" is "dont"). Phrases that also describe a
+# finding (不清 / 不明确 / unclear margins) are deliberately absent.
+_EN_UNCERTAIN = re.compile(
+    r"(?<![a-z0-9])(?:not (?:sure|certain)|unsure|uncertain|undetermined|indeterminate|"
+    r"(?:dont|do not|does not|doesnt) know|"
+    r"(?:cannot|can not|cant|unable to|impossible to|difficult to|hard to|not possible to) "
+    r"(?:be )?(?:determine|determined|tell|say|confirm|confirmed|assess|assessed|decide|know))(?![a-z0-9])"
+)
+_ZH_UNCERTAIN = re.compile(
+    r"(?:不|无法|不能|难以|没法|无从|不好)(?:确定|判断|判定|确认|肯定|说)|不知道|说不清|不一定"
+)
+# Negation cues for closed answers that are not yes/no (不均匀 vs 均匀, "not uniform" vs "uniform"):
+# a cue the prediction has and the reference lacks makes a hit impossible. Chinese cues are jieba
+# tokens (无回声 / 无法 / 所有 are not cues); English cues are whole words.
+_EN_NEGATION = frozenset(
+    {"no", "not", "non", "none", "never", "neither", "nor", "without", "cannot", "cant", "isnt", "arent",
+     "wasnt", "werent", "doesnt", "dont", "didnt", "hasnt", "havent", "wont", "absent"}
+)  # fmt: skip
+_ZH_NEGATION = _ZH_NO | {_ZH_NOT, "非", "不能", "毋"}
+
+
+def is_uncertain(text: str) -> bool:
+    """True when strict-normalised `text` says the answer is unknown (不确定, 无法判断, "not sure")."""
+    return _EN_UNCERTAIN.search(text) is not None or _ZH_UNCERTAIN.search(text) is not None
+
+
+def negation_cues(text: str) -> frozenset[str]:
+    """The negation cues of strict-normalised `text`: jieba tokens in Chinese, whole words in English."""
+    if _CJK_CHAR.search(text) is None:
+        return frozenset(w for w in text.split() if w in _EN_NEGATION)
+    return frozenset(t for t in tokenize(text, "jieba") if t in _ZH_NEGATION or t in _EN_NEGATION)
 
 
 def yes_no_label(text: str) -> str | None:
@@ -426,7 +557,10 @@ def yes_no_label(text: str) -> str | None:
     未, 并非, or 不 before a yes cue or first; yes = 有, 存在, 可见, 正确 anywhere, 是 / 是的 /
     对 / 对的 only as the first token. So 对侧未见结节 and 这是囊肿，没有结节 are "no", 所有 /
     具有 / 是否 / 有无 / 无回声 are no cue, and a yes cue echoed after 是否 / 有无 is skipped.
+    An uncertain answer (`is_uncertain`: 不确定, 无法判断, "I am not sure") is None.
     """
+    if is_uncertain(text):
+        return None
     if _CJK_CHAR.search(text) is None:
         m = _EN_CUE_RE.search(text)
         return None if m is None else ("yes" if m.group(1) in _EN_YES else "no")
@@ -454,11 +588,17 @@ def _contains_run(haystack: Sequence[str], needle: Sequence[str]) -> bool:
 def strict_closed_hit(
     pred_norm: str, ref_norm: str, pred_tokens: Sequence[str], ref_tokens: Sequence[str]
 ) -> int:
-    """Yes/no references: labels must agree. Other closed answers ("left", "CT"): the reference
-    tokens must appear contiguously in the prediction tokens."""
+    """Yes/no references: labels must agree (an uncertain prediction has no label). Other closed
+    answers ("left", "CT", 均匀): the reference tokens must appear contiguously in the prediction
+    tokens, and the prediction may hold no negation cue the reference lacks (不均匀 vs 均匀, "not
+    uniform" vs "uniform", 不是左侧 vs 左侧) and may not be uncertain unless the reference is."""
     ref_label = yes_no_label(ref_norm)
     if ref_label is not None:
         return int(yes_no_label(pred_norm) == ref_label)
+    if negation_cues(pred_norm) - negation_cues(ref_norm):
+        return 0
+    if is_uncertain(pred_norm) and not is_uncertain(ref_norm):
+        return 0
     return int(_contains_run(pred_tokens, ref_tokens))
 
 
@@ -500,9 +640,10 @@ def _check_inputs(
     return types, langs
 
 
-def _empty_row(index: int, kind: str, lang: str, empty: bool) -> dict[str, Any]:
+def _empty_row(index: int, kind: str, lang: str, empty: bool, mode: str) -> dict[str, Any]:
     row: dict[str, Any] = {"index": index, "answer_type": kind, "language": lang, "empty_prediction": empty}
     row.update(dict.fromkeys(METRIC_KEYS, 0.0 if kind == "open" else None))
+    row[OPEN_ACCURACY] = 0.0 if kind == "open" and mode == "llava-med" else None
     row["closed_hit"] = 0 if kind == "closed" else None
     return row
 
@@ -520,19 +661,37 @@ def score_samples(
     languages: Sequence[str],
     mode: str = "strict",
     tokenizer: str | Mapping[str, str] | None = None,
-    closed_variant: str = "substring",
+    closed_variant: str = DEFAULT_CLOSED_VARIANT,
+    candidates: Sequence[Any] | OpenCandidates | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per sample: index, answer_type, language, empty_prediction, the eight open-set
-    metrics (fractions in [0, 1]; None for closed questions) and closed_hit (1/0; None for open
-    questions and for legacy-gated misses). A missing or blank prediction scores zero."""
+    """One dict per sample: index, answer_type, language, empty_prediction, empty_reference, the
+    eight open-set metrics (fractions in [0, 1]; None for closed questions), open_accuracy (1/0
+    for open questions in llava-med mode, else None) and closed_hit (1/0; None for open
+    questions and for gated misses of 'run_eval@ad758b6').
+
+    Strict mode scores a missing or blank prediction zero. llava-med mode scores it as the text
+    "" (what v1.0.0 computes for an empty answer: zero everywhere except open accuracy, where
+    the first candidate wins). `candidates` (llava-med mode) is the open-accuracy candidate set;
+    None = the open references of this set, in order.
+    """
     tokenizers = resolve_tokenizers(mode, tokenizer)
-    if closed_variant not in CLOSED_VARIANTS:
-        raise ConfigError(
-            f"unknown closed_variant {closed_variant!r}; use one of: {', '.join(CLOSED_VARIANTS)}"
-        )
-    if mode == "strict" and closed_variant != "substring":
+    check_closed_variant(closed_variant)
+    if mode == "strict" and closed_variant != DEFAULT_CLOSED_VARIANT:
         raise ConfigError("closed_variant applies to mode='llava-med' only; strict mode has one closed rule")
+    if mode == "strict" and candidates is not None:
+        raise ConfigError("open-accuracy candidates apply to mode='llava-med' only")
     types, langs = _check_inputs(preds, refs, answer_types, languages)
+    pool = None
+    if mode == "llava-med" and "open" in types:
+        if isinstance(candidates, OpenCandidates):
+            pool = candidates
+        else:
+            answers = (
+                [r for r, k in zip(refs, types, strict=True) if k == "open"]
+                if candidates is None
+                else candidates
+            )
+            pool = open_candidates(answers, tokenizers)
     rows = []
     with warnings.catch_warnings():
         warnings.filterwarnings(
@@ -540,26 +699,30 @@ def score_samples(
         )
         for i, (pred, ref, kind, lang) in enumerate(zip(preds, refs, types, langs, strict=True)):
             empty = pred is None or not pred.strip()
-            row = _empty_row(i, kind, lang, empty)
-            if not empty:
+            row = _empty_row(i, kind, lang, empty, mode)
+            row["empty_reference"] = not ref.strip()
+            tok = tokenizers[lang]
+            if mode == "llava-med":
+                row.update(_score_llava_med(pred or "", ref, kind, tok, closed_variant, pool))
+            elif not empty:
                 assert pred is not None
-                tok = tokenizers[lang]
-                if mode == "llava-med":
-                    row.update(_score_llava_med(pred, ref, kind, tok, closed_variant))
-                else:
-                    row.update(_score_strict(pred, ref, kind, lang, tok))
+                row.update(_score_strict(pred, ref, kind, lang, tok))
             rows.append(row)
     return rows
 
 
-def _score_llava_med(pred: str, ref: str, kind: str, tok: str, closed_variant: str) -> dict[str, Any]:
+def _score_llava_med(
+    pred: str, ref: str, kind: str, tok: str, closed_variant: str, pool: OpenCandidates | None
+) -> dict[str, Any]:
     p1, r1 = _llava_med_first_pass(pred, tok), _llava_med_first_pass(ref, tok)
     if kind == "closed":
         return {"closed_hit": llava_med_closed_hit(p1, r1, closed_variant)}
-    # EM and F1 normalise their (already normalised) inputs again; BLEU does not.
-    p2, r2 = llava_med_normalize(p1).split(), llava_med_normalize(r1).split()
+    # EM, F1 and open accuracy normalise their (already normalised) inputs again; BLEU does not.
+    p2n, r2n = llava_med_normalize(p1), llava_med_normalize(r1)
+    p2, r2 = p2n.split(), r2n.split()
     f1, precision, recall = llava_med_prf(p2, r2)
     bleu, b1, b2, b3 = llava_med_bleu(p1.split(), r1.split())
+    assert pool is not None
     return {
         "exact_match": llava_med_exact_match(p2, r2),
         "f1": f1,
@@ -569,6 +732,7 @@ def _score_llava_med(pred: str, ref: str, kind: str, tok: str, closed_variant: s
         "bleu_1": b1,
         "bleu_2": b2,
         "bleu_3": b3,
+        OPEN_ACCURACY: float(pool.best(p2) == r2n),
     }
 
 
@@ -595,7 +759,8 @@ def aggregate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Means x 100 of per-sample scores (None where a subset is empty) plus counts.
 
     Means are sum / count * 100, the same arithmetic as run_eval.py. `closed_accuracy` averages
-    the counted closed samples (`n_closed_scored`, which the legacy variant makes smaller).
+    the counted closed samples (`n_closed_scored`, which 'run_eval@ad758b6' makes smaller);
+    `open_accuracy` is None in strict mode.
     """
     open_rows = [s for s in samples if s["answer_type"] == "open"]
     closed = [
@@ -607,9 +772,12 @@ def aggregate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "n_closed": sum(1 for s in samples if s["answer_type"] == "closed"),
         "n_closed_scored": len(closed),
         "n_empty_predictions": sum(1 for s in samples if s["empty_prediction"]),
+        "n_empty_references": sum(1 for s in samples if s.get("empty_reference")),
     }
     for key in METRIC_KEYS:
         out[key] = sum(s[key] for s in open_rows) / len(open_rows) * 100 if open_rows else None
+    hits = [s.get(OPEN_ACCURACY) for s in open_rows]
+    out[OPEN_ACCURACY] = sum(hits) / len(hits) * 100 if hits and None not in hits else None
     out["closed_accuracy"] = sum(closed) / len(closed) * 100 if closed else None
     return out
 
@@ -658,14 +826,18 @@ def score(
     languages: Sequence[str],
     mode: str = "strict",
     tokenizer: str | Mapping[str, str] | None = None,
-    closed_variant: str = "substring",
+    closed_variant: str = DEFAULT_CLOSED_VARIANT,
+    candidates: Sequence[Any] | None = None,
+    candidates_label: str | None = None,
 ) -> dict[str, Any]:
     """Score a prediction set: mode, tokenizer, variants, counts, means x 100 and sacreBLEU.
 
     `languages` holds 'zh', 'en' or 'auto' (detected from the reference) per sample;
-    `answer_types` holds OPEN / CLOSED. sacreBLEU is computed over open questions.
+    `answer_types` holds OPEN / CLOSED. sacreBLEU is computed over open questions. In llava-med
+    mode `candidates` is the open-accuracy candidate set (None = the open references of this
+    set); `candidates_label` says where it came from in the output.
     """
-    samples = score_samples(preds, refs, answer_types, languages, mode, tokenizer, closed_variant)
+    samples = score_samples(preds, refs, answer_types, languages, mode, tokenizer, closed_variant, candidates)
     tokenizers = resolve_tokenizers(mode, tokenizer)
     result: dict[str, Any] = {
         "mode": mode,
@@ -674,6 +846,16 @@ def score(
         "closed_variant": closed_variant if mode == "llava-med" else "strict",
         "closed_rule": CLOSED_DESCRIPTIONS[closed_variant if mode == "llava-med" else "strict"],
     }
+    if mode == "llava-med":
+        n_cand = (
+            len(candidates)
+            if candidates is not None
+            else sum(1 for s in samples if s["answer_type"] == "open")
+        )
+        where = candidates_label or (
+            "given list" if candidates is not None else "the open references of this set"
+        )
+        result["open_accuracy_candidates"] = f"{where} ({n_cand} answers)"
     result.update(aggregate(samples))
     open_idx = [s["index"] for s in samples if s["answer_type"] == "open"]
     result.update(

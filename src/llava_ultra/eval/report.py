@@ -6,8 +6,10 @@ dict), `render_report` (that dict -> `report.md`), `compare_table` / `render_com
 runs -> one table shaped like the paper's Table 2), and reading/writing those files.
 
 Notable choices:
-- Pairing is by position with ids checked, as LLaVA-Med's `run_eval.py` does; a length or id
-  mismatch raises naming the first mismatching record instead of scoring shifted pairs.
+- Predictions pair with ground truth by question id, never by position: a reordered, merged or
+  partly skipped predictions file scores the same pairs. A ground-truth sample without a
+  prediction, a duplicate id, or a prediction without a ground-truth sample (unless the caller
+  allows those, e.g. after skipping malformed ground truth or with --limit) raises naming it.
 - The live run and `llava-ultra score` both go through `score_run` on the same records, so a
   re-score reproduces the live numbers exactly (pinned by a test).
 - Overall numbers are `metrics.score`'s output unchanged (mode, tokenizer, BLEU variant and
@@ -38,7 +40,7 @@ SCORES_NAME = "scores.json"
 REPORT_NAME = "report.md"
 PER_SAMPLE_NAME = "per_sample.jsonl"
 
-METRICS = (*metrics.METRIC_KEYS, "closed_accuracy")
+METRICS = (*metrics.METRIC_KEYS, metrics.OPEN_ACCURACY, "closed_accuracy")
 METRIC_LABELS = {
     "exact_match": "EM",
     "f1": "F1",
@@ -48,6 +50,7 @@ METRIC_LABELS = {
     "bleu_1": "BLEU-1",
     "bleu_2": "BLEU-2",
     "bleu_3": "BLEU-3",
+    metrics.OPEN_ACCURACY: "Open acc",
     "closed_accuracy": "Closed acc",
 }
 SUBSETS = ("language", "modality", "answer_type", "question_type", "site", "k", "dataset")
@@ -79,34 +82,60 @@ def subset_value(sample: Mapping[str, Any], dimension: str) -> str | None:
 # ------------------------------------------------------------------------------------ pairing
 
 
-def check_pairs(predictions: Sequence[Mapping[str, Any]], ground_truth: Sequence[Mapping[str, Any]]) -> None:
-    """Predictions pair with ground truth by position; raise DataError at the first mismatch.
+def pair_by_id(
+    predictions: Sequence[Mapping[str, Any]],
+    ground_truth: Sequence[Mapping[str, Any]],
+    allow_unpaired: bool = False,
+) -> tuple[list[Mapping[str, Any]], int]:
+    """(the prediction of each ground-truth sample, in ground-truth order; predictions left over).
 
-    Ids are compared first (so a shifted file names the first shifted record), then lengths.
+    Pairs by `question_id` == ground-truth `id` (compared as strings). Raises DataError for a
+    prediction without question_id, a duplicate id on either side, a ground-truth sample
+    without a prediction, and, unless `allow_unpaired`, a prediction without a ground-truth sample.
     """
-    for i, (pred, gt) in enumerate(zip(predictions, ground_truth, strict=False)):
+    by_id: dict[str, int] = {}
+    for i, pred in enumerate(predictions):
         if not isinstance(pred, Mapping) or "question_id" not in pred:
             raise DataError(
                 f"prediction record {i} has no question_id; each line must be a JSON object with "
                 "question_id and text (LLaVA-Med answer format)"
             )
-        if str(pred["question_id"]) != str(gt.get("id")):
+        key = str(pred["question_id"])
+        if key in by_id:
             raise DataError(
-                f"record {i}: prediction question_id {pred['question_id']!r} does not match ground-truth "
-                f"id {gt.get('id')!r}; predictions must follow the ground-truth order (same file, split "
-                "and language filter)"
+                f"prediction records {by_id[key]} and {i} both answer question_id {pred['question_id']!r}; "
+                "keep one answer per question (merge shards once, or regenerate)"
             )
-    if len(predictions) != len(ground_truth):
-        i = min(len(predictions), len(ground_truth))
-        extra = (
-            f"ground truth [{i}] id={ground_truth[i].get('id')!r} has no prediction"
-            if len(predictions) < len(ground_truth)
-            else f"prediction [{i}] question_id={predictions[i].get('question_id')!r} has no ground truth"
-        )
+        by_id[key] = i
+    gt_ids: dict[str, int] = {}
+    for j, gt in enumerate(ground_truth):
+        key = str(gt.get("id"))
+        if key in gt_ids:
+            raise DataError(
+                f"ground-truth samples [{gt_ids[key]}] and [{j}] share id {gt.get('id')!r}; "
+                "ids must be unique to pair predictions with them"
+            )
+        gt_ids[key] = j
+    missing = [j for j, gt in enumerate(ground_truth) if str(gt.get("id")) not in by_id]
+    if missing:
+        j = missing[0]
         raise DataError(
-            f"{len(predictions)} predictions but {len(ground_truth)} ground-truth samples; first "
-            f"mismatch: {extra}. Score against the data the predictions were made on"
+            f"{len(predictions)} predictions but {len(ground_truth)} ground-truth samples: {len(missing)} "
+            f"ground-truth sample(s) have no prediction, first: ground truth [{j}] "
+            f"id={ground_truth[j].get('id')!r}. Score against the data the predictions were made on "
+            "(same file, split and language filter), or pass --limit N for a partial run"
         )
+    extra = [i for i, p in enumerate(predictions) if str(p["question_id"]) not in gt_ids]
+    if extra and not allow_unpaired:
+        i = extra[0]
+        raise DataError(
+            f"{len(predictions)} predictions but {len(ground_truth)} ground-truth samples: {len(extra)} "
+            f"prediction(s) have no ground-truth sample, first: prediction [{i}] "
+            f"question_id={predictions[i]['question_id']!r}. Score against the data the predictions were "
+            "made on (same file, split and language filter)"
+        )
+    paired = [predictions[by_id[str(gt.get("id"))]] for gt in ground_truth]
+    return paired, len(extra)
 
 
 def prediction_text(pred: Mapping[str, Any]) -> str | None:
@@ -123,6 +152,8 @@ def prediction_text(pred: Mapping[str, Any]) -> str | None:
 
 
 def _values(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    if key == metrics.OPEN_ACCURACY:
+        return [r[key] * 100.0 for r in rows if r["answer_type"] == "open" and r.get(key) is not None]
     if key == "closed_accuracy":
         return [
             r["closed_hit"] * 100.0
@@ -195,7 +226,10 @@ def score_run(
     *,
     mode: str = "strict",
     tokenizer: str | Mapping[str, str] | None = None,
-    closed_variant: str = "substring",
+    closed_variant: str = metrics.DEFAULT_CLOSED_VARIANT,
+    candidates: Sequence[Any] | None = None,
+    candidates_label: str | None = None,
+    allow_unpaired: bool = False,
     n_boot: int = 1000,
     seed: int = 0,
     run: Mapping[str, Any] | None = None,
@@ -203,16 +237,20 @@ def score_run(
     """Score predictions (LLaVA-Med answer records) against ground-truth eval samples.
 
     Returns (scores, per-sample rows). `scores` = `metrics.score` output + `ci`, `subsets`,
-    `confusion`, `selection` and the `run` description given. Rows carry the sample id, the
-    subset values and the per-sample metrics.
+    `confusion`, `selection`, `n_unpaired_predictions` and the `run` description given. Rows
+    carry the sample id, the subset values and the per-sample metrics. Pairing is by id
+    (`pair_by_id`); `candidates` is llava-med mode's open-accuracy set (None = open references).
     """
-    check_pairs(predictions, ground_truth)
+    predictions, unpaired = pair_by_id(predictions, ground_truth, allow_unpaired)
     preds = [prediction_text(p) for p in predictions]
     refs = [reference(g) for g in ground_truth]
     types = [str(g.get("answer_type") or "OPEN") for g in ground_truth]
     langs = [str(g.get("language") or "auto") for g in ground_truth]
-    scores = metrics.score(preds, refs, types, langs, mode, tokenizer, closed_variant)
-    rows = metrics.score_samples(preds, refs, types, langs, mode, tokenizer, closed_variant)
+    scores = metrics.score(
+        preds, refs, types, langs, mode, tokenizer, closed_variant, candidates, candidates_label
+    )
+    rows = metrics.score_samples(preds, refs, types, langs, mode, tokenizer, closed_variant, candidates)
+    scores["n_unpaired_predictions"] = unpaired
     scores["ci"] = confidence_intervals(rows, n_boot, seed)
     scores["bootstrap"] = {"resamples": n_boot, "seed": seed, "level": 0.95, "kind": "percentile"}
 
@@ -252,7 +290,14 @@ def score_run(
     per_sample = []
     for row, pred, gt in zip(rows, predictions, ground_truth, strict=True):
         out = {"id": gt.get("id"), **{d: subset_value(gt, d) for d in SUBSETS}}
-        out.update({k: row[k] for k in (*metrics.METRIC_KEYS, "closed_hit", "empty_prediction")})
+        keys = (
+            *metrics.METRIC_KEYS,
+            metrics.OPEN_ACCURACY,
+            "closed_hit",
+            "empty_prediction",
+            "empty_reference",
+        )
+        out.update({k: row[k] for k in keys})
         out["selected"] = pred.get("selected")
         per_sample.append(out)
     return scores, per_sample
@@ -338,8 +383,21 @@ def render_report(scores: Mapping[str, Any]) -> str:
         f"- closed questions: {scores['closed_rule']}",
         f"- samples: {scores['n']} ({scores['n_open']} open, {scores['n_closed']} closed, "
         f"{scores['n_closed_scored']} closed scored); empty predictions: {scores['n_empty_predictions']} "
-        "(scored as 0)",
+        + (
+            "(scored as the text '', as LLaVA-Med does)" if scores["mode"] == "llava-med" else "(scored as 0)"
+        ),
     ]
+    if scores.get("n_empty_references"):
+        lines.append(
+            f"- empty reference answers: {scores['n_empty_references']} (scored like any other answer, as "
+            "LLaVA-Med v1.0.0 does: an empty reference is a substring of every prediction)"
+        )
+    if scores.get("open_accuracy_candidates"):
+        lines.append(f"- open accuracy candidates: {scores['open_accuracy_candidates']}")
+    if scores.get("n_unpaired_predictions"):
+        lines.append(
+            f"- predictions without a ground-truth sample (left out): {scores['n_unpaired_predictions']}"
+        )
     if run.get("bad_records") is not None:
         lines.append(f"- ground-truth records skipped as malformed: {run['bad_records']}")
     if run.get("failed_samples"):

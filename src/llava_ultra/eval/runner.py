@@ -50,6 +50,8 @@ from typing import Any
 
 from ..config import TEMPLATES
 from ..errors import ConfigError, DataError
+from . import llava_med_files
+from .llava_med_files import read_text_file
 from .report import score_run, write_scores
 
 PREDICTIONS_NAME = "predictions.jsonl"
@@ -66,8 +68,12 @@ class EvalSettings:
     """Metric mode: 'strict' or 'llava-med' (see docs/metrics.md)."""
     metric_tokenizer: str | None = None
     """Override the mode's metric tokenizer for all languages: 'whitespace', 'jieba' or 'char'."""
-    closed_variant: str = "substring"
-    """llava-med mode only: 'substring' or 'legacy' closed-question rule."""
+    closed_variant: str = "run_eval@b9a98a7"
+    """llava-med mode only: the closed-question rule, named by the LLaVA-Med file and commit it
+    reproduces ('run_eval@b9a98a7' = v1.0.0, 'run_eval@ad758b6', 'run_eval_batch@ad758b6')."""
+    candidates: str | None = None
+    """llava-med mode only: LLaVA-Med candidate file ({"0": [answers]}) for open accuracy;
+    None = the open reference answers of the scored set."""
     batch_size: int = 8
     """Samples per generate call."""
     max_new_tokens: int = 128
@@ -102,11 +108,13 @@ class EvalSettings:
     """Draw the PNG plots."""
 
     def __post_init__(self) -> None:
-        from .metrics import CLOSED_VARIANTS, MODES, TOKENIZERS
+        from .metrics import MODES, TOKENIZERS, check_closed_variant
 
+        check_closed_variant(self.closed_variant)
+        if self.mode != "llava-med" and self.candidates is not None:
+            raise ConfigError("eval candidates (open accuracy) apply to --mode llava-med only")
         choices = {
             "mode": (self.mode, MODES),
-            "closed_variant": (self.closed_variant, CLOSED_VARIANTS),
             "shard": (self.shard, SHARD_STRATEGIES),
             "template": (self.template, TEMPLATES),
         }
@@ -194,19 +202,18 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"predictions file {path} not found; pass predictions.jsonl from `llava-ultra eval`")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{line_no}: not valid JSON ({exc.msg}); fix or regenerate the line"
-                ) from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    for line_no, line in enumerate(read_text_file(path, "predictions file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{line_no}: not valid JSON ({exc.msg}); fix or regenerate the line"
+            ) from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
     return records
 
 
@@ -494,17 +501,11 @@ def score_and_write(
     out: Path,
     settings: EvalSettings,
     run: dict[str, Any],
+    allow_unpaired: bool = False,
 ) -> dict[str, Any]:
     """Score, draw the plots, and write scores.json / per_sample.jsonl / report.md into `out`."""
     scores, per_sample = score_run(
-        predictions,
-        ground_truth,
-        mode=settings.mode,
-        tokenizer=settings.metric_tokenizer,
-        closed_variant=settings.closed_variant,
-        n_boot=settings.bootstrap,
-        seed=settings.seed,
-        run=run,
+        predictions, ground_truth, **_score_options(settings), allow_unpaired=allow_unpaired, run=run
     )
     if settings.plots:
         from .plots import write_plots
@@ -514,40 +515,69 @@ def score_and_write(
     return scores
 
 
+def _score_options(settings: EvalSettings) -> dict[str, Any]:
+    candidates = label = None
+    if settings.candidates is not None:
+        candidates = llava_med_files.read_candidates(settings.candidates)
+        label = f"candidate file {settings.candidates}"
+    return {
+        "mode": settings.mode,
+        "tokenizer": settings.metric_tokenizer,
+        "closed_variant": settings.closed_variant,
+        "candidates": candidates,
+        "candidates_label": label,
+        "n_boot": settings.bootstrap,
+        "seed": settings.seed,
+    }
+
+
+def _native_ground_truth(data: str) -> Path | None:
+    """The path of a LLaVA-Med ground-truth file named by `data` ('llava-med:PATH', or a bare
+    .json/.jsonl path in LLaVA-Med's format), else None."""
+    scheme, sep, rest = data.partition(":")
+    if sep and scheme.strip().lower() == llava_med_files.SCHEME:
+        return Path(rest)
+    return Path(data) if llava_med_files.looks_like_llava_med(data) else None
+
+
 def rescore(
     predictions_path: str | Path,
     data: str,
     settings: EvalSettings | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Score saved predictions against a dataset spec / eval JSON without the model.
+    """Score saved predictions against a dataset spec / eval JSON / LLaVA-Med ground-truth file
+    without the model. Predictions pair with ground truth by question id.
 
     The run description (model, decoding) comes from run.json beside the predictions when there
     is one. With `out_dir`, writes scores.json / per_sample.jsonl / report.md / plots there
     (replacing earlier scores in that folder: re-scoring a run in another mode is a normal use).
+    Predictions without a ground-truth sample are left out (and counted) only when ground truth
+    was cut by `limit` or malformed records were skipped; otherwise they are an error.
     """
     settings = settings or EvalSettings()
     pred_path = Path(predictions_path)
     predictions = read_predictions(pred_path)
     run_file = (pred_path if pred_path.is_dir() else pred_path.parent) / RUN_NAME
     run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.is_file() else {}
-    # skip at least the malformed records the eval run skipped, so both sides pair the same ones
-    recorded = float(run.get("settings", {}).get("max_bad_fraction", 0.0) or 0.0)
-    allowed = max(settings.max_bad_fraction, recorded)
-    ground_truth, bad = load_ground_truth(data, max_bad_fraction=allowed)
+    native = _native_ground_truth(data)
+    if native is not None:
+        ground_truth, bad = llava_med_files.read_ground_truth(native), []
+    else:
+        # skip at least the malformed records the eval run skipped, so both sides pair the same ones
+        recorded = float(run.get("settings", {}).get("max_bad_fraction", 0.0) or 0.0)
+        allowed = max(settings.max_bad_fraction, recorded)
+        ground_truth, bad = load_ground_truth(data, max_bad_fraction=allowed)
+    cut = settings.limit is not None and settings.limit < len(ground_truth)
     if settings.limit is not None:
         ground_truth = ground_truth[: settings.limit]
     run.update({"data": data, "rescored_from": str(pred_path), "bad_records": len(bad)})
+    if native is not None:
+        run["ground_truth_format"] = "LLaVA-Med (id, image, conversations, answer_type)"
+    allow_unpaired = cut or bool(bad)
     if out_dir is None:
         scores, _ = score_run(
-            predictions,
-            ground_truth,
-            mode=settings.mode,
-            tokenizer=settings.metric_tokenizer,
-            closed_variant=settings.closed_variant,
-            n_boot=settings.bootstrap,
-            seed=settings.seed,
-            run=run,
+            predictions, ground_truth, **_score_options(settings), allow_unpaired=allow_unpaired, run=run
         )
         return scores
-    return score_and_write(predictions, ground_truth, Path(out_dir), settings, run)
+    return score_and_write(predictions, ground_truth, Path(out_dir), settings, run, allow_unpaired)

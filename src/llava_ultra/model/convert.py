@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import AddedToken
 from transformers import (
     CONFIG_MAPPING,
@@ -62,8 +62,9 @@ from ..errors import CheckpointError, ConfigError
 from .fusion import Fusion
 from .lora import TrainabilityConfig, write_checkpoint
 from .selector import Selector
-from .tokenizer import load_tokenizer
+from .tokenizer import load_tokenizer, prefix_scheme, set_prefix_scheme, tokenizer_image_token_ids
 from .ultra import LLAVA_HF_KEY_MAP, UltraModel, check_state_dict, map_keys, model_config_from_llava_hf
+from .weights import read_safetensors_file
 
 SOURCES = ("llava", "llava-med", "llava-hf", "sam")
 CONFIG_JUNK = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "auto_map")
@@ -78,6 +79,26 @@ LLAVA_ONLY_KEYS = (
 )
 TEMPLATE_FOR_FAMILY = {"llama": "vicuna_v1", "mistral": "mistral_instruct"}
 ASPECT = {"pad": "pad", None: "crop", "square": "crop"}  # LLaVA without 'pad': CLIP's resize + centre crop
+PROCESSOR_NAME = "preprocessor_config.json"
+COMBINED_PROCESSOR_NAME = "processor_config.json"
+# image processors whose pipeline we reproduce: [pad to square] -> resize -> centre crop -> rescale -> normalise
+CLIP_PROCESSORS = (
+    "CLIPImageProcessor",
+    "CLIPImageProcessorFast",
+    "CLIPImageProcessorPil",
+    "CLIPFeatureExtractor",
+)
+LLAVA_PROCESSORS = ("LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil")
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+CLIP_DEFAULTS = {
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+# Original-LLaVA towers by their hub id (config.json `mm_vision_tower`): what a --vision-tower must match
+KNOWN_TOWERS = {
+    "openai/clip-vit-large-patch14-336": {"hidden_size": 1024, "image_size": 336, "patch_size": 14},
+    "openai/clip-vit-large-patch14": {"hidden_size": 1024, "image_size": 224, "patch_size": 14},
+}
 # New modules a conversion may initialise (never the CLIP projector: a missing one is an error).
 NEW_PREFIXES = ("fusion.sam_projector.", "fusion.alpha_logit", "fusion.align.", "selector.")
 SETTABLE = ("fusion.", "selector.", "dtype")
@@ -125,6 +146,10 @@ class ConvertSummary:
     """Keys of freshly initialised new modules (SAM projector, fusion weight, selector)."""
     ignored: int = 0
     """Legacy buffers in the source that the model recomputes (rotary inv_freq, CLIP position_ids)."""
+    preprocessing: str | None = None
+    """The image preprocessing recorded in the checkpoint, in words."""
+    tokenizer_note: str | None = None
+    """What was done to keep the source's tokenisation (sentencepiece prefix scheme)."""
 
     def render(self) -> str:
         lines = [f"converted {self.source} ({self.kind}) -> {self.out}: {self.tensors} tensors"]
@@ -134,6 +159,10 @@ class ConvertSummary:
             how = "added to the tokenizer" if self.added_image_token else "already in the tokenizer"
             grew = ", embeddings grew by one row (mean init)" if self.grew_vocab else ""
             lines.append(f"  image token <image> = id {self.image_token_id} ({how}{grew})")
+        if self.preprocessing:
+            lines.append(f"  image preprocessing: {self.preprocessing}")
+        if self.tokenizer_note:
+            lines.append(f"  tokenizer: {self.tokenizer_note}")
         if self.ignored:
             lines.append(f"  skipped {self.ignored} legacy buffers (rotary inv_freq / position_ids)")
         if self.initialised:
@@ -167,8 +196,10 @@ def torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    """One weights file: .safetensors, or a pickled .bin / .pt / .pth."""
-    return load_file(str(path)) if path.suffix == ".safetensors" else torch_load(path)
+    """One weights file: .safetensors, or a pickled .bin / .pt / .pth; damaged files raise CheckpointError."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is missing; copy it into the folder")
+    return read_safetensors_file(path) if path.suffix == ".safetensors" else torch_load(path)
 
 
 def has_weights(folder: Path) -> bool:
@@ -181,6 +212,24 @@ def has_weights(folder: Path) -> bool:
     return any((folder / n).is_file() for n in names)
 
 
+def _shards(index_path: Path) -> list[str]:
+    """The shard file names an .index.json lists, each checked to exist."""
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(
+            f"{index_path} has no weight_map (tensor name -> shard file); re-download the index file"
+        )
+    shards = sorted(set(map(str, weight_map.values())))
+    missing = [s for s in shards if not (index_path.parent / s).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index_path} lists {len(shards)} shard(s) but {len(missing)} are missing from "
+            f"{index_path.parent}: {', '.join(missing)}; download or copy every shard the index names"
+        )
+    return shards
+
+
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a transformers-style folder: safetensors or pytorch_model*.bin, single or sharded."""
     folder = Path(folder)
@@ -191,7 +240,7 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         if (folder / single).is_file():
             return read_tensor_file(folder / single)
         if (folder / index).is_file():
-            shards = sorted(set(_read_json(folder / index)["weight_map"].values()))
+            shards = _shards(folder / index)
             return {k: v for shard in shards for k, v in read_tensor_file(folder / shard).items()}
     raise CheckpointError(
         f"{folder} has no model weights (model.safetensors, pytorch_model.bin or their .index.json shards)"
@@ -413,6 +462,89 @@ def _tokenizer(folders: Sequence[Path]) -> PreTrainedTokenizerBase:
     )
 
 
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _pair(value: Any, key: str) -> int | None:
+    """An image processor size field ({"shortest_edge": n} / {"height": n, "width": n} / n) as one int."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if key in value:
+            return int(value[key])
+        if value.get("height") == value.get("width") and value.get("height") is not None:
+            return int(value["height"])
+    return None
+
+
+def preprocessing_from_processor(
+    pp: dict[str, Any], image_size: int, where: str, aspect: str | None = None
+) -> dict[str, Any]:
+    """VisionConfig fields reproducing an image processor config (`preprocessor_config.json`).
+
+    Supported: CLIPImageProcessor (and transformers' LlavaImageProcessor, whose `do_pad` is LLaVA's
+    expand2square) with resize of the shortest edge to the tower's image_size, centre crop to the
+    same size, rescale by 1/255 and normalisation. `aspect` is the original LLaVA
+    `image_aspect_ratio` ('pad' puts expand2square in front); None = the processor alone.
+    Anything else raises ConfigError naming the field.
+    """
+    kind = pp.get("image_processor_type") or pp.get("feature_extractor_type")
+    if kind not in CLIP_PROCESSORS + LLAVA_PROCESSORS:
+        raise ConfigError(
+            f"{where}: image_processor_type={kind!r} is not supported; llava-ultra reproduces "
+            f"{', '.join(CLIP_PROCESSORS[:1] + LLAVA_PROCESSORS[:1])} (shortest-edge resize, centre crop, "
+            "rescale, normalise)"
+        )
+    shortest = _pair(pp.get("size", {"shortest_edge": 224}), "shortest_edge")
+    crop = _pair(pp.get("crop_size", {"height": 224, "width": 224}), "height")
+    problems = []
+    if not pp.get("do_resize", True) or not isinstance(pp.get("size", {"shortest_edge": 0}), (dict, int)):
+        problems.append(f"do_resize={pp.get('do_resize')!r}")
+    elif isinstance(pp.get("size"), dict) and "shortest_edge" not in pp["size"]:
+        problems.append(f"size={pp['size']!r} (only {{'shortest_edge': {image_size}}} is supported)")
+    if shortest != image_size:
+        problems.append(f"size shortest_edge={shortest} (the tower's image_size is {image_size})")
+    if not pp.get("do_center_crop", True) or crop != image_size:
+        problems.append(f"do_center_crop={pp.get('do_center_crop', True)}, crop_size={pp.get('crop_size')!r}")
+    if not pp.get("do_rescale", True) or not math.isclose(pp.get("rescale_factor", 1 / 255), 1 / 255):
+        problems.append(f"do_rescale={pp.get('do_rescale', True)}, rescale_factor={pp.get('rescale_factor')}")
+    if not pp.get("do_normalize", True):
+        problems.append("do_normalize=false")
+    resample = pp.get("resample", 3)
+    if resample not in PIL_RESAMPLE:
+        problems.append(f"resample={resample!r} (use a PIL filter code 0-5)")
+    if problems:
+        raise ConfigError(
+            f"{where}: {'; '.join(problems)}: this preprocessing is not supported; llava-ultra reproduces "
+            f"resize of the shortest edge to {image_size}, a centre crop to {image_size} x {image_size}, "
+            "rescale by 1/255 and normalisation"
+        )
+    if kind in LLAVA_PROCESSORS and pp.get("do_pad"):
+        aspect = "pad"
+    return {
+        "image_aspect_ratio": "pad" if aspect == "pad" else "crop",
+        "resize": "shortest_edge_crop",
+        "resample": PIL_RESAMPLE[resample],
+        "pad_colour": "truncate",
+        "image_mean": list(pp.get("image_mean", CLIP_DEFAULTS["image_mean"])),
+        "image_std": list(pp.get("image_std", CLIP_DEFAULTS["image_std"])),
+    }
+
+
+def _processor_config(folder: Path) -> tuple[dict[str, Any], str] | tuple[None, None]:
+    """(image processor config, where it was read) from `preprocessor_config.json`, or from the
+    "image_processor" entry of `processor_config.json` (how transformers 5 saves a processor)."""
+    path = folder / PROCESSOR_NAME
+    if path.is_file():
+        return _read_json(path), str(path)
+    combined = folder / COMBINED_PROCESSOR_NAME
+    if combined.is_file():
+        nested = _read_json(combined).get("image_processor")
+        if isinstance(nested, dict):
+            return nested, f"{combined} (image_processor)"
+    return None, None
+
+
 # --------------------------------------------------------------------------- original LLaVA
 
 
@@ -531,6 +663,92 @@ def merge_lora_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
         state[target] = (weight.float() + scale * delta.reshape(weight.shape)).to(weight.dtype)
 
 
+def _check_tower(
+    src: Path,
+    fields: LlavaFields,
+    clip: CLIPVisionConfig,
+    tower: str,
+    state: dict[str, torch.Tensor],
+    in_ckpt: bool,
+) -> None:
+    """The CLIP tower must be the one the projector was trained on: width (mm_hidden_size and the
+    projector's input), image and patch size (the checkpoint's own tower weights, or the tower its
+    config.json names when that is a known hub id)."""
+    if fields.mm_hidden_size is not None and fields.mm_hidden_size != clip.hidden_size:
+        raise ConfigError(
+            f"{src}/config.json has mm_hidden_size={fields.mm_hidden_size} but the CLIP tower {tower!r} has "
+            f"hidden_size={clip.hidden_size}; pass the tower the checkpoint was trained with"
+        )
+    first = state.get("model.mm_projector.0.weight", state.get("model.mm_projector.weight"))
+    if first is not None and first.shape[-1] != clip.hidden_size:
+        raise ConfigError(
+            f"{src}: the projector takes {first.shape[-1]}-wide features but the CLIP tower {tower!r} has "
+            f"hidden_size={clip.hidden_size}; pass the tower the checkpoint was trained with"
+        )
+    got = {"hidden_size": clip.hidden_size, "image_size": clip.image_size, "patch_size": clip.patch_size}
+    prefix = "model.vision_tower.vision_tower.vision_model.embeddings."
+    if in_ckpt:
+        patch = state.get(prefix + "patch_embedding.weight")  # (D, 3, P, P)
+        pos = state.get(prefix + "position_embedding.weight")  # ((S / P) ** 2 + 1, D)
+        if patch is not None and pos is not None:
+            p = patch.shape[-1]
+            have = {
+                "hidden_size": patch.shape[0],
+                "image_size": round(math.sqrt(pos.shape[0] - 1)) * p,
+                "patch_size": p,
+            }
+            if have != got:
+                raise ConfigError(
+                    f"{src} holds a CLIP tower with {_sizes(have)} but the tower config {tower!r} says "
+                    f"{_sizes(got)}; pass --vision-tower with the config of the tower in the checkpoint"
+                )
+        return
+    named = KNOWN_TOWERS.get(fields.vision_tower or "")
+    if named is not None and named != got:
+        raise ConfigError(
+            f"--vision-tower {tower!r} has {_sizes(got)} but {src}/config.json was trained with mm_vision_tower="
+            f"{fields.vision_tower!r} ({_sizes(named)}), and the checkpoint holds no tower weights: pass a local "
+            f"copy of {fields.vision_tower}"
+        )
+
+
+def _sizes(d: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items())
+
+
+def _describe_preprocessing(pre: dict[str, Any], side: int, where: str) -> str:
+    steps = []
+    if pre["image_aspect_ratio"] == "pad":
+        steps.append("pad to a square with int(mean * 255) (LLaVA's expand2square)")
+    steps.append(f"{pre['resample']} resize of the shortest edge to {side}, centre crop {side} x {side}")
+    return ", ".join(steps) + f", rescale 1/255, normalise (from {where})"
+
+
+def _llava_tokenisation(tokenizer: PreTrainedTokenizerBase, src: Path) -> str | None:
+    """Make our whole-prompt tokenisation give LLaVA's `tokenizer_image_token` ids; say what was done."""
+    note = None
+    if prefix_scheme(tokenizer) is not None:
+        before = prefix_scheme(tokenizer)
+        set_prefix_scheme(tokenizer, "always")
+        note = (
+            "sentencepiece-style (Metaspace): every piece after <image> gets the '▁' prefix, as LLaVA's "
+            f"tokenizer_image_token gives it (prefix scheme 'always', legacy=true; the source loaded as {before!r})"
+        )
+    probe = (
+        "A chat. USER: <image>\nWhat is shown? ASSISTANT: The liver.</s>USER: <image>\nAnd here? ASSISTANT:"
+    )
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    ours = [-200 if i == image_id else i for i in tokenizer(probe).input_ids]
+    theirs = tokenizer_image_token_ids(tokenizer, probe)
+    if ours != theirs:
+        raise ConfigError(
+            f"{src}: the tokenizer ({type(tokenizer).__name__}) splits prompts differently from LLaVA's "
+            f"tokenizer_image_token ({len(ours)} vs {len(theirs)} ids on a probe prompt); convert with a "
+            "LLaMA/Mistral sentencepiece or byte-level BPE tokenizer"
+        )
+    return note
+
+
 def convert_llava(
     src: str | Path,
     out: str | Path,
@@ -623,11 +841,15 @@ def convert_llava(
         raise CheckpointError(
             f"the CLIP tower {tower!r} could not be loaded ({exc}); pass --vision-tower with a local CLIP folder"
         ) from exc
-    if fields.mm_hidden_size is not None and fields.mm_hidden_size != clip_config.hidden_size:
-        raise ConfigError(
-            f"{src}/config.json has mm_hidden_size={fields.mm_hidden_size} but the CLIP tower {tower!r} has "
-            f"hidden_size={clip_config.hidden_size}; pass the tower the checkpoint was trained with"
-        )
+    _check_tower(src, fields, clip_config, tower, state, in_ckpt)
+    tower_folder = Path(tower)
+    pp, where = _processor_config(tower_folder) if tower_folder.is_dir() else (None, None)
+    side = clip_config.image_size
+    if pp is None:  # what LLaVA's CLIPImageProcessor.from_pretrained(mm_vision_tower) holds for CLIP towers
+        pp = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": side}}
+        pp |= {"crop_size": {"height": side, "width": side}, "resample": 3, **CLIP_DEFAULTS}
+        where = f"CLIPImageProcessor defaults for {tower!r} (no {PROCESSOR_NAME} in it)"
+    preprocess = preprocessing_from_processor(pp, side, where, aspect=fields.aspect)
     key_map = LLAVA_KEY_MAP | PROJECTOR_KEY_MAPS[fields.projector_type]
     state = map_keys(state, key_map)
 
@@ -635,6 +857,8 @@ def convert_llava(
     summary = ConvertSummary(out=Path(out), source=f"{source} {src}", kind=kind, tensors=0)
     tokenizer = _tokenizer([src] + ([Path(base)] if base is not None else []))
     token_id = _with_image_token(tokenizer, state, llm, summary)
+    summary.tokenizer_note = _llava_tokenisation(tokenizer, src)
+    summary.preprocessing = _describe_preprocessing(preprocess, side, where)
     cfg_dict: dict[str, Any] = {
         "vision": {
             "inline": _clean(clip_config.to_diff_dict()),
@@ -642,7 +866,7 @@ def convert_llava(
             "select_feature": fields.select_feature,
             "image_size": clip_config.image_size,
             "patch_size": clip_config.patch_size,
-            "image_aspect_ratio": fields.aspect,
+            **preprocess,
             "origin": tower,
         },
         "sam": {"enabled": False},
@@ -676,11 +900,27 @@ def convert_llava_hf(
             f"{src}: config.json says image_token_index={cfg.image_token_id} but the tokenizer maps "
             f"{cfg.image_token!r} to {token_id}; fix one of them"
         )
+    pp, where = _processor_config(src)
+    if pp is None:
+        raise CheckpointError(
+            f"{src} has no {PROCESSOR_NAME} (nor a {COMBINED_PROCESSOR_NAME} with an image_processor): the image "
+            f"preprocessing the model was trained with is unknown; copy the model's {PROCESSOR_NAME} (from its "
+            "hub page) into the folder"
+        )
+    preprocess = preprocessing_from_processor(pp, cfg.vision.image_size, where)
     cfg_dict = to_dict(dataclasses.replace(cfg, template=template or "vicuna_v1"))
+    cfg_dict["vision"].update(preprocess)
     cfg_dict["vision"]["origin"] = cfg_dict["llm"]["origin"] = str(src)
     summary = ConvertSummary(
         out=Path(out), source=f"llava-hf {src}", kind="llava-hf", tensors=0, image_token_id=token_id
     )
+    summary.preprocessing = _describe_preprocessing(preprocess, cfg.vision.image_size, where)
+    scheme = prefix_scheme(tokenizer)
+    if scheme is not None:  # keep what LlavaProcessor does with this tokenizer through our save / load
+        set_prefix_scheme(tokenizer, scheme)
+        summary.tokenizer_note = (
+            f"sentencepiece-style (Metaspace), prefix scheme {scheme!r} kept as in the source"
+        )
     if sam is not None:
         _inject_sam(cfg_dict, state, sam)
     return _finish(cfg_dict, state, tokenizer, Path(out), summary, overrides, str(src))

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
@@ -64,6 +64,7 @@ from .ultra import (
     read_model_config,
     resolve_dtype,
 )
+from .weights import read_safetensors_file
 
 TRAINABILITY_NAME = "trainability.json"
 ADAPTER_NAME = "adapter_model.safetensors"
@@ -372,7 +373,7 @@ def read_trainability(folder: str | Path) -> TrainabilityConfig:
 def _read_tensors(folder: Path, name: str, required: bool) -> dict[str, torch.Tensor]:
     path = folder / name
     if path.is_file():
-        return load_file(str(path))
+        return read_safetensors_file(path)
     if path.with_suffix(".bin").is_file():
         raise CheckpointError(
             f"{folder} holds {path.with_suffix('.bin').name}, not {name}: llava-ultra checkpoints are "

@@ -19,10 +19,20 @@ Conversation formats (LLaVA's names, `config.TEMPLATES`):
 everything but the assistant's answers (and their end-of-sequence token) in the labels;
 `render_prompt` ends where the assistant's answer starts ("ASSISTANT:" or "[/INST]") for
 generation. `default_template` picks the format to prompt a checkpoint with when the user names none.
+
+Sentencepiece-style (Metaspace) tokenizers of LLaMA / Vicuna / Mistral checkpoints: LLaVA's
+`tokenizer_image_token` splits a prompt at `<image>` and tokenises every piece on its own, so the
+text after the image starts with sentencepiece's "▁" prefix ("\n" after <image> is "▁", "<0x0A>").
+We tokenise the whole prompt with `<image>` as a special token, which gives the same ids only when
+the Metaspace pre-tokenizer prefixes every segment (`prepend_scheme="always"`, transformers'
+`legacy=True`). transformers rebuilds that scheme from the `legacy` flag of tokenizer_config.json
+on every load and does not always write the flag back, so `set_prefix_scheme` sets both, and
+`load_tokenizer` re-applies the saved flag (a save/load round trip keeps the ids).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,13 +92,75 @@ def build_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTra
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
-    """Load a tokenizer saved beside a checkpoint (or any transformers tokenizer folder/hub id)."""
+    """Load a tokenizer saved beside a checkpoint (or any transformers tokenizer folder/hub id).
+
+    A Metaspace tokenizer whose tokenizer_config.json says `legacy: true` gets
+    `prepend_scheme="always"` whatever transformers rebuilt (see the module docstring)."""
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"no tokenizer could be loaded from {folder}: {exc}; save one there with tokenizer.save_pretrained"
         ) from exc
+    scheme = prefix_scheme(tokenizer)
+    config = Path(folder) / "tokenizer_config.json"
+    if scheme is not None:
+        legacy = None
+        if config.is_file():
+            try:
+                legacy = json.loads(config.read_text(encoding="utf-8")).get("legacy")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(
+                    f"{config} is not valid UTF-8 JSON ({exc}); re-save the tokenizer"
+                ) from None
+        # also writes the flag into init_kwargs, which transformers does not: a later save keeps it
+        set_prefix_scheme(tokenizer, "always" if legacy is True else scheme)
+    return tokenizer
+
+
+def _metaspace(tokenizer: PreTrainedTokenizerBase) -> pre_tokenizers.Metaspace | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    return pre if isinstance(pre, pre_tokenizers.Metaspace) else None
+
+
+def prefix_scheme(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """'always', 'first' or 'never' for a sentencepiece-style (Metaspace) tokenizer, else None."""
+    pre = _metaspace(tokenizer)
+    return None if pre is None else str(pre.prepend_scheme)
+
+
+def set_prefix_scheme(tokenizer: PreTrainedTokenizerBase, scheme: str) -> None:
+    """Set a Metaspace tokenizer's prefix scheme, and the `legacy` / `add_prefix_space` flags
+    transformers rebuilds it from on load, so that `save_pretrained` + load keep it."""
+    if scheme not in ("always", "first", "never"):
+        raise ConfigError(f"unknown Metaspace prepend scheme {scheme!r}; use always, first or never")
+    pre = _metaspace(tokenizer)
+    if pre is None:
+        raise ConfigError(
+            f"{type(tokenizer).__name__} has no Metaspace pre-tokenizer; the prefix scheme applies to "
+            "sentencepiece-style (LLaMA / Mistral) tokenizers only"
+        )
+    pre.prepend_scheme = scheme
+    tokenizer.backend_tokenizer.pre_tokenizer = pre
+    tokenizer.legacy = scheme == "always"
+    tokenizer.add_prefix_space = scheme != "never"
+    tokenizer.init_kwargs["legacy"] = scheme == "always"
+    tokenizer.init_kwargs["add_prefix_space"] = scheme != "never"
+
+
+def tokenizer_image_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, image_token: str = IMAGE, image_id: int = -200
+) -> list[int]:
+    """LLaVA's `tokenizer_image_token`: tokenise each piece between `<image>`s on its own (BOS on
+    the first only) and put `image_id` between them; for checking our tokenisation against LLaVA's."""
+    pieces = [tokenizer(piece).input_ids for piece in prompt.split(image_token)]
+    bos = tokenizer.bos_token_id
+    ids = list(pieces[0])
+    for piece in pieces[1:]:
+        ids.append(image_id)
+        ids += piece[1:] if bos is not None and piece[:1] == [bos] else piece
+    return ids
 
 
 # ------------------------------------------------------------------------------- conversations

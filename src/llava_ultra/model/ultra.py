@@ -36,7 +36,7 @@ import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_model
+from safetensors.torch import save_model
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
@@ -72,6 +72,7 @@ from .selector import (
     supervised_loss,
 )
 from .vision import ImageProcessor, build_clip, build_sam, clip_tokens, sam_grid
+from .weights import read_safetensors_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -672,7 +673,7 @@ class UltraModel(nn.Module):
             )
         with no_init_weights():  # every weight is overwritten below; skip the random init
             model = build_model(dataclasses.replace(cfg, dtype="float32"))
-        load_state_dict_strict(model, load_file(str(weights)), source=str(weights))
+        load_state_dict_strict(model, read_safetensors_file(weights), source=str(weights))
         return model.to(device=device or "cpu", dtype=resolve_dtype(cfg.dtype, device))
 
 
@@ -856,10 +857,10 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors_file(single)
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+        return {k: v for shard in shards for k, v in read_safetensors_file(folder / shard).items()}
     raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
 
 
@@ -922,6 +923,13 @@ class NoiseCheck:
     """Greedy answer with the real images."""
     answer_noise: str
     """Greedy answer with noise images."""
+    per_image_diffs: list[float] = field(default_factory=list)
+    """With several images: the largest logit change when only image i is replaced by noise."""
+    images_into_llm: int = 1
+    """How many of the images the model feeds to its LLM (its selector's choice; the others are
+    scored, or skipped, but never seen by the LLM)."""
+    selector: str = ""
+    """The selector setting that decides which images reach the LLM, in words."""
 
 
 def noise_image_check(
@@ -937,8 +945,11 @@ def noise_image_check(
     """Replace `images` by uniform noise of the same sizes and report whether the output changes.
 
     `prompt` is the text the model continues (e.g. `render_prompt(...)`) with one image placeholder;
-    if it has none, one is put in front. A model whose logits do not move ignores its images (a
-    re-initialised or zeroed projector, a vision tower that did not load): `image_matters` is False.
+    if it has none, one is put in front. All images are one study (one sample of k images). A
+    model whose logits do not move ignores its images (a re-initialised or zeroed projector, a
+    vision tower that did not load): `image_matters` is False. With several images each one is
+    also replaced alone (`per_image_diffs`), and `images_into_llm` says how many of them the
+    model's selector passes to the LLM: an image the selector leaves out changes nothing.
     """
     if not images:
         raise DataError("noise_image_check needs at least one image")
@@ -946,23 +957,37 @@ def noise_image_check(
         prompt = f"{model.config.image_token}\n{prompt}"
     rng = np.random.default_rng(seed)
     noise = [Image.fromarray(rng.integers(0, 256, (im.height, im.width, 3), dtype=np.uint8)) for im in images]
-    answers, last_logits = [], []
-    for imgs in (list(images), noise):
+    was_training = model.training
+    model.eval()
+
+    def last_logits(imgs: list[Image.Image]) -> tuple[dict[str, Any], torch.Tensor]:
         batch = model.prepare_inputs(tokenizer, [prompt], [imgs])
-        was_training = model.training
-        model.eval()
         with torch.no_grad():
-            logits = model(**batch).logits[0, -1].float()
-        model.train(was_training)
-        last_logits.append(logits)
+            return batch, model(**batch).logits[0, -1].float()
+
+    answers, logits = [], []
+    for imgs in (list(images), noise):
+        batch, last = last_logits(imgs)
+        logits.append(last)
         answers.append(model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=tokenizer).texts[0])
-    diff = float((last_logits[0] - last_logits[1]).abs().max())
+    per_image = []
+    if len(images) > 1:
+        for i in range(len(images)):
+            one_noised = [noise[j] if j == i else im for j, im in enumerate(images)]
+            per_image.append(float((logits[0] - last_logits(one_noised)[1]).abs().max()))
+    model.train(was_training)
+    diff = float((logits[0] - logits[1]).abs().max())
+    sel = model.config.selector
+    how = f"selector mode {sel.mode!r}" + (f", strategy {sel.none_strategy!r}" if sel.mode == "none" else "")
     return NoiseCheck(
         image_matters=diff > atol,
         max_logit_diff=diff,
         answer_changed=answers[0] != answers[1],
         answer_real=answers[0],
         answer_noise=answers[1],
+        per_image_diffs=per_image,
+        images_into_llm=sel.images_into_llm(len(images)),
+        selector=how,
     )
 
 

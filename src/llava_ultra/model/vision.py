@@ -10,12 +10,18 @@ Shapes (M = images in the batch, all k frames of all samples encoded in one call
 - `sam_grid`: pixels (M, 3, S', S') -> neck output, channels-first (M, C, Gs, Gs). It stays a grid
   because the aligner in fusion.py pools/convolves it onto the CLIP grid before flattening.
 
-Preprocessing is plain PIL + torch (no torchvision). One aspect step is shared by both encoders
-(`pad` to a square with the mean colour as LLaVA v1.5 does, `crop` centre-square, or `resize`), so
-that CLIP's and SAM's token grids cover the same pixels and can be fused token by token. Then CLIP
-gets a bicubic resize to its side and CLIP normalisation; SAM gets its longest-side resize, ImageNet
+Preprocessing is plain PIL + numpy + torch (no torchvision). One aspect step is shared by both
+encoders (`pad` to a square with the mean colour as LLaVA v1.5's `expand2square` does, `crop`
+centre-square, or `resize`), so that CLIP's and SAM's token grids cover the same pixels and can be
+fused token by token. Then CLIP gets the resize the checkpoint records (`vision.resize`: the square to
+S x S, or CLIPImageProcessor's shortest-edge resize + centre crop, which with 'crop' replaces the crop
+above so that converted llava-hf and original LLaVA checkpoints see the pixels their own processors
+make) with the recorded PIL filter, and normalisation; SAM gets its longest-side resize, ImageNet
 normalisation and zero padding at the bottom/right (a no-op for the square input, kept so the function
-is SAM's own preprocessing for any input).
+is SAM's own preprocessing for any input). The arithmetic is transformers' image processors': the
+pad colour is `int(mean * 255)` (LLaVA's rule; `pad_colour='round'` for the old one), pixels are
+rescaled as float64 x (1/255) then float32, then (x - mean) / std in float32, so pixels equal
+CLIPImageProcessor's (PIL backend) bit for bit.
 """
 
 from __future__ import annotations
@@ -127,16 +133,35 @@ def sam_grid(model: SamVisionModel, pixels: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------- preprocessing
 
 
-def to_square(image: Image.Image, mode: str, fill: Sequence[float]) -> Image.Image:
-    """Make an RGB image square: 'pad' with the `fill` colour (0-1 floats), 'crop' centre, or 'resize'."""
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+def pad_colour(fill: Sequence[float], rule: str = "truncate") -> tuple[int, ...]:
+    """The 0-255 pad colour of 0-1 `fill`: int(x * 255) (LLaVA's expand2square) or round(x * 255)."""
+    if rule == "truncate":
+        return tuple(int(c * 255) for c in fill)
+    if rule == "round":
+        return tuple(int(round(c * 255)) for c in fill)
+    raise ConfigError(f"unknown pad colour rule {rule!r}; use truncate or round")
+
+
+def to_square(image: Image.Image, mode: str, fill: Sequence[float], rule: str = "truncate") -> Image.Image:
+    """Make an RGB image square: 'pad' with the `fill` colour (0-1 floats, made 0-255 by `rule`) around
+    the centred image (LLaVA's expand2square offsets), 'crop' centre, or 'resize'."""
     image = image.convert("RGB")
     w, h = image.size
     if w == h:
         return image
     side = max(w, h)
     if mode == "pad":
-        colour = tuple(int(round(c * 255)) for c in fill)
-        canvas = Image.new("RGB", (side, side), colour)
+        canvas = Image.new("RGB", (side, side), pad_colour(fill, rule))
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         return canvas
     if mode == "crop":
@@ -149,15 +174,31 @@ def to_square(image: Image.Image, mode: str, fill: Sequence[float]) -> Image.Ima
 
 
 def _normalise(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    tensor = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W)
-    return (tensor - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    # transformers' rescale (float64 x 1/255, then float32) and normalize (float32), bit for bit
+    array = (np.asarray(image, dtype=np.float64) * (1 / 255)).astype(np.float32)  # (H, W, 3)
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def clip_resize(image: Image.Image, cfg: VisionConfig) -> Image.Image:
+    """An RGB image -> S x S by `cfg.resize` with `cfg.resample`: 'square' resizes to S x S;
+    'shortest_edge_crop' is CLIPImageProcessor's: shortest edge to S, the other to
+    int(S * long / short), then the centre S x S crop (top-left at ((H - S) // 2, (W - S) // 2))."""
+    side, resample = cfg.image_size, RESAMPLE[cfg.resample]
+    if cfg.resize == "square":
+        return image.resize((side, side), resample)
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(side * long / short)
+    size = (side, new_long) if w <= h else (new_long, side)
+    resized = image.resize(size, resample)
+    left, top = (size[0] - side) // 2, (size[1] - side) // 2
+    return resized.crop((left, top, left + side, top + side))
 
 
 def clip_pixels(image: Image.Image, cfg: VisionConfig) -> torch.Tensor:
-    """One square RGB image -> (3, S, S) CLIP input: bicubic resize + CLIP normalisation."""
-    side = cfg.image_size
-    return _normalise(image.resize((side, side), Image.Resampling.BICUBIC), cfg.image_mean, cfg.image_std)
+    """One RGB image -> (3, S, S) CLIP input: `clip_resize` + normalisation with the recorded mean/std."""
+    return _normalise(clip_resize(image, cfg), cfg.image_mean, cfg.image_std)
 
 
 def sam_pixels(image: Image.Image, cfg: SamConfig) -> torch.Tensor:
@@ -184,13 +225,17 @@ class ImageProcessor:
     def __call__(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor | None]:
         if not images:
             return {"pixel_values_clip": None, "pixel_values_sam": None}
-        squares = []
+        squares, clip_inputs = [], []
+        v = self.vision
+        # CLIPImageProcessor's crop comes after its resize: 'crop' + 'shortest_edge_crop' leaves it to CLIP
+        clip_crops = v.image_aspect_ratio == "crop" and v.resize == "shortest_edge_crop"
         for i, image in enumerate(images):
             if not isinstance(image, Image.Image):
                 raise DataError(
                     f"image {i} is a {type(image).__name__}, not a PIL image; open it with PIL first"
                 )
-            squares.append(to_square(image, self.vision.image_aspect_ratio, self.vision.image_mean))
-        clip = torch.stack([clip_pixels(im, self.vision) for im in squares])
+            squares.append(to_square(image, v.image_aspect_ratio, v.image_mean, v.pad_colour))
+            clip_inputs.append(image.convert("RGB") if clip_crops else squares[-1])
+        clip = torch.stack([clip_pixels(im, v) for im in clip_inputs])
         sam = torch.stack([sam_pixels(im, self.sam) for im in squares]) if self.sam.enabled else None
         return {"pixel_values_clip": clip, "pixel_values_sam": sam}

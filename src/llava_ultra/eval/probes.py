@@ -301,50 +301,46 @@ def probe_row(sample: Mapping[str, Any], text: str) -> dict[str, Any]:
     }
 
 
-def _pope(labels: np.ndarray, predicted: np.ndarray, answered: np.ndarray) -> dict[str, float | None]:
-    """labels/predicted: 1 = yes; answered: the answer had a yes/no cue. x 100."""
-    n = len(labels)
-    if n == 0:
-        return {k: None for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+def _pope(labels: np.ndarray, predicted: np.ndarray, answered: np.ndarray) -> dict[str, Any]:
+    """POPE figures x 100 along the last axis (so a (resamples, n) stack gives one per resample).
+
+    labels / predicted: True = yes; answered: the answer had a yes/no cue. A figure whose
+    denominator is 0 is NaN.
+    """
+    n = labels.shape[-1]
     yes = predicted & answered
-    tp = float((yes & labels).sum())
-    fp = float((yes & ~labels).sum())
-    fn = float((~yes & labels).sum())
-    correct = float(((predicted == labels) & answered).sum())
-    precision = tp / (tp + fp) if tp + fp else None
-    recall = tp / (tp + fn) if tp + fn else None
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp else (0.0 if fp + fn else None)
-    return {
-        "accuracy": 100.0 * correct / n,
-        "precision": None if precision is None else 100.0 * precision,
-        "recall": None if recall is None else 100.0 * recall,
-        "f1": None if f1 is None else 100.0 * f1,
-        "yes_ratio": 100.0 * float(yes.sum()) / n,
-    }
+    tp = (yes & labels).sum(axis=-1).astype(float)
+    fp = (yes & ~labels).sum(axis=-1).astype(float)
+    fn = (~yes & labels).sum(axis=-1).astype(float)
+    correct = ((predicted == labels) & answered).sum(axis=-1).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "accuracy": 100.0 * correct / n,
+            "precision": 100.0 * tp / (tp + fp),
+            "recall": 100.0 * tp / (tp + fn),
+            "f1": 100.0 * 2 * tp / (2 * tp + fp + fn),
+            "yes_ratio": 100.0 * yes.sum(axis=-1) / n,
+        }
 
 
 def _pope_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
     labels = np.array([r["label"] == "yes" for r in rows], dtype=bool)
     predicted = np.array([r["predicted"] == "yes" for r in rows], dtype=bool)
     answered = np.array([r["predicted"] is not None for r in rows], dtype=bool)
-    out: dict[str, Any] = {
-        "n": len(rows),
-        "n_yes_labels": int(labels.sum()),
-        "unanswered": int((~answered).sum()),
-        **_pope(labels, predicted, answered),
-    }
+    out: dict[str, Any] = {"n": len(rows), "n_yes_labels": int(labels.sum()), "unanswered": int((~answered).sum())}
+    if not rows:
+        out.update(dict.fromkeys(("accuracy", "precision", "recall", "f1", "yes_ratio")), ci={})
+        return out
+    for key, value in _pope(labels, predicted, answered).items():
+        out[key] = None if np.isnan(value) else float(value)
     ci: dict[str, list[float] | None] = {}
-    if rows and n_boot > 0:
+    if n_boot > 0:
         rng = np.random.default_rng(seed)
-        draws: dict[str, list[float]] = {k: [] for k in ("accuracy", "f1", "yes_ratio")}
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(rows), size=len(rows))
-            res = _pope(labels[idx], predicted[idx], answered[idx])
-            for k in draws:
-                if res[k] is not None:
-                    draws[k].append(res[k])
-        for k, vals in draws.items():
-            ci[k] = [float(x) for x in np.quantile(vals, [0.025, 0.975])] if vals else None
+        idx = rng.integers(0, len(rows), size=(n_boot, len(rows)))
+        draws = _pope(labels[idx], predicted[idx], answered[idx])
+        for key in ("accuracy", "f1", "yes_ratio"):
+            vals = draws[key][~np.isnan(draws[key])]
+            ci[key] = [float(x) for x in np.quantile(vals, [0.025, 0.975])] if vals.size else None
     out["ci"] = ci
     return out
 

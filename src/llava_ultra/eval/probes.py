@@ -28,7 +28,6 @@ Construction (POPE, Li et al. 2023, adapted to reports that hold 0..n findings):
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -100,12 +99,10 @@ def build_probes(
     seed: int = 0,
     strategies: Sequence[str] = STRATEGIES,
     vocab: Vocabulary | None = None,
-    image_path: Any = None,
 ) -> list[dict[str, Any]]:
     """Probe eval samples for `reports` (any mix of zh and en records), deterministic by `seed`.
 
-    `image_path(report, rel)` maps a report's image path to the path written in the sample
-    (default: unchanged). Sample ids are `<report id>-<lang>-probe-<strategy>-<type>`.
+    Image paths are the reports' own (relative to their folder). Sample ids are `<report id>-<lang>-probe-<strategy>-<type>`.
     """
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown or not strategies:
@@ -166,7 +163,7 @@ def build_probes(
     for r in sorted(reports, key=lambda r: (r.id, r.language)):
         present = truth[(r.id, r.language)]
         facts = [f.as_dict() for f in report_truth(r, vocab)]
-        images = [image_path(r, p) if image_path else p for p in r.images]
+        images = list(r.images)
         for strategy in strategies:
             asks = [(t, True) for t in sorted(present, key=order.__getitem__)]
             asks += [(t, False) for t in negatives[strategy][r.id]]
@@ -205,13 +202,16 @@ class ProbeSummary:
 
     out: Path
     reports: int
+    spec: str
+    """The dataset spec `llava-ultra eval --data` takes for the file (names the image root when
+    the file does not sit where its image paths resolve)."""
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def render(self) -> str:
         lines = [f"probes -> {self.out} ({self.reports} report records)"]
         for strategy, c in self.counts.items():
             lines.append(f"  {strategy:<12} {c['yes']} yes, {c['no']} no")
-        lines.append(f"evaluate: llava-ultra eval --model CKPT --data ultra:{self.out} --out RUN")
+        lines.append(f"evaluate: llava-ultra eval --model CKPT --data '{self.spec}' --out RUN")
         return "\n".join(lines)
 
 
@@ -242,8 +242,9 @@ def run_probes(
 ) -> ProbeSummary:
     """Read the reports of `split` (SynthUS folder) or a reports file, write the probe eval JSON.
 
-    Image paths are written relative to the folder the `ultra:` reader resolves them against
-    (the `image_root` of an `instruct_meta.json` beside `out`, else `out`'s folder).
+    Image paths stay as the reports store them (relative to the reports' folder); the summary's
+    `spec` names that folder as the image root (`ultra:OUT?root=DIR`) unless the `ultra:` reader
+    finds it by itself (`out` in that folder, or beside an `instruct_meta.json` pointing there).
     """
     source, out = Path(source), Path(out)
     files = _report_files(source, split, languages)
@@ -251,20 +252,17 @@ def run_probes(
     if not reports:
         raise DataError(f"no {'/'.join(languages)} reports in {', '.join(map(str, files))}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    data_root = (source.parent if source.is_file() else source).resolve()
     reader_root = (
         image_root_of(out.parent) if (out.parent / "instruct_meta.json").is_file() else out.parent.resolve()
     )
-    data_root = (source.parent if source.is_file() else source).resolve()
-
-    def image_path(report: Report, rel: str) -> str:
-        return os.path.relpath(data_root / rel, reader_root).replace(os.sep, "/")
-
-    samples = build_probes(reports, seed=seed, strategies=strategies, vocab=vocab, image_path=image_path)
+    samples = build_probes(reports, seed=seed, strategies=strategies, vocab=vocab)
     out.write_text(json.dumps(samples, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    spec = f"ultra:{out}" if reader_root == data_root else f"ultra:{out}?root={data_root}"
     counts = {s: {"yes": 0, "no": 0} for s in strategies}
     for s in samples:
         counts[s["probe"]["strategy"]][s["probe"]["label"]] += 1
-    return ProbeSummary(out, len(reports), counts)
+    return ProbeSummary(out, len(reports), spec, counts)
 
 
 # ----------------------------------------------------------------------------------- scoring

@@ -644,13 +644,16 @@ def predict(
 @app.command()
 @_friendly
 def probes(
-    reports: Annotated[Path, typer.Option(help="SynthUS folder (from `llava-ultra synth`) or a reports .jsonl/.csv.")],
+    reports: Annotated[
+        Path, typer.Option(help="SynthUS folder (from `llava-ultra synth`) or a reports .jsonl/.csv.")
+    ],
     out: Annotated[Path, typer.Option(help="Probe eval JSON to write, e.g. instruct/probes.test.json.")],
     split: Annotated[str, typer.Option(help="Split of a SynthUS folder: train, val or test.")] = "test",
     language: Annotated[str, typer.Option(help="zh, en or both.")] = "both",
     seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same probes.")] = 0,
     strategies: Annotated[
-        str, typer.Option(help="Comma-separated: random, popular, adversarial (how absent findings are picked).")
+        str,
+        typer.Option(help="Comma-separated: random, popular, adversarial (how absent findings are picked)."),
     ] = "random,popular,adversarial",
     findings_vocab: Annotated[str | None, typer.Option(help=FINDINGS_VOCAB_HELP)] = None,
 ) -> None:

@@ -33,18 +33,30 @@ def facts(text: str, lang: str | None = None, vocab=None) -> list[tuple]:
     ("text", "expected"),
     [
         ("未见结节。", [("nodule", True, None, None, None)]),
-        ("甲状腺未见明显结节及钙化。", [("nodule", True, None, None, None), ("calcification", True, None, None, None)]),
+        (
+            "甲状腺未见明显结节及钙化。",
+            [("nodule", True, None, None, None), ("calcification", True, None, None, None)],
+        ),
         ("双肾未探及结石。", [("stone", True, "bilateral", None, None)]),
         ("未见明显异常。", [(ANY, True, None, None, None)]),
         ("未见明显占位性病变。", [(ANY, True, None, None, None)]),
         # 无回声区 is a cyst (anechoic area), not a negation; 不除外 hedges, it does not deny
         ("右肾见一无回声区。", [("cyst", False, "right", None, None)]),
-        ("左叶低回声结节，不除外钙化。", [("nodule", False, "left", None, None), ("calcification", False, None, None, None)]),
+        (
+            "左叶低回声结节，不除外钙化。",
+            [("nodule", False, "left", None, None), ("calcification", False, None, None, None)],
+        ),
         ("No nodule is seen.", [("nodule", True, None, None, None)]),
         # one negation covers the list; the location goes to the nearest finding before it (en)
-        ("There are no stones or cysts in the right kidney.", [("stone", True, None, None, None), ("cyst", True, "right", None, None)]),
+        (
+            "There are no stones or cysts in the right kidney.",
+            [("stone", True, None, None, None), ("cyst", True, "right", None, None)],
+        ),
         ("A nodule is not seen in the left lobe.", [("nodule", True, "left", None, None)]),
-        ("A hypoechoic nodule without calcification.", [("nodule", False, None, None, None), ("calcification", True, None, None, None)]),
+        (
+            "A hypoechoic nodule without calcification.",
+            [("nodule", False, None, None, None), ("calcification", True, None, None, None)],
+        ),
         ("No obvious abnormality of the thyroid.", [(ANY, True, None, None, None)]),
         ("A calcification cannot be excluded.", [("calcification", False, None, None, None)]),
         # a generic word without negation states no finding
@@ -132,7 +144,9 @@ def test_parse_sizes_and_merge():
     assert parse_sizes("12 x 8 mm, TI-RADS 3, 2 lesions") == [(0, (1.2, 0.8))]
     assert parse_sizes("1.5厘米") == [(0, (1.5,))]
     merged = merge_facts(
-        extract_findings("右叶上极见一结节，大小约1.0cm×0.8cm。诊断：甲状腺右叶上极实性结节。左叶结节。", "zh")
+        extract_findings(
+            "右叶上极见一结节，大小约1.0cm×0.8cm。诊断：甲状腺右叶上极实性结节。左叶结节。", "zh"
+        )
     )
     assert merged == [Fact("nodule", False, "right", "upper", (1.0, 0.8)), Fact("nodule", False, "left")]
 
@@ -149,8 +163,14 @@ def test_location_keys_and_meta():
     assert facts_from_meta({"split": "test"}) is None
     meta = {"finding_type": "cyst", "location": "left_middle", "size_cm": [0.5, 0.4]}
     assert facts_from_meta(meta) == [Fact("cyst", False, "left", "middle", (0.5, 0.4))]
-    assert truth_facts({"meta": meta, "findings": "右肾结石。"}) == ([Fact("cyst", False, "left", "middle", (0.5, 0.4))], "meta")
-    assert truth_facts({"findings": "右肾结石。", "language": "zh"}) == ([Fact("stone", False, "right")], "text")
+    assert truth_facts({"meta": meta, "findings": "右肾结石。"}) == (
+        [Fact("cyst", False, "left", "middle", (0.5, 0.4))],
+        "meta",
+    )
+    assert truth_facts({"findings": "右肾结石。", "language": "zh"}) == (
+        [Fact("stone", False, "right")],
+        "text",
+    )
     assert truth_facts({"conversations": []}) == ([], "none")
 
 
@@ -159,7 +179,11 @@ def test_every_synthus_location_phrase_reads_back(site):
     for key, (zh, en) in LOCATIONS[site].items():
         side, part = location_key_facts(key)
         assert facts(f"{zh}见一结节。", "zh") == [("nodule", False, side, part, None)], (site, key, zh)
-        assert facts(f"A nodule is seen in the {en}.", "en") == [("nodule", False, side, part, None)], (site, key, en)
+        assert facts(f"A nodule is seen in the {en}.", "en") == [("nodule", False, side, part, None)], (
+            site,
+            key,
+            en,
+        )
 
 
 def test_extractor_agrees_with_synthus_meta_on_every_template():
@@ -169,10 +193,16 @@ def test_extractor_agrees_with_synthus_meta_on_every_template():
     for i in range(cfg.reports):
         for report in report_texts(plan_report(cfg, i)):
             gold = facts_from_meta(report.meta)
-            got = merge_facts([f for f in extract_findings(report.findings, report.language) if not f.negated])
+            got = merge_facts(
+                [f for f in extract_findings(report.findings, report.language) if not f.negated]
+            )
             assert [f for f in got if f.type != ANY] == gold, (report.findings, gold)
-            diag = merge_facts([f for f in extract_findings(report.diagnosis, report.language) if not f.negated])
-            assert [(f.type, f.side, f.part) for f in diag if f.type != ANY] == [(g.type, g.side, g.part) for g in gold]
+            diag = merge_facts(
+                [f for f in extract_findings(report.diagnosis, report.language) if not f.negated]
+            )
+            assert [(f.type, f.side, f.part) for f in diag if f.type != ANY] == [
+                (g.type, g.side, g.part) for g in gold
+            ]
             seen.add((report.site, report.meta["finding_type"], report.language))
     assert len(seen) >= 30  # every site, most finding types, both languages
 
@@ -193,7 +223,9 @@ def test_vocabulary_file_extends_the_built_in_terms(tmp_path: Path):
     vocab = load_vocabulary(path)
     assert "polyp" in vocab.types and "nodule" in vocab.types
     assert facts("胆囊颈见一息肉。", "zh", vocab) == [("polyp", False, None, "neck", None)]
-    assert facts("A hypoechoic lesion in the left lobe.", "en", vocab) == [("nodule", False, "left", None, None)]
+    assert facts("A hypoechoic lesion in the left lobe.", "en", vocab) == [
+        ("nodule", False, "left", None, None)
+    ]
     assert facts("A hypoechoic lesion in the left lobe.", "en") == []  # built-in: generic, no finding
     js = tmp_path / "v.json"
     js.write_text(json.dumps({"negations": {"en": ["no sign of"]}}), encoding="utf-8")

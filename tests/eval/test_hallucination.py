@@ -43,7 +43,12 @@ def test_correct_answer_counts_nothing_wrong():
     ):
         row = check(text)
         assert row["stated"] == 1 and row["invented"] == 0 and row["omitted"] == 0
-        assert (row["side_checked"], row["side_wrong"], row["part_checked"], row["part_wrong"]) == (1, 0, 1, 0)
+        assert (row["side_checked"], row["side_wrong"], row["part_checked"], row["part_wrong"]) == (
+            1,
+            0,
+            1,
+            0,
+        )
         assert (row["size_checked"], row["size_wrong"]) == (1, 0)
 
 
@@ -63,9 +68,12 @@ def test_invented_findings_and_synonyms():
     assert row["stated"] == 3 and row["invented"] == 2
     assert row["invented_types"] == ["calcification", "stone"]
     # a synonym of the true finding is not an invention
-    assert check("An anechoic area in the right kidney.", truth=[Fact("cyst", False, "right")], expected=["cyst"])[
-        "invented"
-    ] == 0
+    assert (
+        check(
+            "An anechoic area in the right kidney.", truth=[Fact("cyst", False, "right")], expected=["cyst"]
+        )["invented"]
+        == 0
+    )
     # a normal report: any stated finding is invented
     assert check("A cyst in the left breast.", truth=[], expected=[])["invented"] == 1
 
@@ -114,7 +122,14 @@ SAMPLES = [
     sample(1, "findings", NORMAL_REPORT, NORMAL_REPORT),
     sample(2, "diagnosis", "甲状腺右叶上极实性结节 TI-RADS 3类", NODULE_REPORT),
     sample(3, "site", "该图像为甲状腺超声。", NODULE_REPORT),
-    sample(4, "findings", "In the right kidney there is a stone.", "", lang="en", meta={"finding_type": "stone", "location": "right_middle", "size_cm": [0.5, 0.3]}),
+    sample(
+        4,
+        "findings",
+        "In the right kidney there is a stone.",
+        "",
+        lang="en",
+        meta={"finding_type": "stone", "location": "right_middle", "size_cm": [0.5, 0.3]},
+    ),
 ]
 PREDICTIONS = [
     "甲状腺左叶上极见一结节，大小约1.2cm×0.8cm，伴钙化。",  # wrong side + invented calcification
@@ -170,13 +185,19 @@ def test_over_seeds_and_delta_have_the_ablation_shapes():
 
 
 def reports(n: int = 24) -> list[Report]:
-    kinds = [("thyroid", "nodule", "right_lobe_upper"), ("kidney", "stone", "left_lower"), ("thyroid", "none", None)]
+    kinds = [
+        ("thyroid", "nodule", "right_lobe_upper"),
+        ("kidney", "stone", "left_lower"),
+        ("thyroid", "none", None),
+    ]
     out = []
     for i in range(n):
         site, ftype, loc = kinds[i % 3]
         meta = {"finding_type": ftype, "location": loc, "size_cm": [1.0, 0.5] if loc else None}
         for lang in ("zh", "en"):
-            out.append(Report(f"r{i:03d}", site, "", "text", "diag", lang, [f"images/r{i}_0.png"], [True], meta))
+            out.append(
+                Report(f"r{i:03d}", site, "", "text", "diag", lang, [f"images/r{i}_0.png"], [True], meta)
+            )
     return out
 
 
@@ -200,7 +221,11 @@ def test_probes_are_deterministic_balanced_and_parallel():
     first = next(p for p in probes if p["language"] == "zh")
     assert first["conversations"][0]["value"].startswith("<image>\n") and first["answer_type"] == "CLOSED"
     # popular: the most frequent absent type first (nodule/stone 8 each, others 0)
-    popular = [p["probe"]["finding"] for p in probes if p["probe"]["strategy"] == "popular" and p["probe"]["label"] == "no"]
+    popular = [
+        p["probe"]["finding"]
+        for p in probes
+        if p["probe"]["strategy"] == "popular" and p["probe"]["label"] == "no"
+    ]
     assert set(popular) <= {"nodule", "stone"}
     # adversarial: a normal thyroid report is asked about the thyroid's frequent finding (nodule);
     # a thyroid nodule report about the next most frequent type (stone, frequent elsewhere)
@@ -235,14 +260,18 @@ def test_always_yes_model_has_yes_ratio_100_and_accuracy_50():
 @pytest.fixture(scope="module")
 def synthus(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthus")
-    generate(out, SynthConfig(reports=14, seed=2, k_min=1, k_max=2, image_size=32, train_frac=0.0, val_frac=0.0))
+    generate(
+        out, SynthConfig(reports=14, seed=2, k_min=1, k_max=2, image_size=32, train_frac=0.0, val_frac=0.0)
+    )
     return out
 
 
 def test_probe_file_runs_through_eval_scoring_and_compare(synthus: Path, tmp_path: Path):
     path = tmp_path / "probes.test.json"
     summary = run_probes(synthus, path, seed=0)
-    assert "random" in summary.render() and path.read_bytes() == (run_probes(synthus, tmp_path / "b.json").out.read_bytes())
+    assert "random" in summary.render() and path.read_bytes() == (
+        run_probes(synthus, tmp_path / "b.json").out.read_bytes()
+    )
     assert summary.spec == f"ultra:{path}?root={synthus.resolve()}"
     assert run_probes(synthus, synthus / "p.json").spec == f"ultra:{synthus / 'p.json'}"
     gt, _ = load_ground_truth(summary.spec, check_images=True)
@@ -253,7 +282,9 @@ def test_probe_file_runs_through_eval_scoring_and_compare(synthus: Path, tmp_pat
     assert pope["yes_ratio"] == 100.0 and pope["accuracy"] == 50.0
     assert per_sample[0]["hallucination"]["kind"] == "probe"
     assert "### POPE probes" in render_report(scores)
-    header, rows, _ = compare_table([("yes-man", scores)], metric_keys=["pope_accuracy", "pope_yes_ratio", "chair_i"])
+    header, rows, _ = compare_table(
+        [("yes-man", scores)], metric_keys=["pope_accuracy", "pope_yes_ratio", "chair_i"]
+    )
     assert header[-3:] == ["POPE acc", "Yes-ratio", "CHAIR-i"] and rows[0][-3:] == ["50.00", "100.00", "-"]
     by_lang = scores["subsets"]["language"]["zh"]["hallucination"]["pope"]["all"]
     assert by_lang["yes_ratio"] == 100.0
@@ -268,7 +299,11 @@ def test_score_cli_reports_hallucination_of_open_answers(synthus: Path, tmp_path
     preds = tmp_path / "predictions.jsonl"
     with preds.open("w", encoding="utf-8") as f:
         for s in samples:
-            text = invented[s["language"]] if s["question_type"] == "findings" else s["conversations"][1]["value"]
+            text = (
+                invented[s["language"]]
+                if s["question_type"] == "findings"
+                else s["conversations"][1]["value"]
+            )
             f.write(json.dumps({"question_id": s["id"], "text": text}, ensure_ascii=False) + "\n")
     out = tmp_path / "scored"
     args = ["score", str(preds), str(eval_path), "--out", str(out), "--bootstrap", "50", "--no-plots"]

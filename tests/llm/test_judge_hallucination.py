@@ -24,8 +24,20 @@ from llava_ultra.eval.judge import (
 from llava_ultra.llm.client import ClientConfig
 
 REFS = [
-    {"id": "a", "question": "描述所见。", "answer": "右叶结节。", "findings": "甲状腺右叶上极见一结节。", "category": "detail"},
-    {"id": "b", "question": "Describe.", "answer": "No lesion.", "findings": "No lesion is seen.", "category": "detail"},
+    {
+        "id": "a",
+        "question": "描述所见。",
+        "answer": "右叶结节。",
+        "findings": "甲状腺右叶上极见一结节。",
+        "category": "detail",
+    },
+    {
+        "id": "b",
+        "question": "Describe.",
+        "answer": "No lesion.",
+        "findings": "No lesion is seen.",
+        "category": "detail",
+    },
 ]
 PREDS = [
     {"question_id": "a", "text": "右叶结节，伴钙化。"},
@@ -37,7 +49,9 @@ def responder(body: dict) -> str:
     system = body["messages"][0]["content"]
     answer = body["messages"][1]["content"].split("[Assistant 2]\n")[1]
     if system == HALLUCINATION_SYSTEM:
-        return ("10 2" if answer.startswith("INVENTED") else "10 7") + "\nAssistant 2: calcification invented."
+        return (
+            "10 2" if answer.startswith("INVENTED") else "10 7"
+        ) + "\nAssistant 2: calcification invented."
     return "8 6\nfine"
 
 
@@ -72,7 +86,9 @@ def test_hallucination_rubric_is_cached_and_reported_separately(llm_server, tmp_
     assert plain.scores["overall"]["relative_score"] == pytest.approx(75.0)
     raw_name, scores_name = rubric_files("hallucination")
     saved = json.loads((out / scores_name).read_text(encoding="utf-8"))
-    assert saved["meta"]["rubric"] == "hallucination" and saved["meta"]["rubric_sha"] == rubric_sha("hallucination")
+    assert saved["meta"]["rubric"] == "hallucination" and saved["meta"]["rubric_sha"] == rubric_sha(
+        "hallucination"
+    )
     assert json.loads((out / SCORES_NAME).read_text(encoding="utf-8"))["meta"]["rubric"] == "llava-med"
     raw = [json.loads(line) for line in (out / raw_name).read_text(encoding="utf-8").splitlines()]
     assert {r["rubric"] for r in raw} == {"hallucination"} and all("invented" in r["reply"] for r in raw)

@@ -59,10 +59,26 @@ DEFAULT_VOCABULARY: dict[str, Any] = {
     "findings": {
         "cyst": {
             "zh": ["囊肿", "囊性结节", "囊性病灶", "囊性占位", "无回声区", "无回声团", "纳氏囊肿"],
-            "en": ["cyst", "cystic nodule", "cystic lesion", "anechoic area", "anechoic lesion", "Nabothian cyst"],
+            "en": [
+                "cyst",
+                "cystic nodule",
+                "cystic lesion",
+                "anechoic area",
+                "anechoic lesion",
+                "Nabothian cyst",
+            ],
         },
         "nodule": {
-            "zh": ["结节", "实性结节", "低回声结节", "实性低回声结节", "实性占位", "低回声团", "肌瘤", "实性肿块"],
+            "zh": [
+                "结节",
+                "实性结节",
+                "低回声结节",
+                "实性低回声结节",
+                "实性占位",
+                "低回声团",
+                "肌瘤",
+                "实性肿块",
+            ],
             "en": [
                 "nodule",
                 "solid nodule",
@@ -76,7 +92,13 @@ DEFAULT_VOCABULARY: dict[str, Any] = {
         },
         "calcification": {
             "zh": ["钙化", "钙化灶", "钙化斑", "强回声光点", "点状强回声", "强回声斑", "强回声灶"],
-            "en": ["calcification", "calcified focus", "hyperechoic focus", "echogenic focus", "microcalcification"],
+            "en": [
+                "calcification",
+                "calcified focus",
+                "hyperechoic focus",
+                "echogenic focus",
+                "microcalcification",
+            ],
         },
         "stone": {
             "zh": ["结石", "强回声团", "胆石"],
@@ -114,7 +136,17 @@ DEFAULT_VOCABULARY: dict[str, Any] = {
     # cues before a finding in its clause
     "negations": {
         "zh": ["未见", "未探及", "未发现", "未显示", "没有", "无", "未", "否认", "排除"],
-        "en": ["no", "not", "without", "negative for", "absence of", "absent", "free of", "ruled out", "none"],
+        "en": [
+            "no",
+            "not",
+            "without",
+            "negative for",
+            "absence of",
+            "absent",
+            "free of",
+            "ruled out",
+            "none",
+        ],
     },
     # English phrases after a finding ('a nodule is not seen')
     "negations_after": {
@@ -410,7 +442,9 @@ def _clause_mentions(vocab: Vocabulary, lang: str, clause: str) -> list[tuple[in
     c = vocab.compiled(lang)
     if c["finding"] is None:
         return []
-    hits = [(m.start(), vocab.key_of(lang, "terms", m.group(0)), m.end()) for m in c["finding"].finditer(clause)]
+    hits = [
+        (m.start(), vocab.key_of(lang, "terms", m.group(0)), m.end()) for m in c["finding"].finditer(clause)
+    ]
     # negation cues are looked for in the clause with finding terms and masked phrases blanked out
     plain = _masked(clause, c["mask"])
     for start, _, end in hits:
@@ -455,9 +489,13 @@ def _sentence_facts(vocab: Vocabulary, lang: str, sentence: str) -> list[Fact]:
             rest = rest[:start] + " " * (end - start) + rest[end:]
         items: list[tuple[int, str, Any]] = []
         if c["side"] is not None:
-            items += [(m.start(), "side", vocab.key_of(lang, "sides", m.group(0))) for m in c["side"].finditer(rest)]
+            items += [
+                (m.start(), "side", vocab.key_of(lang, "sides", m.group(0))) for m in c["side"].finditer(rest)
+            ]
         if c["part"] is not None:
-            items += [(m.start(), "part", vocab.key_of(lang, "parts", m.group(0))) for m in c["part"].finditer(rest)]
+            items += [
+                (m.start(), "part", vocab.key_of(lang, "parts", m.group(0))) for m in c["part"].finditer(rest)
+            ]
         items += [(pos, "size", dims) for pos, dims in parse_sizes(rest)]
         bucket = inner if found else loose
         bucket += [(ci, offset + pos, kind, value) for pos, kind, value in items]
@@ -472,7 +510,7 @@ def _sentence_facts(vocab: Vocabulary, lang: str, sentence: str) -> list[Fact]:
         pick = _attach([pos], [mentions[i].pos for i in idx], forward_first=zh)[0]
         if pick is not None:
             _add(mentions[idx[pick]], kind, value)
-    for ci, pos, kind, value in loose:
+    for _, pos, kind, value in loose:
         # locations before the finding they describe; sizes after it
         targets = [m.pos for m in mentions]
         pick = _attach([pos], targets, forward_first=kind != "size")[0]
@@ -495,7 +533,9 @@ def _to_fact(m: _Mention) -> Fact:
     return Fact(m.type, m.negated, side, part, size)
 
 
-def extract_findings(text: str | None, language: str | None = None, vocab: Vocabulary | None = None) -> list[Fact]:
+def extract_findings(
+    text: str | None, language: str | None = None, vocab: Vocabulary | None = None
+) -> list[Fact]:
     """Every finding mention in `text`, in order, as a `Fact` (see the module docstring for the rules).
 
     `language` 'zh' or 'en'; None detects it from the text. A negated generic statement
@@ -515,7 +555,10 @@ def extract_findings(text: str | None, language: str | None = None, vocab: Vocab
 def _compatible(a: Fact, b: Fact) -> bool:
     if a.type != b.type or a.negated != b.negated:
         return False
-    return all(x is None or y is None or x == y for x, y in ((a.side, b.side), (a.part, b.part), (a.size_cm, b.size_cm)))
+    return all(
+        x is None or y is None or x == y
+        for x, y in ((a.side, b.side), (a.part, b.part), (a.size_cm, b.size_cm))
+    )
 
 
 def merge_facts(facts: Sequence[Fact]) -> list[Fact]:

@@ -53,7 +53,15 @@ RATIOS: dict[str, tuple[str, str]] = {
     "wrong_location": ("part_wrong", "part_checked"),
     "size_error": ("size_wrong", "size_checked"),
 }
-ANSWER_METRICS = ("chair_i", "chair_s", "omission", "contradiction", "wrong_side", "wrong_location", "size_error")
+ANSWER_METRICS = (
+    "chair_i",
+    "chair_s",
+    "omission",
+    "contradiction",
+    "wrong_side",
+    "wrong_location",
+    "size_error",
+)
 COUNTS = (
     "stated",
     "invented",
@@ -197,7 +205,10 @@ def hallucination_rows(
         truth, source = truth_facts(sample, vocab)
         reference = extract_findings(_reference(sample), lang, vocab)
         if source == "none":
-            truth, source = merge_facts([f for f in reference if not f.negated and f.type != ANY]), "reference"
+            truth, source = (
+                merge_facts([f for f in reference if not f.negated and f.type != ANY]),
+                "reference",
+            )
         expected = {f.type for f in reference if not f.negated and f.type != ANY}
         answer = extract_findings(text, lang, vocab)
         row = check_answer(answer, truth, expected, tolerance)
@@ -208,7 +219,9 @@ def hallucination_rows(
 # ------------------------------------------------------------------------------------ run level
 
 
-def _bootstrap(stat: Callable[[np.ndarray], float], n_items: int, n_boot: int, seed: int) -> list[float] | None:
+def _bootstrap(
+    stat: Callable[[np.ndarray], float], n_items: int, n_boot: int, seed: int
+) -> list[float] | None:
     """95% percentile interval of `stat(indices)` over `n_boot` resamples of 0..n_items-1 (NaN
     resamples, e.g. an empty denominator, are left out); None without items or resamples."""
     if n_items == 0 or n_boot <= 0:
@@ -272,7 +285,9 @@ def by_question_type(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) 
     types = sorted({r["question_type"] for r in rows if r.get("kind") == "answer"})
     out = {}
     for qt in types:
-        part = aggregate([r for r in rows if r.get("kind") == "answer" and r["question_type"] == qt], n_boot, seed)
+        part = aggregate(
+            [r for r in rows if r.get("kind") == "answer" and r["question_type"] == qt], n_boot, seed
+        )
         part.pop("pope", None)
         out[qt or "(none)"] = part
     return out
@@ -326,14 +341,18 @@ def hallucination_summary(
     `samples` are eval samples (instruct format, e.g. rows of `eval.test.json`); `predictions`
     the answer texts (or prediction records with `text`) in the same order.
     """
-    return score_hallucination(samples, predictions, vocab=vocab, tolerance=tolerance, n_boot=n_boot, seed=seed)[0]
+    return score_hallucination(
+        samples, predictions, vocab=vocab, tolerance=tolerance, n_boot=n_boot, seed=seed
+    )[0]
 
 
 # ----------------------------------------------------------------------------- over seeds
 
 
 def _per_seed_rows(
-    samples: Sequence[Mapping[str, Any]], predictions_by_seed: Sequence[Sequence[Any]], vocab: Vocabulary | None
+    samples: Sequence[Mapping[str, Any]],
+    predictions_by_seed: Sequence[Sequence[Any]],
+    vocab: Vocabulary | None,
 ) -> list[list[dict[str, Any]]]:
     if not predictions_by_seed:
         raise ConfigError("no predictions given; pass one list of answers per seed")

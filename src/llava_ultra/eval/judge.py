@@ -127,6 +127,7 @@ def rubric_sha(rubric: str) -> str:
     system, instruction = RUBRICS[check_rubric(rubric)]
     return hashlib.sha1(f"{system}\0{instruction}".encode()).hexdigest()[:12]
 
+
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _LABELLED = [
     re.compile(

@@ -169,7 +169,9 @@ def build_probes(
             asks += [(t, False) for t in negatives[strategy][r.id]]
             for ftype, label in asks:
                 rng = random.Random(f"{seed}/probe-q/{r.id}/{ftype}")
-                question = rng.choice(QUESTIONS[r.language]["presence"]).format(finding=_word(ftype, r.language, vocab))
+                question = rng.choice(QUESTIONS[r.language]["presence"]).format(
+                    finding=_word(ftype, r.language, vocab)
+                )
                 answer = ANSWERS[r.language]["yes" if label else "no"][0]
                 sample = {
                     "id": f"{r.id}-{r.language}-probe-{strategy}-{ftype}",
@@ -325,7 +327,11 @@ def _pope_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> di
     labels = np.array([r["label"] == "yes" for r in rows], dtype=bool)
     predicted = np.array([r["predicted"] == "yes" for r in rows], dtype=bool)
     answered = np.array([r["predicted"] is not None for r in rows], dtype=bool)
-    out: dict[str, Any] = {"n": len(rows), "n_yes_labels": int(labels.sum()), "unanswered": int((~answered).sum())}
+    out: dict[str, Any] = {
+        "n": len(rows),
+        "n_yes_labels": int(labels.sum()),
+        "unanswered": int((~answered).sum()),
+    }
     if not rows:
         out.update(dict.fromkeys(("accuracy", "precision", "recall", "f1", "yes_ratio")), ci={})
         return out
@@ -350,7 +356,11 @@ def pope_aggregate(rows: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: 
     languages = sorted({r["language"] for r in rows})
     return {
         "all": _pope_block(rows, n_boot, seed),
-        "by_strategy": {s: _pope_block([r for r in rows if r["strategy"] == s], n_boot, seed) for s in strategies},
-        "by_language": {g: _pope_block([r for r in rows if r["language"] == g], n_boot, seed) for g in languages},
+        "by_strategy": {
+            s: _pope_block([r for r in rows if r["strategy"] == s], n_boot, seed) for s in strategies
+        },
+        "by_language": {
+            g: _pope_block([r for r in rows if r["language"] == g], n_boot, seed) for g in languages
+        },
         "rule": "strict yes/no cues; 'yes' is the positive class; an answer without a cue is wrong",
     }

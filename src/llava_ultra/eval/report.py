@@ -234,7 +234,13 @@ def score_run(
     scores["ci"] = confidence_intervals(rows, n_boot, seed)
     scores["bootstrap"] = {"resamples": n_boot, "seed": seed, "level": 0.95, "kind": "percentile"}
     scores["hallucination"], h_rows = score_hallucination(
-        ground_truth, predictions, vocab=vocab, vocab_name=vocab_name, tolerance=tolerance, n_boot=n_boot, seed=seed
+        ground_truth,
+        predictions,
+        vocab=vocab,
+        vocab_name=vocab_name,
+        tolerance=tolerance,
+        n_boot=n_boot,
+        seed=seed,
     )
 
     subsets: dict[str, dict[str, Any]] = {}
@@ -279,7 +285,9 @@ def score_run(
         out = {"id": gt.get("id"), **{d: subset_value(gt, d) for d in SUBSETS}}
         out.update({k: row[k] for k in (*metrics.METRIC_KEYS, "closed_hit", "empty_prediction")})
         out["selected"] = pred.get("selected")
-        out["hallucination"] = {k: v for k, v in h.items() if k not in ("question_type",)} if h.get("kind") else None
+        out["hallucination"] = (
+            {k: v for k, v in h.items() if k not in ("question_type",)} if h.get("kind") else None
+        )
         per_sample.append(out)
     return scores, per_sample
 
@@ -402,7 +410,10 @@ def _hallucination_lines(block: Mapping[str, Any]) -> list[str]:
         by_qt = block.get("by_question_type") or {}
         if len(by_qt) > 1:
             keys = ("chair_i", "chair_s", "omission", "wrong_side", "size_error")
-            rows = [[qt, str(b["n_answers"]), *[fmt(b.get(k), (b.get("ci") or {}).get(k)) for k in keys]] for qt, b in by_qt.items()]
+            rows = [
+                [qt, str(b["n_answers"]), *[fmt(b.get(k), (b.get("ci") or {}).get(k)) for k in keys]]
+                for qt, b in by_qt.items()
+            ]
             lines += _table(["question type", "n", *[HALLUCINATION_LABELS[k] for k in keys]], rows) + [""]
     pope = block.get("pope")
     if pope:
@@ -412,7 +423,16 @@ def _hallucination_lines(block: Mapping[str, Any]) -> list[str]:
             f"Labels: {pope['rule']}. An always-yes model scores yes-ratio 100 and accuracy 50 on a balanced set.",
             "",
         ]
-        header = ["probes", "n", "accuracy [95% CI]", "precision", "recall", "F1 [95% CI]", "yes-ratio [95% CI]", "unanswered"]
+        header = [
+            "probes",
+            "n",
+            "accuracy [95% CI]",
+            "precision",
+            "recall",
+            "F1 [95% CI]",
+            "yes-ratio [95% CI]",
+            "unanswered",
+        ]
         lines += _table(header, _pope_rows(pope)) + [""]
     return lines
 

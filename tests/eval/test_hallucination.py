@@ -322,3 +322,9 @@ def test_score_cli_reports_hallucination_of_open_answers(synthus: Path, tmp_path
     assert "## Hallucination" in (out / "report.md").read_text(encoding="utf-8")
     res = CliRunner().invoke(app, ["compare", str(out), "--metrics", "f1,chair_i,omission,wrong_side"])
     assert res.exit_code == 0 and "| Wrong side |" in res.output
+
+
+def test_measurement_questions_expect_no_named_finding():
+    s = sample(9, "measurement", "右叶上极见一大小约1.2cm×0.8cm的低回声结节。", NODULE_REPORT)
+    row = hallucination_rows([s], ["1.2cm×0.8cm"])[0]
+    assert row["kind"] == "answer" and row["expected"] == 0 and row["omitted"] == 0 and row["stated"] == 0

@@ -18,6 +18,7 @@ Definitions (docs/metrics.md "Hallucination and omission" is the reference):
 - Omission = expected findings the answer does not state / expected findings, where expected =
   ground-truth findings whose type the reference answer states (a site question expects none).
   Contradiction = the expected findings the answer denies ('未见结节' when there is a nodule).
+  Measurement questions expect nothing (a size answers them).
 - Wrong side = stated findings matched to a true one whose side differs / those where both
   state a side; wrong location likewise for the part (upper pole, quadrant, wall, ...).
 - Size error = matched findings with a size on both sides where a dimension is off by more than
@@ -43,6 +44,8 @@ from .probes import is_probe, pope_aggregate, probe_row
 
 NOT_ABOUT_FINDINGS = ("site", "history")
 """Question types whose answers are not scanned for findings."""
+NO_OMISSION = ("measurement",)
+"""Question types that expect no finding to be named (a size question is answered by a size)."""
 
 # metric key -> (numerator count, denominator count); chair_s is a mean of 0/1 per answer
 RATIOS: dict[str, tuple[str, str]] = {
@@ -210,6 +213,8 @@ def hallucination_rows(
                 "reference",
             )
         expected = {f.type for f in reference if not f.negated and f.type != ANY}
+        if qtype in NO_OMISSION:
+            expected = set()
         answer = extract_findings(text, lang, vocab)
         row = check_answer(answer, truth, expected, tolerance)
         rows.append({"kind": "answer", "question_type": qtype, "truth_source": source, **row})

@@ -22,7 +22,7 @@ from llava_ultra.eval.hallucination import (
     hallucination_summary,
     ratio_ci,
 )
-from llava_ultra.eval.probes import build_probes, run_probes
+from llava_ultra.eval.probes import build_probes, read_probe_answer, run_probes
 from llava_ultra.eval.report import compare_table, render_report, score_run
 from llava_ultra.eval.runner import load_ground_truth
 
@@ -328,3 +328,25 @@ def test_measurement_questions_expect_no_named_finding():
     s = sample(9, "measurement", "右叶上极见一大小约1.2cm×0.8cm的低回声结节。", NODULE_REPORT)
     row = hallucination_rows([s], ["1.2cm×0.8cm"])[0]
     assert row["kind"] == "answer" and row["expected"] == 0 and row["omitted"] == 0 and row["stated"] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "finding", "lang", "expected"),
+    [
+        ("是", "nodule", "zh", ("yes", "cue")),
+        ("否。", "nodule", "zh", ("no", "cue")),
+        ("答案：是的", "nodule", "zh", ("yes", "cue")),
+        ("甲状腺右叶见一结节。", "nodule", "zh", ("yes", "findings")),
+        ("未见结节。", "nodule", "zh", ("no", "findings")),
+        ("甲状腺未见明显异常。", "cyst", "zh", ("no", "findings")),
+        # 可见 would be a yes cue, but the answer describes a cyst, not the nodule asked about
+        ("右肾可见一无回声区。", "nodule", "zh", ("no", "findings")),
+        ("Yes, there is a nodule.", "nodule", "en", ("yes", "findings")),
+        ("No.", "stone", "en", ("no", "cue")),
+        ("There is no stone.", "stone", "en", ("no", "findings")),
+        ("This is a kidney ultrasound.", "stone", "en", (None, None)),
+        ("", "stone", "en", (None, None)),
+    ],
+)
+def test_probe_answers_are_read_by_findings_then_cues(text, finding, lang, expected):
+    assert read_probe_answer(text, finding, lang) == expected

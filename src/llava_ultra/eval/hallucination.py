@@ -200,7 +200,7 @@ def hallucination_rows(
         text = _text(pred)
         qtype = str(sample.get("question_type") or "")
         if is_probe(sample):
-            rows.append({"kind": "probe", "question_type": qtype, **probe_row(sample, text)})
+            rows.append({"kind": "probe", "question_type": qtype, **probe_row(sample, text, vocab)})
             continue
         if not in_scope(sample):
             rows.append({"kind": None, "question_type": qtype})

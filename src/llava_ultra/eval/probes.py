@@ -21,8 +21,11 @@ Construction (POPE, Li et al. 2023, adapted to reports that hold 0..n findings):
 - Questions reuse the presence templates and finding words of `data/instruct.py` (是否存在结节？/
   Is there a nodule?), answers are 是/否 and yes/no. Everything is a pure function of
   (reports, seed): the same call writes the same bytes.
-- A prediction's label is read with the strict yes/no cues (`metrics.yes_no_label`); an answer
-  with no cue counts as wrong and is counted as `unanswered`, never dropped.
+- A prediction's label: the answer states the probed finding -> yes; denies it (or any
+  finding), or describes only other findings -> no (the findings extractor); an answer stating no
+  finding is read by the strict yes/no cues (`metrics.yes_no_label`); an
+  answer read neither way counts as wrong and as `unanswered`, never dropped. How each answer
+  was read is counted (`read_by`): a model never taught yes/no questions can still be probed.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ..data.instruct import ANSWERS, PRESENCE_TERMS, QUESTIONS, check_sample, im
 from ..data.reports import Report, read_reports
 from ..errors import ConfigError, DataError
 from . import metrics
-from .findings import Vocabulary, default_vocabulary, truth_facts
+from .findings import ANY, Vocabulary, default_vocabulary, extract_findings, truth_facts
 
 STRATEGIES = ("random", "popular", "adversarial")
 QUESTION_TYPE = "probe"
@@ -285,18 +288,39 @@ def is_probe(sample: Mapping[str, Any]) -> bool:
     return probe_info(sample) is not None
 
 
-def probe_row(sample: Mapping[str, Any], text: str) -> dict[str, Any]:
-    """Label, strict yes/no reading of the answer, strategy and language of one probe."""
+def read_probe_answer(
+    text: str, finding: str | None, language: str, vocab: Vocabulary | None = None
+) -> tuple[str | None, str | None]:
+    """(label, how) of a probe answer: 'yes' / 'no' / None, read by 'findings', 'cue' or None.
+
+    First the findings extractor: an answer that states the probed finding type is a yes; one that
+    denies it (or denies any finding: 未见明显异常), or describes only other findings, is a no.
+    Only an answer that states no finding is read by the strict yes/no cues (是 / 否 / yes / no
+    ...). The order matters for Chinese, where 可见 is a yes cue wherever it stands: '右肾可见一无
+    回声区' describes a cyst, and answers 'is there a nodule?' with no.
+    """
+    facts = extract_findings(text, language, vocab) if finding else []
+    if any(f.type == finding and not f.negated for f in facts):
+        return "yes", "findings"
+    if any(f.negated and f.type in (finding, ANY) for f in facts) or any(not f.negated for f in facts):
+        return "no", "findings"
+    label = metrics.yes_no_label(metrics.normalize_strict(text or "", language))
+    return label, ("cue" if label else None)
+
+
+def probe_row(sample: Mapping[str, Any], text: str, vocab: Vocabulary | None = None) -> dict[str, Any]:
+    """Label, reading of the answer (`read_probe_answer`), strategy and language of one probe."""
     info = probe_info(sample)
     if info is None:
         raise DataError(f"sample {sample.get('id')!r} is not a probe (no probe.label yes/no)")
     lang = sample.get("language") if sample.get("language") in ("zh", "en") else metrics.detect_language(text)
-    predicted = metrics.yes_no_label(metrics.normalize_strict(text or "", lang))
+    predicted, how = read_probe_answer(text or "", info.get("finding"), lang, vocab)
     return {
         "strategy": str(info.get("strategy", "unknown")),
         "finding": info.get("finding"),
         "label": info["label"],
         "predicted": predicted,
+        "read_by": how,
         "language": lang,
     }
 
@@ -362,5 +386,7 @@ def pope_aggregate(rows: Sequence[Mapping[str, Any]], n_boot: int = 1000, seed: 
         "by_language": {
             g: _pope_block([r for r in rows if r["language"] == g], n_boot, seed) for g in languages
         },
-        "rule": "strict yes/no cues; 'yes' is the positive class; an answer without a cue is wrong",
+        "rule": "the probed finding stated -> yes; denied, or only other findings described -> no; "
+        "else strict yes/no cues; 'yes' is the "
+        "positive class; an answer read neither way is wrong (unanswered)",
     }

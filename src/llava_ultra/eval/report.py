@@ -369,6 +369,7 @@ def _pope_rows(pope: Mapping[str, Any]) -> list[list[str]]:
             fmt(b.get("recall")),
             fmt(b.get("f1"), ci.get("f1")),
             fmt(b.get("yes_ratio"), ci.get("yes_ratio")),
+            str(b.get("read_by_findings", 0)),
             str(b.get("unanswered", 0)),
         ]
 
@@ -382,13 +383,14 @@ def _hallucination_lines(block: Mapping[str, Any]) -> list[str]:
     settings = block.get("settings") or {}
     tol = settings.get("tolerance") or {}
     c = block.get("counts") or {}
+    sources = ", ".join(f"{k} {v}" for k, v in (block.get("truth_source") or {}).items()) or "-"
     lines = [
         "## Hallucination (findings the answers invent, omit or misplace)",
         "",
-        f"Scope: {settings.get('scope', '?')}; {block['n_answers']} answers. Findings are read by the "
-        f"rule-based extractor (vocabulary: {settings.get('vocabulary', 'built-in')}); ground truth from "
-        + ", ".join(f"{k} {v}" for k, v in (block.get("truth_source") or {}).items())
-        + f". Size tolerance: max({tol.get('abs_cm')} cm, {tol.get('rel')} x true size). Lower is better.",
+        f"Scope: {settings.get('scope', '?')}: {block['n_answers']} answers. Findings are read by the "
+        f"rule-based extractor (vocabulary: {settings.get('vocabulary', 'built-in')}); ground truth per "
+        f"answer from: {sources}. Size tolerance: max({tol.get('abs_cm')} cm, {tol.get('rel')} x true "
+        "size). Lower is better. Definitions: docs/metrics.md.",
         "",
     ]
     if block["n_answers"]:
@@ -431,6 +433,7 @@ def _hallucination_lines(block: Mapping[str, Any]) -> list[str]:
             "recall",
             "F1 [95% CI]",
             "yes-ratio [95% CI]",
+            "read by findings",
             "unanswered",
         ]
         lines += _table(header, _pope_rows(pope)) + [""]

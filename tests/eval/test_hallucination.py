@@ -251,7 +251,10 @@ def test_always_yes_model_has_yes_ratio_100_and_accuracy_50():
     oracle = [s["conversations"][1]["value"] for s in probes]
     assert hallucination_summary(probes, oracle, n_boot=0)["pope"]["all"]["accuracy"] == 100.0
     mute = hallucination_summary(probes, [""] * len(probes), n_boot=0)["pope"]["all"]
-    assert mute["accuracy"] == 0.0 and mute["unanswered"] == len(probes)
+    assert mute["accuracy"] == 0.0 and mute["unanswered"] == len(probes) and mute["read_by_findings"] == 0
+    described = ["右肾见一结石。" if s["language"] == "zh" else "A stone in the left kidney." for s in probes]
+    told = hallucination_summary(probes, described, n_boot=0)["pope"]["all"]
+    assert told["read_by_findings"] == len(probes) and told["unanswered"] == 0
 
 
 # ----------------------------------------------------------------------- wiring, end to end

@@ -355,6 +355,7 @@ def _pope_block(rows: Sequence[Mapping[str, Any]], n_boot: int, seed: int) -> di
         "n": len(rows),
         "n_yes_labels": int(labels.sum()),
         "unanswered": int((~answered).sum()),
+        "read_by_findings": sum(r.get("read_by") == "findings" for r in rows),
     }
     if not rows:
         out.update(dict.fromkeys(("accuracy", "precision", "recall", "f1", "yes_ratio")), ci={})

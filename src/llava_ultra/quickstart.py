@@ -228,7 +228,10 @@ def score_answers(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if r["selected"]
     ]
     result["hallucination"] = hallucination_summary(
-        [r["sample"] for r in rows], [r["prediction"] for r in rows], n_boot=200
+        [r["sample"] for r in rows],
+        [r["prediction"] for r in rows],
+        n_boot=200,
+        selected=[r["selected"] for r in rows],
     )
     report = selection_report(cases, n_boot=200)
     if report is not None:

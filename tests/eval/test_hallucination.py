@@ -16,6 +16,7 @@ from llava_ultra.eval.findings import Fact, extract_findings, truth_facts
 from llava_ultra.eval.hallucination import (
     Tolerance,
     check_answer,
+    frame_group,
     hallucination_delta,
     hallucination_over_seeds,
     hallucination_rows,
@@ -353,3 +354,26 @@ def test_measurement_questions_expect_no_named_finding():
 )
 def test_probe_answers_are_read_by_findings_then_cues(text, finding, lang, expected):
     assert read_probe_answer(text, finding, lang) == expected
+
+
+def test_hallucination_by_selected_frame_validity():
+    assert frame_group({"valid": [True, False]}, [0]) == "valid"
+    assert frame_group({"valid": [True, False]}, [1]) == "invalid"
+    assert frame_group({"valid": [True, False, True]}, [0, 1]) == "mixed"
+    assert frame_group({"valid": [True, True]}, [1]) is None  # not informative
+    assert frame_group({"valid": [True]}, [0]) is None and frame_group({"valid": None}, [0]) is None
+    assert frame_group({"valid": [True, False]}, None) is None
+    samples = [
+        sample(0, "findings", NODULE_REPORT, NODULE_REPORT, valid=[True, False]),
+        sample(1, "findings", NODULE_REPORT, NODULE_REPORT, valid=[True, False]),
+        sample(2, "findings", NODULE_REPORT, NODULE_REPORT, valid=[True, True]),
+    ]
+    answers = ["右叶上极见一结节。", "右叶上极见一结节，伴钙化。", "右肾结石。"]
+    h = hallucination_summary(samples, answers, n_boot=0, selected=[[0], [1], [0]])
+    frames = h["by_selected_frame"]
+    assert set(frames) == {"valid", "invalid"}
+    assert frames["valid"]["chair_i"] == 0.0 and frames["invalid"]["chair_i"] == 50.0
+    assert frames["valid"]["n_answers"] == frames["invalid"]["n_answers"] == 1
+    records = [{"text": a, "selected": s} for a, s in zip(answers, [[0], [1], [0]], strict=True)]
+    assert hallucination_summary(samples, records, n_boot=0)["by_selected_frame"] == frames
+    assert hallucination_summary(samples, answers, n_boot=0)["by_selected_frame"] is None

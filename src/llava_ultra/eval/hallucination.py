@@ -3,7 +3,8 @@ mis-sizes, counted per answer and per run with bootstrap CIs; POPE figures for p
 
 What this file owns: `check_answer` (answer facts vs ground-truth facts -> one row of counts),
 `hallucination_rows` (eval samples + predictions -> those rows, probe rows included),
-`aggregate` (rows -> the `scores.json["hallucination"]` block), and the entry points for other
+`aggregate` (rows -> the `scores.json["hallucination"]` block), `by_selected_frame` (the same
+over answers whose selected frame was valid vs invalid), and the entry points for other
 commands: `hallucination_summary` (one run) and `hallucination_over_seeds` /
 `hallucination_delta` (the ablation table's shape: mean +- sd over seeds, CI over questions).
 
@@ -309,6 +310,46 @@ def headline(block: Mapping[str, Any] | None, key: str) -> tuple[float | None, l
     return block.get(key), (block.get("ci") or {}).get(key)
 
 
+def frame_group(sample: Mapping[str, Any], selected: Sequence[int] | None) -> str | None:
+    """'valid' / 'invalid' / 'mixed': were the frames sent to the LLM ones the report describes?
+
+    Only informative samples (k > 1 with valid and invalid frames) get a group: elsewhere every
+    choice is valid (or none is), so there is nothing to compare. None without labels or choice.
+    """
+    valid = sample.get("valid")
+    if not valid or not selected or len(valid) < 2 or all(valid) or not any(valid):
+        return None
+    if any(not 0 <= int(i) < len(valid) for i in selected):
+        return None
+    hits = [bool(valid[int(i)]) for i in selected]
+    return "valid" if all(hits) else "invalid" if not any(hits) else "mixed"
+
+
+def by_selected_frame(
+    rows: Sequence[Mapping[str, Any]],
+    samples: Sequence[Mapping[str, Any]],
+    selected: Sequence[Sequence[int] | None],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any] | None:
+    """`aggregate` of the answer rows of informative samples, grouped by `frame_group`: the paper's
+    argument says an invalid frame paired with the report text makes the model invent."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row, sample, chosen in zip(rows, samples, selected, strict=True):
+        group = frame_group(sample, chosen) if row.get("kind") == "answer" else None
+        if group is not None:
+            groups.setdefault(group, []).append(row)
+    if not groups:
+        return None
+    out = {}
+    for group in ("valid", "invalid", "mixed"):
+        if group in groups:
+            part = aggregate(groups[group], n_boot, seed)
+            part.pop("pope", None)
+            out[group] = part
+    return out
+
+
 def score_hallucination(
     samples: Sequence[Mapping[str, Any]],
     predictions: Sequence[Any],
@@ -318,12 +359,21 @@ def score_hallucination(
     tolerance: Tolerance | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    selected: Sequence[Sequence[int] | None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(the `scores.json["hallucination"]` block, per-sample rows) of one run."""
+    """(the `scores.json["hallucination"]` block, per-sample rows) of one run.
+
+    `selected`: the frame positions sent to the LLM per sample (prediction records carry them);
+    default: read from the prediction records when they are records. With validity labels in the
+    samples this adds `by_selected_frame`.
+    """
     tol = tolerance or Tolerance()
     rows = hallucination_rows(samples, predictions, vocab=vocab, tolerance=tol)
     block = aggregate(rows, n_boot, seed)
     block["by_question_type"] = by_question_type(rows, n_boot, seed)
+    if selected is None:
+        selected = [p.get("selected") if isinstance(p, Mapping) else None for p in predictions]
+    block["by_selected_frame"] = by_selected_frame(rows, samples, selected, n_boot, seed)
     block["settings"] = {
         "tolerance": asdict(tol),
         "vocabulary": vocab_name,
@@ -340,14 +390,16 @@ def hallucination_summary(
     tolerance: Tolerance | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    selected: Sequence[Sequence[int] | None] | None = None,
 ) -> dict[str, Any]:
     """One run's hallucination figures: `aggregate` of `hallucination_rows` plus per question type.
 
     `samples` are eval samples (instruct format, e.g. rows of `eval.test.json`); `predictions`
-    the answer texts (or prediction records with `text`) in the same order.
+    the answer texts (or prediction records with `text`) in the same order; `selected` the frame
+    positions sent to the LLM per sample (adds `by_selected_frame` when samples carry `valid`).
     """
     return score_hallucination(
-        samples, predictions, vocab=vocab, tolerance=tolerance, n_boot=n_boot, seed=seed
+        samples, predictions, vocab=vocab, tolerance=tolerance, n_boot=n_boot, seed=seed, selected=selected
     )[0]
 
 

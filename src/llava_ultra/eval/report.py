@@ -417,6 +417,19 @@ def _hallucination_lines(block: Mapping[str, Any]) -> list[str]:
                 for qt, b in by_qt.items()
             ]
             lines += _table(["question type", "n", *[HALLUCINATION_LABELS[k] for k in keys]], rows) + [""]
+    by_frame = block.get("by_selected_frame")
+    if by_frame:
+        keys = ("chair_i", "chair_s", "omission", "wrong_side", "size_error")
+        lines += [
+            "By the frame the selector sent (informative samples: k > 1 with valid and invalid frames; "
+            "an invalid frame does not show the finding the report describes):",
+            "",
+        ]
+        rows = [
+            [g, str(b["n_answers"]), *[fmt(b.get(k), (b.get("ci") or {}).get(k)) for k in keys]]
+            for g, b in by_frame.items()
+        ]
+        lines += _table(["selected frame", "n", *[HALLUCINATION_LABELS[k] for k in keys]], rows) + [""]
     pope = block.get("pope")
     if pope:
         lines += [

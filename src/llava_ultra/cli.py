@@ -23,6 +23,12 @@ TEMPLATE_HELP = (
     "else vicuna_v1), because plain drops the question - pass --template plain to force it."
 )
 
+FINDINGS_VOCAB_HELP = (
+    "JSON/YAML file adding terms (finding synonyms, sides, location parts, negations) to the findings "
+    "vocabulary of the hallucination metrics; see docs/metrics.md."
+)
+SIZE_TOL_HELP = "Hallucination size error: a dimension off by more than max(this many cm, rel x true size)."
+
 app = typer.Typer(
     name="llava-ultra",
     help="Build, train, evaluate and serve a medical vision-language assistant (LLaVA-Ultra).",
@@ -310,6 +316,9 @@ def eval_cmd(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Weight dtype override, e.g. bfloat16.")] = None,
     plots: Annotated[bool, typer.Option(help="Draw PNG plots.")] = True,
+    findings_vocab: Annotated[str | None, typer.Option(help=FINDINGS_VOCAB_HELP)] = None,
+    size_tolerance_cm: Annotated[float, typer.Option(help=SIZE_TOL_HELP)] = 0.1,
+    size_tolerance_rel: Annotated[float, typer.Option(help="Relative part of the size tolerance.")] = 0.2,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing predictions.jsonl in --out.")] = False,
 ) -> None:
     """Generate answers for a dataset, save every prediction, and score them (data-parallel under torchrun)."""
@@ -334,6 +343,9 @@ def eval_cmd(
         device=device,
         dtype=dtype,
         plots=plots,
+        findings_vocab=findings_vocab,
+        size_tolerance_cm=size_tolerance_cm,
+        size_tolerance_rel=size_tolerance_rel,
     )
     result = run_eval(model, data, out, settings, overwrite=overwrite)
     if result is not None:
@@ -385,6 +397,9 @@ def score(
         Path | None, typer.Option(help="Write scores.json, report.md and plots to this folder.")
     ] = None,
     plots: Annotated[bool, typer.Option(help="Draw PNG plots (with --out).")] = True,
+    findings_vocab: Annotated[str | None, typer.Option(help=FINDINGS_VOCAB_HELP)] = None,
+    size_tolerance_cm: Annotated[float, typer.Option(help=SIZE_TOL_HELP)] = 0.1,
+    size_tolerance_rel: Annotated[float, typer.Option(help="Relative part of the size tolerance.")] = 0.2,
 ) -> None:
     """Re-score saved predictions without the model (pairs predictions with ground truth by question id)."""
     from .eval.report import compare_table, render_compare, render_report
@@ -400,6 +415,9 @@ def score(
         bootstrap=bootstrap,
         seed=seed,
         plots=plots,
+        findings_vocab=findings_vocab,
+        size_tolerance_cm=size_tolerance_cm,
+        size_tolerance_rel=size_tolerance_rel,
     )
     scores = rescore(predictions, ground_truth, settings, out)
     if out is None:
@@ -421,15 +439,19 @@ def compare(
     ] = None,
     metrics: Annotated[
         str | None,
-        typer.Option(help="Comma-separated metric keys (default: all, e.g. exact_match,f1,closed_accuracy)."),
+        typer.Option(
+            help="Comma-separated metric keys, e.g. exact_match,f1,closed_accuracy,chair_i,omission,wrong_side,"
+            "size_error,pope_accuracy,pope_f1,pope_yes_ratio (default: the answer metrics, CHAIR-i/-s, "
+            "omission, POPE F1 and yes-ratio)."
+        ),
     ] = None,
     ci: Annotated[bool, typer.Option(help="Show 95% bootstrap intervals.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the Markdown table to this file.")] = None,
 ) -> None:
     """One table across runs, like the paper's Table 2 (rows = runs, columns = metrics)."""
-    from .eval.report import METRICS, compare_table, read_scores, render_compare
+    from .eval.report import COMPARE_DEFAULT, compare_table, read_scores, render_compare
 
-    keys = [k.strip() for k in metrics.split(",") if k.strip()] if metrics else list(METRICS)
+    keys = [k.strip() for k in metrics.split(",") if k.strip()] if metrics else list(COMPARE_DEFAULT)
     loaded = [(p.name if p.is_dir() else p.parent.name, read_scores(p)) for p in runs]
     text = render_compare(*compare_table(loaded, subset, keys, ci))
     typer.echo(text, nl=False)
@@ -684,6 +706,41 @@ def predict(
 
 @app.command()
 @_friendly
+def probes(
+    reports: Annotated[
+        Path, typer.Option(help="SynthUS folder (from `llava-ultra synth`) or a reports .jsonl/.csv.")
+    ],
+    out: Annotated[Path, typer.Option(help="Probe eval JSON to write, e.g. instruct/probes.test.json.")],
+    split: Annotated[str, typer.Option(help="Split of a SynthUS folder: train, val or test.")] = "test",
+    language: Annotated[str, typer.Option(help="zh, en or both.")] = "both",
+    seed: Annotated[int, typer.Option(help="Seed; the same seed writes the same probes.")] = 0,
+    strategies: Annotated[
+        str,
+        typer.Option(help="Comma-separated: random, popular, adversarial (how absent findings are picked)."),
+    ] = "random,popular,adversarial",
+    findings_vocab: Annotated[str | None, typer.Option(help=FINDINGS_VOCAB_HELP)] = None,
+) -> None:
+    """POPE-style yes/no probes about present and absent findings; evaluate them with `llava-ultra eval`."""
+    from .eval.findings import load_vocabulary
+    from .eval.probes import run_probes
+
+    langs = ("zh", "en") if language == "both" else (language,)
+    if any(g not in ("zh", "en") for g in langs):
+        raise typer.BadParameter(f"--language {language!r}: use zh, en or both")
+    summary = run_probes(
+        reports,
+        out,
+        split=split,
+        languages=langs,
+        seed=seed,
+        strategies=[x.strip() for x in strategies.split(",") if x.strip()],
+        vocab=load_vocabulary(findings_vocab),
+    )
+    typer.echo(summary.render())
+
+
+@app.command()
+@_friendly
 def judge(
     pred: Annotated[
         Path, typer.Option(help="Predictions JSONL (question_id, text), LLaVA-Med answer format.")
@@ -720,6 +777,13 @@ def judge(
     price: Annotated[
         str | None, typer.Option(help="'IN,OUT' USD per 1M tokens (default: built-in table).")
     ] = None,
+    rubric: Annotated[
+        str,
+        typer.Option(
+            help="llava-med (helpfulness, relevance, accuracy, detail) or hallucination (faithfulness to "
+            "the report: invented, mis-sided, mis-sized or denied findings; written to separate files)."
+        ),
+    ] = "llava-med",
 ) -> None:
     """Score answers with an LLM judge (LLaVA-Med protocol): relative score per category and overall."""
     from .eval.judge import CACHE_NAME, run_judge
@@ -739,7 +803,7 @@ def judge(
         max_tokens=max_tokens,
         price=parse_price(price),
     )
-    summary = run_judge(pred, ref, out, config, repeats=repeats)
+    summary = run_judge(pred, ref, out, config, repeats=repeats, rubric=rubric)
     typer.echo(summary.render())
 
 

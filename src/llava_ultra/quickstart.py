@@ -8,7 +8,8 @@ Steps, each the same code path a user runs by hand:
 4. evaluation on the SynthUS test split, greedy decoding, for the untrained model (the exact
    initial weights of stage 1) and the trained stage-2 checkpoint: strict-mode EM / F1 / BLEU
    (`eval.metrics.score`) on site, findings and diagnosis questions, site accuracy (the answer
-   names the right site and no other), and how often the selector sent a valid frame to the LLM against random choice (`eval.selection`);
+   names the right site and no other), and how often the selector sent a valid frame to the LLM against random choice (`eval.selection`),
+   and the findings the answers invent or omit (`eval.hallucination`, CHAIR-i / CHAIR-s / omission);
 5. a table, OUT/quickstart.json, and how to use the checkpoint.
 
 `--fast` shrinks everything for a smoke test (CI). The defaults were tuned to finish in a few
@@ -89,6 +90,9 @@ class QuickstartResult:
             ("diagnosis BLEU", "diagnosis.bleu"),
             ("valid-frame selection, informative reports", "selection.rate"),
             ("  random choice on the same reports", "selection.random_rate"),
+            ("invented findings, CHAIR-i (lower is better)", "hallucination.chair_i"),
+            ("answers inventing a finding, CHAIR-s", "hallucination.chair_s"),
+            ("omitted findings", "hallucination.omission"),
         ]
 
         def get(d: dict[str, Any], dotted: str) -> str:
@@ -214,7 +218,9 @@ def generate_answers(
 
 
 def score_answers(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Strict-mode metrics per question type, site accuracy, and frame selection vs random."""
+    """Strict-mode metrics per question type, site accuracy, frame selection vs random, and
+    hallucination (`eval.hallucination`: invented / omitted findings of the answers)."""
+    from .eval.hallucination import hallucination_summary
     from .eval.metrics import score
     from .eval.selection import make_case, selection_report
 
@@ -239,6 +245,12 @@ def score_answers(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for r in rows
         if r["selected"]
     ]
+    result["hallucination"] = hallucination_summary(
+        [r["sample"] for r in rows],
+        [r["prediction"] for r in rows],
+        n_boot=200,
+        selected=[r["selected"] for r in rows],
+    )
     report = selection_report(cases, n_boot=200)
     if report is not None:
         result["selection"] = report["informative"] if report["informative"]["n"] else report["all"]

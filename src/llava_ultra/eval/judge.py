@@ -28,6 +28,12 @@ Notable choices:
   LLMError naming the URL: the command exits non-zero, with no fallback metric.
 - Raw replies are the batch journal (`judge_raw.jsonl`): a killed run resumes, and the reply
   cache makes a re-run free.
+- Two rubrics (`--rubric`): `llava-med` (the protocol above) and `hallucination`, which asks the
+  judge to list the findings each answer invents or wrongly denies against the report and to rate
+  faithfulness 1-10 on the same two-number first line. The hallucination rubric is reported
+  separately (`judge_hallucination_raw.jsonl`, `judge_hallucination_scores.json`, beside the
+  LLaVA-Med files in the same folder) and pinned: its text lives here, and the summary records
+  its name and a hash of its text (`rubric_sha`), so a changed rubric is visible in the results.
 """
 
 from __future__ import annotations
@@ -74,6 +80,53 @@ CATEGORIES = {
 RAW_NAME = "judge_raw.jsonl"
 SCORES_NAME = "judge_scores.json"
 CACHE_NAME = "judge_cache.sqlite3"
+
+HALLUCINATION_SYSTEM = (
+    "You are a careful radiologist who checks answers about medical images for hallucinated findings."
+)
+HALLUCINATION_INSTRUCTION = (
+    "The examination findings in the context above are the ground truth of what the ultrasound images "
+    "show. Check the two AI assistants' answers to the user question against them.\n"
+    "A hallucination is a finding an answer states that the context does not support: a lesion that "
+    "is not there, a wrong side or location, a size that differs from the measured one, or a present "
+    "finding that the answer denies. Omitting a finding is not a hallucination; vague wording is not "
+    "a hallucination.\n"
+    "Rate each assistant's faithfulness on a scale of 1 to 10, where 10 means it states nothing the "
+    "context does not support and 1 means most of what it states is invented.\n"
+    "Please first output a single line containing only two values indicating the faithfulness scores "
+    "for Assistant 1 and 2, respectively. The two scores are separated by a space.\n"
+    "In the subsequent lines, list every hallucinated finding of each assistant (or 'none'), then "
+    "briefly explain, ensuring that the order in which the responses were presented does not affect "
+    "your judgment."
+)
+RUBRICS: dict[str, tuple[str, str]] = {
+    "llava-med": (SYSTEM, INSTRUCTION),
+    "hallucination": (HALLUCINATION_SYSTEM, HALLUCINATION_INSTRUCTION),
+}
+"""rubric name -> (system message, instruction placed after the two answers)."""
+
+
+def rubric_files(rubric: str) -> tuple[str, str]:
+    """(raw replies file, scores file) of a rubric: LLaVA-Med keeps the historical names."""
+    check_rubric(rubric)
+    if rubric == "llava-med":
+        return RAW_NAME, SCORES_NAME
+    return f"judge_{rubric}_raw.jsonl", f"judge_{rubric}_scores.json"
+
+
+def check_rubric(rubric: str) -> str:
+    if rubric not in RUBRICS:
+        raise DataError(f"unknown judge rubric {rubric!r}; use one of: {', '.join(RUBRICS)}")
+    return rubric
+
+
+def rubric_sha(rubric: str) -> str:
+    """A short hash of the rubric's text, recorded with its scores (the rubric is pinned)."""
+    import hashlib
+
+    system, instruction = RUBRICS[check_rubric(rubric)]
+    return hashlib.sha1(f"{system}\0{instruction}".encode()).hexdigest()[:12]
+
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
 _LABELLED = [
@@ -122,16 +175,19 @@ def parse_scores(text: str | None) -> tuple[float, float] | None:
     return scores
 
 
-def judge_messages(context: str, question: str, reference: str, answer: str) -> list[dict[str, str]]:
-    """The two messages of one judgement (LLaVA-Bench layout, reference first)."""
+def judge_messages(
+    context: str, question: str, reference: str, answer: str, rubric: str = "llava-med"
+) -> list[dict[str, str]]:
+    """The two messages of one judgement (LLaVA-Bench layout, reference first) under `rubric`."""
+    system, instruction = RUBRICS[check_rubric(rubric)]
     user = (
         f"[Context]\n{context}\n\n"
         f"[Question]\n{question}\n\n"
         f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
         f"[Assistant 2]\n{answer}\n\n[End of Assistant 2]\n\n"
-        f"[System]\n{INSTRUCTION}\n\n"
+        f"[System]\n{instruction}\n\n"
     )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 @dataclass(frozen=True)
@@ -300,8 +356,10 @@ class JudgeSummary:
 
     def render(self) -> str:
         m = self.meta
+        raw_name, scores_name = rubric_files(m.get("rubric", "llava-med"))
         lines = [
             f"judge {m['judge_model']} (temperature {m['temperature']}, {m['repeats']} repeat(s)) at {m['base_url']}"
+            f", rubric {m.get('rubric', 'llava-med')}"
         ]
         if self.dry_run:
             lines.append("dry run: requests printed above, nothing sent, no scores")
@@ -321,7 +379,7 @@ class JudgeSummary:
                 f" ({m['unscored_items']} item(s) with no parseable reply, left out)"
             )
             if m.get("resumed_replies"):
-                lines.append(f"{m['resumed_replies']} replies reused from {self.out_dir / RAW_NAME}")
+                lines.append(f"{m['resumed_replies']} replies reused from {self.out_dir / raw_name}")
         for label, key in (
             ("references without a prediction", "missing_predictions"),
             ("predictions without a reference", "unmatched_predictions"),
@@ -334,7 +392,7 @@ class JudgeSummary:
         lines.append(self.usage)
         if not self.dry_run:
             lines.append(
-                f"raw judge replies -> {self.out_dir / RAW_NAME}; scores -> {self.out_dir / SCORES_NAME}"
+                f"raw judge replies -> {self.out_dir / raw_name}; scores -> {self.out_dir / scores_name}"
             )
         return "\n".join(lines)
 
@@ -346,10 +404,16 @@ def run_judge(
     config: ClientConfig,
     *,
     repeats: int = 1,
+    rubric: str = "llava-med",
 ) -> JudgeSummary:
-    """Judge every paired item `repeats` times; write raw replies and `judge_scores.json` to out_dir."""
+    """Judge every paired item `repeats` times under `rubric`; write raw replies and the scores
+    file (`rubric_files`: judge_scores.json for llava-med) to out_dir.
+
+    With the hallucination rubric the scores are faithfulness (10 = nothing invented) and the
+    relative score is model faithfulness / reference faithfulness x 100."""
     if repeats < 1:
         raise DataError(f"repeats must be >= 1, got {repeats}")
+    raw_name, scores_name = rubric_files(rubric)
     pairing = pair_items(read_records(pred), read_records(ref))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -359,7 +423,7 @@ def run_judge(
 
         def messages(job: tuple[JudgeItem, int]) -> list[dict[str, str]]:
             item = job[0]
-            return judge_messages(item.context, item.question, item.reference, item.answer)
+            return judge_messages(item.context, item.question, item.reference, item.answer, rubric)
 
         def fingerprint(job: tuple[JudgeItem, int]) -> str:
             return client.request_key(messages(job), cache_extra={"repeat": job[1]})
@@ -372,6 +436,7 @@ def run_judge(
                 "repeat": repeat,
                 "category": item.category,
                 "judge_model": config.model,
+                "rubric": rubric,
                 "served_model": reply.served_model,
                 "temperature": config.temperature,
                 "reply": reply.content,
@@ -385,6 +450,8 @@ def run_judge(
             "base_url": config.base_url,
             "temperature": config.temperature,
             "repeats": repeats,
+            "rubric": rubric,
+            "rubric_sha": rubric_sha(rubric),
             "pred": str(pred),
             "ref": str(ref),
             "missing_predictions": pairing.missing_predictions,
@@ -396,7 +463,7 @@ def run_judge(
                 client.chat(messages(job), cache_extra={"repeat": job[1]})
             return JudgeSummary({}, meta, client.render_usage(), out, dry_run=True)
         result = run_batch(
-            jobs, work, out / RAW_NAME, fingerprint=fingerprint, concurrency=config.concurrency
+            jobs, work, out / raw_name, fingerprint=fingerprint, concurrency=config.concurrency
         )
         usage = client.render_usage()
 
@@ -413,7 +480,7 @@ def run_judge(
         resumed_replies=result.resumed,
         served_models=sorted({r["served_model"] for r in records if r.get("served_model")}),
     )
-    (out / SCORES_NAME).write_text(
+    (out / scores_name).write_text(
         json.dumps({"scores": scores, "meta": meta}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
     )
     return JudgeSummary(scores, meta, usage, out)

@@ -19,6 +19,9 @@ Notable choices:
   reports are reproducible); corpus sacreBLEU is reported per subset without a CI.
 - Subsets: language, modality, answer type, question type, site, k (frames per sample) and
   dataset, each where the ground truth has values. Missing values show as '(none)'.
+- Hallucination (`hallucination.py`, `findings.py`, `probes.py`): invented / omitted /
+  mis-sided / mis-sized findings of open answers and POPE figures of probe questions, overall
+  (`scores["hallucination"]`), per subset, per sample, in report.md, and as `compare` columns.
 - The confusion matrix labels closed yes/no questions with the strict yes/no cue rule in both
   modes (llava-med's substring rule has no notion of a predicted label); other closed answers
   are left out of it.
@@ -34,6 +37,10 @@ from typing import Any
 
 from ..errors import DataError
 from . import metrics
+from .findings import Vocabulary
+from .hallucination import LABELS as HALLUCINATION_LABELS
+from .hallucination import Tolerance, headline, score_hallucination
+from .hallucination import aggregate as hallucination_aggregate
 from .selection import make_case, selection_report
 
 SCORES_NAME = "scores.json"
@@ -53,6 +60,10 @@ METRIC_LABELS = {
     metrics.OPEN_ACCURACY: "Open acc",
     "closed_accuracy": "Closed acc",
 }
+HALLUCINATION_METRICS = tuple(HALLUCINATION_LABELS)
+"""Hallucination keys `compare` accepts (`hallucination.LABELS`); read from scores["hallucination"]."""
+COMPARE_DEFAULT = (*METRICS, "chair_i", "chair_s", "omission", "pope_f1", "pope_yes_ratio")
+"""Columns of `compare` (and of the eval/score summary table) when none are chosen."""
 SUBSETS = ("language", "modality", "answer_type", "question_type", "site", "k", "dataset")
 NONE_LABEL = "(none)"
 
@@ -233,13 +244,19 @@ def score_run(
     n_boot: int = 1000,
     seed: int = 0,
     run: Mapping[str, Any] | None = None,
+    vocab: Vocabulary | None = None,
+    vocab_name: str = "built-in",
+    tolerance: Tolerance | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Score predictions (LLaVA-Med answer records) against ground-truth eval samples.
 
     Returns (scores, per-sample rows). `scores` = `metrics.score` output + `ci`, `subsets`,
-    `confusion`, `selection`, `n_unpaired_predictions` and the `run` description given. Rows
-    carry the sample id, the subset values and the per-sample metrics. Pairing is by id
-    (`pair_by_id`); `candidates` is llava-med mode's open-accuracy set (None = open references).
+    `confusion`, `selection`, `n_unpaired_predictions`, `hallucination`
+    (`hallucination.score_hallucination`: invented, omitted, mis-sided and mis-sized findings, POPE
+    for probe questions; also in every subset) and the `run` description given. Rows carry the
+    sample id, the subset values, the per-sample metrics and the sample's hallucination counts.
+    Pairing is by id (`pair_by_id`); `candidates` is llava-med mode's open-accuracy set (None = open
+    references). `vocab` / `tolerance`: the findings vocabulary and size tolerance (defaults: built-in).
     """
     predictions, unpaired = pair_by_id(predictions, ground_truth, allow_unpaired)
     preds = [prediction_text(p) for p in predictions]
@@ -253,6 +270,15 @@ def score_run(
     scores["n_unpaired_predictions"] = unpaired
     scores["ci"] = confidence_intervals(rows, n_boot, seed)
     scores["bootstrap"] = {"resamples": n_boot, "seed": seed, "level": 0.95, "kind": "percentile"}
+    scores["hallucination"], h_rows = score_hallucination(
+        ground_truth,
+        predictions,
+        vocab=vocab,
+        vocab_name=vocab_name,
+        tolerance=tolerance,
+        n_boot=n_boot,
+        seed=seed,
+    )
 
     subsets: dict[str, dict[str, Any]] = {}
     for dim in SUBSETS:
@@ -273,6 +299,10 @@ def score_run(
             )
             for v in order
         }
+        for v in order:
+            part = [h_rows[i] for i in groups[v]]
+            if any(r.get("kind") for r in part):
+                subsets[dim][v]["hallucination"] = hallucination_aggregate(part, n_boot, seed)
     scores["subsets"] = subsets
     scores["confusion"] = closed_confusion(rows, preds, refs)
     cases = [
@@ -288,7 +318,7 @@ def score_run(
     scores["run"] = dict(run or {})
 
     per_sample = []
-    for row, pred, gt in zip(rows, predictions, ground_truth, strict=True):
+    for row, pred, gt, h in zip(rows, predictions, ground_truth, h_rows, strict=True):
         out = {"id": gt.get("id"), **{d: subset_value(gt, d) for d in SUBSETS}}
         keys = (
             *metrics.METRIC_KEYS,
@@ -299,6 +329,9 @@ def score_run(
         )
         out.update({k: row[k] for k in keys})
         out["selected"] = pred.get("selected")
+        out["hallucination"] = (
+            {k: v for k, v in h.items() if k not in ("question_type",)} if h.get("kind") else None
+        )
         per_sample.append(out)
     return scores, per_sample
 
@@ -369,6 +402,101 @@ def _selection_lines(sel: Mapping[str, Any]) -> list[str]:
     return lines + _table(header, rows) + [""]
 
 
+def _pope_rows(pope: Mapping[str, Any]) -> list[list[str]]:
+    def row(name: str, b: Mapping[str, Any]) -> list[str]:
+        ci = b.get("ci") or {}
+        return [
+            name,
+            str(b["n"]),
+            fmt(b.get("accuracy"), ci.get("accuracy")),
+            fmt(b.get("precision")),
+            fmt(b.get("recall")),
+            fmt(b.get("f1"), ci.get("f1")),
+            fmt(b.get("yes_ratio"), ci.get("yes_ratio")),
+            str(b.get("read_by_findings", 0)),
+            str(b.get("unanswered", 0)),
+        ]
+
+    rows = [row(f"strategy {k}", b) for k, b in pope.get("by_strategy", {}).items()]
+    rows += [row(f"language {k}", b) for k, b in pope.get("by_language", {}).items()]
+    return [*rows, row("all probes", pope["all"])]
+
+
+def _hallucination_lines(block: Mapping[str, Any]) -> list[str]:
+    """The report section of `scores["hallucination"]` (definitions: docs/metrics.md)."""
+    settings = block.get("settings") or {}
+    tol = settings.get("tolerance") or {}
+    c = block.get("counts") or {}
+    sources = ", ".join(f"{k} {v}" for k, v in (block.get("truth_source") or {}).items()) or "-"
+    lines = [
+        "## Hallucination (findings the answers invent, omit or misplace)",
+        "",
+        f"Scope: {settings.get('scope', '?')}: {block['n_answers']} answers. Findings are read by the "
+        f"rule-based extractor (vocabulary: {settings.get('vocabulary', 'built-in')}); ground truth per "
+        f"answer from: {sources}. Size tolerance: max({tol.get('abs_cm')} cm, {tol.get('rel')} x true "
+        "size). Lower is better. Definitions: docs/metrics.md.",
+        "",
+    ]
+    if block["n_answers"]:
+        spec = [
+            ("chair_i", f"{c.get('invented', 0)} invented of {c.get('stated', 0)} stated findings"),
+            ("chair_s", "answers with at least one invented finding"),
+            ("omission", f"{c.get('omitted', 0)} of {c.get('expected', 0)} expected findings not stated"),
+            ("contradiction", f"{c.get('contradicted', 0)} expected findings denied"),
+            ("wrong_side", f"{c.get('side_wrong', 0)} of {c.get('side_checked', 0)} sides compared"),
+            ("wrong_location", f"{c.get('part_wrong', 0)} of {c.get('part_checked', 0)} locations compared"),
+            ("size_error", f"{c.get('size_wrong', 0)} of {c.get('size_checked', 0)} sizes compared"),
+        ]
+        ci = block.get("ci") or {}
+        rows = [[HALLUCINATION_LABELS[k], fmt(block.get(k)), fmt_ci(ci.get(k)), what] for k, what in spec]
+        lines += _table(["metric (%)", "value", "95% CI", "counts"], rows) + [""]
+        if block.get("invented_types"):
+            invented = ", ".join(f"{k} {v}" for k, v in block["invented_types"].items())
+            lines += [f"Invented finding types: {invented}.", ""]
+        by_qt = block.get("by_question_type") or {}
+        if len(by_qt) > 1:
+            keys = ("chair_i", "chair_s", "omission", "wrong_side", "size_error")
+            rows = [
+                [qt, str(b["n_answers"]), *[fmt(b.get(k), (b.get("ci") or {}).get(k)) for k in keys]]
+                for qt, b in by_qt.items()
+            ]
+            lines += _table(["question type", "n", *[HALLUCINATION_LABELS[k] for k in keys]], rows) + [""]
+    by_frame = block.get("by_selected_frame")
+    if by_frame:
+        keys = ("chair_i", "chair_s", "omission", "wrong_side", "size_error")
+        lines += [
+            "By the frame the selector sent (informative samples: k > 1 with valid and invalid frames; "
+            "an invalid frame does not show the finding the report describes):",
+            "",
+        ]
+        rows = [
+            [g, str(b["n_answers"]), *[fmt(b.get(k), (b.get("ci") or {}).get(k)) for k in keys]]
+            for g, b in by_frame.items()
+        ]
+        lines += _table(["selected frame", "n", *[HALLUCINATION_LABELS[k] for k in keys]], rows) + [""]
+    pope = block.get("pope")
+    if pope:
+        lines += [
+            "### POPE probes (yes/no questions about present and absent findings)",
+            "",
+            f"Labels: {pope['rule']}. An always-yes model scores yes-ratio 100 and accuracy 50 on a balanced set.",
+            "",
+        ]
+        header = [
+            "probes",
+            "n",
+            "accuracy [95% CI]",
+            "precision",
+            "recall",
+            "F1 [95% CI]",
+            "yes-ratio [95% CI]",
+            "read by findings",
+            "unanswered",
+        ]
+        lines += _table(header, _pope_rows(pope)) + [""]
+    return lines
+
+
 def render_report(scores: Mapping[str, Any]) -> str:
     """The Markdown report of a scored run (the `scores.json` dict)."""
     run = scores.get("run") or {}
@@ -431,6 +559,8 @@ def render_report(scores: Mapping[str, Any]) -> str:
         lines += _table(["", *[f"predicted {p}" for p in conf["predicted_labels"]]], rows) + [""]
     if scores.get("selection"):
         lines += _selection_lines(scores["selection"])
+    if scores.get("hallucination"):
+        lines += _hallucination_lines(scores["hallucination"])
     if scores.get("plots"):
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in scores["plots"]] + [""]
     return "\n".join(lines)
@@ -475,28 +605,39 @@ def read_scores(path: str | Path) -> dict[str, Any]:
 def compare_table(
     runs: Sequence[tuple[str, Mapping[str, Any]]],
     subset: str | None = None,
-    metric_keys: Sequence[str] = METRICS,
+    metric_keys: Sequence[str] = COMPARE_DEFAULT,
     with_ci: bool = False,
 ) -> tuple[list[str], list[list[str]], list[str]]:
     """(header, rows, notes) with one row per run (per run and subset value when `subset` is given).
 
-    Each row names the metric mode and tokenizer its numbers were computed with.
+    Each row names the metric mode and tokenizer its numbers were computed with. Metric keys are
+    `METRICS` and the hallucination keys (`HALLUCINATION_METRICS`: chair_i, chair_s, omission,
+    ..., pope_accuracy, pope_f1, pope_yes_ratio); a run scored before those existed shows '-'.
 
     Notes warn when runs were scored with different modes or tokenizers (their numbers are not
     comparable) and name runs without the requested subset.
     """
-    unknown = [k for k in metric_keys if k not in METRICS]
+    unknown = [k for k in metric_keys if k not in METRICS and k not in HALLUCINATION_METRICS]
     if unknown:
-        raise DataError(f"unknown metric {unknown[0]!r}; use any of: {', '.join(METRICS)}")
+        raise DataError(
+            f"unknown metric {unknown[0]!r}; use any of: {', '.join((*METRICS, *HALLUCINATION_METRICS))}"
+        )
     if subset is not None and subset not in SUBSETS:
         raise DataError(f"unknown subset {subset!r}; use one of: {', '.join(SUBSETS)}")
-    header = ["run", "mode", "tokenizer", "n", *[METRIC_LABELS[k] for k in metric_keys]]
+    labels = {**METRIC_LABELS, **HALLUCINATION_LABELS}
+    header = ["run", "mode", "tokenizer", "n", *[labels[k] for k in metric_keys]]
     rows: list[list[str]] = []
     notes: list[str] = []
 
+    def cell(entry: Mapping[str, Any], key: str) -> str:
+        if key in HALLUCINATION_METRICS:
+            value, ci = headline(entry.get("hallucination"), key)
+        else:
+            value, ci = entry.get(key), (entry.get("ci") or {}).get(key)
+        return fmt(value, ci if with_ci else None)
+
     def cells(entry: Mapping[str, Any]) -> list[str]:
-        ci = entry.get("ci") or {}
-        return [fmt(entry.get(k), ci.get(k) if with_ci else None) for k in metric_keys]
+        return [cell(entry, k) for k in metric_keys]
 
     for name, scores in runs:
         scored_as = [scores["mode"], str(scores.get("tokenizer", "unknown"))]

@@ -6,7 +6,7 @@ and the run folder layout:
 
     RUN_DIR/predictions.jsonl   one LLaVA-Med answer record per sample, in ground-truth order
     RUN_DIR/run.json            model, data spec, decoding settings, prompt template, counts, timing
-    RUN_DIR/scores.json         metrics.score output + CIs + subsets + confusion + selection
+    RUN_DIR/scores.json         metrics.score output + CIs + subsets + confusion + selection + hallucination
     RUN_DIR/per_sample.jsonl    per-sample metrics with subset values (for error analysis)
     RUN_DIR/report.md, RUN_DIR/plots/*.png
 
@@ -106,6 +106,14 @@ class EvalSettings:
     """Weight dtype override ('float32', 'bfloat16', ...); None = the checkpoint's ('auto')."""
     plots: bool = True
     """Draw the PNG plots."""
+    findings_vocab: str | None = None
+    """JSON/YAML file adding terms to the findings vocabulary of the hallucination metrics
+    (`eval.findings.load_vocabulary`); None = the built-in vocabulary."""
+    size_tolerance_cm: float = 0.1
+    """Hallucination size error: a dimension is wrong when off by more than
+    max(size_tolerance_cm, size_tolerance_rel x true size)."""
+    size_tolerance_rel: float = 0.2
+    """Relative part of the size tolerance (see size_tolerance_cm)."""
 
     def __post_init__(self) -> None:
         from .metrics import MODES, TOKENIZERS, check_closed_variant
@@ -140,7 +148,22 @@ class EvalSettings:
             raise ConfigError(
                 f"eval max_bad_fraction={self.max_bad_fraction} must be in [0, 1] (0 = no malformed records)"
             )
+        if self.size_tolerance_cm < 0 or self.size_tolerance_rel < 0:
+            raise ConfigError(
+                f"eval size tolerance {self.size_tolerance_cm} cm / {self.size_tolerance_rel}: both must be >= 0"
+            )
         self.stop = tuple(self.stop)
+
+    def hallucination(self) -> dict[str, Any]:
+        """The vocabulary and size tolerance `report.score_run` takes for the hallucination metrics."""
+        from .findings import load_vocabulary
+        from .hallucination import Tolerance
+
+        return {
+            "vocab": load_vocabulary(self.findings_vocab),
+            "vocab_name": self.findings_vocab or "built-in",
+            "tolerance": Tolerance(self.size_tolerance_cm, self.size_tolerance_rel),
+        }
 
     def decoding(self) -> dict[str, Any]:
         """The decoding settings as recorded in run.json and named in the report."""
@@ -505,7 +528,12 @@ def score_and_write(
 ) -> dict[str, Any]:
     """Score, draw the plots, and write scores.json / per_sample.jsonl / report.md into `out`."""
     scores, per_sample = score_run(
-        predictions, ground_truth, **_score_options(settings), allow_unpaired=allow_unpaired, run=run
+        predictions,
+        ground_truth,
+        **_score_options(settings),
+        allow_unpaired=allow_unpaired,
+        run=run,
+        **settings.hallucination(),
     )
     if settings.plots:
         from .plots import write_plots
@@ -577,7 +605,12 @@ def rescore(
     allow_unpaired = cut or bool(bad)
     if out_dir is None:
         scores, _ = score_run(
-            predictions, ground_truth, **_score_options(settings), allow_unpaired=allow_unpaired, run=run
+            predictions,
+            ground_truth,
+            **_score_options(settings),
+            allow_unpaired=allow_unpaired,
+            run=run,
+            **settings.hallucination(),
         )
         return scores
     return score_and_write(predictions, ground_truth, Path(out_dir), settings, run, allow_unpaired)

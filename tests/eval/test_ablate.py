@@ -89,10 +89,12 @@ def test_minimal_ablation_end_to_end(tmp_path: Path) -> None:
     assert saved["settings"]["rows"] == ["full", "no_stage2"]
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     lines = [ln for ln in md.splitlines() if ln.startswith("| LLaVA-Ultra full model")]
-    # main table, per-type table, selection table, teacher-definitions table
-    assert len(lines) == 4 and all(ln.count("|") == lines[0].count("|") for ln in lines[:1])
+    # main table, per-type table, selection table, hallucination table, teacher-definitions table
+    assert len(lines) == 5 and all(ln.count("|") == lines[0].count("|") for ln in lines[:1])
     variants = table["full"]["teacher_variants"]
     assert set(variants) == {f"teacher_{t}_{h}" for t in ("findings", "diagnosis") for h in ("mass", "peak")}
+    assert {"hallucination.chair_i", "hallucination.omission"} <= set(table["full"]["metrics"])
+    assert "hallucination.chair_i" in table["no_stage2"]["delta_vs_full"]
     pooled = table["full"]["selector_pooled"]
     assert pooled["ci"][0] <= pooled["rate"] <= pooled["ci"][1] and pooled["n"] > 0
     header = next(ln for ln in md.splitlines() if ln.startswith("| variant | EM"))

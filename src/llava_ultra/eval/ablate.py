@@ -419,7 +419,9 @@ def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> di
             result["seconds"] = {"train": train_s, "eval": time.perf_counter() - t}
             result["checkpoint"] = str(done)
             runs[key][seed] = result
-            payload = _payload(opts, keys, runs, len(samples), len(reports), time.perf_counter() - t0)
+            payload = _payload(
+                opts, keys, runs, len(samples), len(reports), time.perf_counter() - t0, samples
+            )
             _write(out, payload)  # after every run: an interrupted ablation keeps what it measured
     return payload
 
@@ -431,6 +433,7 @@ def _payload(
     n_q: int,
     n_rep: int,
     secs: float,
+    samples: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     done = {k: v for k, v in runs.items() if v}
     return {
@@ -447,7 +450,7 @@ def _payload(
             "encoders": opts.encoders,
             "row_overrides": {k: ROWS[k].overrides | {"site_cue": ROWS[k].site_cue} for k in done},
         },
-        "table": aggregate(done, opts.n_boot),
+        "table": aggregate(done, opts.n_boot, samples),
         "runs": {
             k: {
                 str(s): {kk: vv for kk, vv in r.items() if kk not in ("frames", "answers")}
@@ -468,8 +471,39 @@ def _write(out: Path, payload: dict[str, Any]) -> None:
     (out / "results.md").write_text(render(payload), encoding="utf-8")
 
 
-def aggregate(runs: dict[str, dict[int, dict[str, Any]]], n_boot: int) -> dict[str, Any]:
-    """Per row: every metric summarised over seeds; delta vs the full row; selection over seeds."""
+def _answers_in_order(result: dict[str, Any], ids: Sequence[str]) -> list[str] | None:
+    by_id = {a["id"]: a["prediction"] for a in result.get("answers") or []}
+    return [by_id[i] for i in ids] if ids and all(i in by_id for i in ids) else None
+
+
+def add_hallucination(table: dict[str, Any], runs: dict[str, dict[int, dict[str, Any]]],
+                      samples: Sequence[dict[str, Any]], n_boot: int) -> None:  # fmt: skip
+    """Invented / omitted / mis-sided / mis-sized findings per row over seeds (eval/hallucination.py),
+    and the paired difference to the full row, from the answers each run kept."""
+    from .hallucination import hallucination_delta, hallucination_over_seeds
+
+    ids = [s["id"] for s in samples]
+    full = runs.get("full")
+    for key, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        preds = [_answers_in_order(by_seed[s], ids) for s in seeds]
+        if not preds or any(p is None for p in preds):
+            continue
+        entry = table[key]
+        for metric, value in hallucination_over_seeds(samples, preds, n_boot=n_boot).items():
+            entry["metrics"][f"hallucination.{metric}"] = value
+        if full is not None and key != "full" and set(full) >= set(seeds):
+            ref = [_answers_in_order(full[s], ids) for s in seeds]
+            if all(r is not None for r in ref):
+                for metric, d in hallucination_delta(samples, preds, ref, n_boot=n_boot).items():
+                    entry["delta_vs_full"][f"hallucination.{metric}"] = d
+
+
+def aggregate(
+    runs: dict[str, dict[int, dict[str, Any]]], n_boot: int, samples: Sequence[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Per row: every metric summarised over seeds; delta vs the full row; selection over seeds;
+    hallucination rates when the eval `samples` are given."""
     table: dict[str, Any] = {}
     full = runs.get("full")
     for key, by_seed in runs.items():
@@ -509,6 +543,8 @@ def aggregate(runs: dict[str, dict[int, dict[str, Any]]], n_boot: int) -> dict[s
             )
             entry["teacher_mass"] = _over_seeds([by_seed[s]["selection"]["teacher_mass_mean"] for s in seeds])
         table[key] = entry
+    if samples:
+        add_hallucination(table, runs, samples, n_boot)
     return table
 
 
@@ -622,6 +658,24 @@ def render(payload: dict[str, Any]) -> str:
             f"| {e['label']} | {e['n_informative']} | {_cell(e['selector_rate'], ci=False)} | {pooled_txt} | "
             f"{e['random_rate']:.1f} | {lift_txt} | {teacher} | {peak_txt} |"
         )
+    if any("hallucination.chair_i" in e["metrics"] for e in table.values()):
+        lines += [
+            "",
+            "Hallucination (eval/hallucination.py, docs/metrics.md): findings the answers invent (CHAIR-i: "
+            "share of stated findings absent from the report; CHAIR-s: share of answers with one), omit, "
+            "put on the wrong side or mis-size; mean ± sd over seeds [95% CI over questions]; Δ vs full.",
+            "",
+            "| variant | CHAIR-i | CHAIR-s | omission | wrong side | size error | ΔCHAIR-i vs full |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in table.values():
+            m = e["metrics"]
+            lines.append(
+                f"| {e['label']} | {_cell(m.get('hallucination.chair_i'))} | {_cell(m.get('hallucination.chair_s'))} | "
+                f"{_cell(m.get('hallucination.omission'))} | {_cell(m.get('hallucination.wrong_side'), ci=False)} | "
+                f"{_cell(m.get('hallucination.size_error'), ci=False)} | "
+                f"{_delta(e['delta_vs_full'].get('hallucination.chair_i'))} |"
+            )
     with_variants = [e for e in table.values() if e.get("teacher_variants")]
     if with_variants:
         names = list(with_variants[0]["teacher_variants"])

@@ -131,3 +131,25 @@ def test_a_corrupt_frame_is_reported_and_counted_not_fatal(trained, tmp_path):
     assert saved["frames"]["undecodable"] == 1
     events = [json.loads(x) for x in (tmp_path / "enc" / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events if "event" in e] == ["bad_frame"]
+
+
+def test_cli_builds_a_corpus_pretrains_and_refuses_to_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from llava_ultra.cli import app
+
+    out = tmp_path / "enc"
+    args = ["pretrain-encoders", "--out", str(out), "--synth-reports", "6", "--steps", "2", "--batch-size", "8"]
+    first = CliRunner().invoke(app, [*args, "--no-evaluate"])
+    assert first.exit_code == 0, first.output
+    assert (out / "clip" / "config.json").is_file() and (out / "sam" / "preprocessor_config.json").is_file()
+    assert "model.vision.path=" in first.output
+    again = CliRunner().invoke(app, [*args, "--no-evaluate"])
+    assert again.exit_code == 2 and "pass --resume to continue it or --overwrite" in again.output
+    redo = CliRunner().invoke(app, [*args, "--overwrite"])  # keeps the corpus in OUT, measures quality
+    assert redo.exit_code == 0, redo.output
+    assert "| zero-shot site accuracy (CLIP) |" in redo.output and (out / "corpus" / "frames.jsonl").is_file()
+    bad = tmp_path / "frames.jsonl"
+    bad.write_text('{"image": "missing.png"}\n')
+    missing = CliRunner().invoke(app, ["pretrain-encoders", "--out", str(tmp_path / "x"), "--corpus", str(bad)])
+    assert missing.exit_code == 2 and "line 1: has neither 'caption' nor 'mask'" in missing.output

@@ -112,6 +112,38 @@ def body_limit(limits: Limits) -> int:
     )
 
 
+TOKENISER_BYTES_PER_CHAR = 2048
+"""Bound on what tokenising one character costs (ids, offsets and the Python list of ids; measured
+at about 1 KiB for 4-byte characters, which a byte-level BPE splits into 4 tokens)."""
+
+
+def request_memory_bound(limits: Limits, clip_side: int, sam_side: int | None = None) -> int:
+    """Worst-case bytes one request can make the server allocate, from the limits alone (the formula
+    of docs/serving.md, "Memory per request"); `clip_side` / `sam_side` are the encoders' input sides.
+
+    body: the raw body and the strings parsed from it, 2 * body_limit. Decoding, one image at a
+    time: its base64 text and bytes (7/3 B), the decoded pixels and their RGB copy (Pillow keeps at
+    most 4 bytes per pixel: 8 P) and the downscaled copy (4 K, K = min(P, L^2) pixels kept). Kept
+    until answered: k images of 4 K bytes. Preprocessing: k padded canvases plus one RGB copy, each
+    at most 4 min(L^2, A P) bytes, and the float32 pixel tensors twice (list and stack). Text:
+    `TOKENISER_BYTES_PER_CHAR` per character."""
+    b, p, k = limits.max_image_bytes, limits.max_image_pixels, limits.max_images
+    side = limits.max_image_side
+    kept = min(p, side * side)
+    canvas = min(side * side, int(limits.max_aspect_ratio * p))
+    tensors = 2 * k * 3 * 4 * (clip_side**2 + (sam_side or 0) ** 2)
+    return (
+        2 * body_limit(limits)
+        + (7 * b) // 3
+        + 8 * p
+        + 4 * kept
+        + k * 4 * kept
+        + (k + 1) * 4 * canvas
+        + tensors
+        + TOKENISER_BYTES_PER_CHAR * limits.max_text_chars
+    )
+
+
 def uvicorn_options() -> dict[str, Any]:
     """uvicorn settings the server relies on: the h11 protocol (its header buffer is bounded, unlike
     httptools') with room for `PROTOCOL_BUFFER_BYTES`, so oversized heads are answered by `Guard`."""
@@ -228,11 +260,9 @@ def to_messages(body: ChatCompletionRequest, limits: Limits, policy: ImagePolicy
         if isinstance(msg.content, str):
             chars += len(msg.content)
         elif msg.content is not None:
-            for part in msg.content:
-                if isinstance(part, TextPart):
-                    chars += len(part.text) + 1
-                else:
-                    n_images += 1
+            texts = [len(part.text) for part in msg.content if isinstance(part, TextPart)]
+            chars += sum(texts) + max(0, len(texts) - 1)  # as the engine will count them: joined by "\n"
+            n_images += len(msg.content) - len(texts)
     check_text_size(chars, limits)
     if n_images > limits.max_images:  # refuse before decoding any of them
         raise RequestError(

@@ -47,6 +47,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -241,14 +242,13 @@ def check_image_shape(width: int, height: int, limits: Limits, where: str) -> No
 
 
 def fitted_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
-    """(w, h) scaled down so that the longer side is at most `limits.max_image_side`."""
+    """(w, h) scaled down so that the longer side is `limits.max_image_side` (unchanged if it is
+    already within); the shorter side is rounded up, so the aspect ratio never grows."""
     side = max(width, height)
     if side <= limits.max_image_side:
         return width, height
-    scale = limits.max_image_side / side
-    return max(1, min(limits.max_image_side, round(width * scale))), max(
-        1, min(limits.max_image_side, round(height * scale))
-    )
+    short = min(limits.max_image_side, math.ceil(min(width, height) * limits.max_image_side / side))
+    return (limits.max_image_side, short) if width >= height else (short, limits.max_image_side)
 
 
 def fit_image(image: Image.Image, limits: Limits) -> Image.Image:

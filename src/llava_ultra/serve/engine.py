@@ -302,6 +302,7 @@ class Handle:
         self.selection: SelectionInfo | None = None
         self.cancelled = False
         self.finished = False
+        self.dropped = False  # generation stopped because the request was cancelled (client gone)
 
     @property
     def started(self) -> bool:
@@ -327,7 +328,7 @@ class Handle:
         if self.finished:
             return True
         if self.cancelled:
-            self.finished = True
+            self.finished = self.dropped = True
             return True
         if ended:  # EOS
             self.finish("stop")
@@ -726,7 +727,7 @@ class Engine:
                 log.exception("request %d failed while decoding", handle.request_id)
                 handle.fail(exc)
                 return True
-            if done and handle.cancelled:
+            if handle.dropped:
                 self.stats["cancelled"] += 1
             return done
 

@@ -34,8 +34,9 @@ from PIL import Image, PngImagePlugin
 
 from .engine import Limits, RequestError, check_image_shape, clip_text, fit_image, fitted_size
 
-IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM")
 """Formats the server decodes; others are refused as unreadable."""
+Image.init()  # register every plugin now: `Image.open(formats=...)` looks the names up
 PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, 256 * 2**10)
 PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 2**20)
 
@@ -82,7 +83,7 @@ def decode_image(data: bytes, limits: Limits, where: str) -> Image.Image:
     check_image_shape(w, h, limits, where)
     try:
         target = fitted_size(w, h, limits)
-        if target != (w, h) and image.format in ("JPEG", "MPO"):
+        if target != (w, h) and image.format in ("JPEG", "MPO"):  # MPO: multi-picture JPEG
             image.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale, never below target
         image.load()
         if image.mode != "RGB":

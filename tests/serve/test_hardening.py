@@ -453,3 +453,23 @@ def test_oversized_url_and_headers_get_414_and_431_in_openai_format(server):
         conn.request("GET", "/health")  # same connection: still served
         assert conn.getresponse().status == 200
         conn.close()
+
+
+def test_openapi_references_resolve(server):
+    """The request body is parsed off the event loop (not by FastAPI), so its schema is added to the
+    document by hand: every $ref must still resolve."""
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/ChatCompletionRequest"}
+    assert "/v1/models/{model_id}" in spec["paths"]
+    refs, stack = set(), [spec]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            refs.update(v for k, v in node.items() if k == "$ref")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    schemas = spec["components"]["schemas"]
+    assert {"ChatCompletionRequest", "ChatCompletionChunk", "ChatMessage", "TextPart"} <= set(schemas)
+    assert all(r.startswith("#/components/schemas/") and r.rsplit("/", 1)[1] in schemas for r in refs), refs

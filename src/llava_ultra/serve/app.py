@@ -529,7 +529,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 "model": ChatCompletion,
                 "description": "The answer; with stream=true, text/event-stream of ChatCompletionChunk "
                 "events ending with `data: [DONE]`.",
-                "content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}},
+                "content": {
+                    "text/event-stream": {"schema": {"$ref": "#/components/schemas/ChatCompletionChunk"}}
+                },
             },
             **errors,
         },
@@ -598,10 +600,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = default_openapi()
-            schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            schemas.update(schema.pop("$defs", {}))
-            schemas["ChatCompletionRequest"] = schema
+            for model in (ChatCompletionRequest, ChatCompletionChunk):  # referenced by hand above
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[model.__name__] = schema
         return app.openapi_schema
 
     app.openapi = openapi

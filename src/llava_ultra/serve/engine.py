@@ -9,7 +9,8 @@ left-padded `UltraModel.generate` with the KV cache for them.
 Notable choices:
 - Grouping by sampling parameters: a batch shares one decoding rule, so only requests with the same
   key are batched. Every greedy request (temperature 0) shares one key, so greedy traffic batches
-  fully and, thanks to left padding, batched output equals unbatched output. Sampling requests
+  fully and, thanks to left padding, batched output equals unbatched output in fp32 (bf16/fp16
+  kernels reduce in batch-dependent orders, so there it need not: docs/serving.md). Sampling requests
   batch by (temperature, top_p); a request with a `seed` always runs alone, so its answer depends
   on its seed only and not on what else was in the queue. Per-request `max_tokens` and `stop`
   differ freely inside a batch: rows end individually through the model's `on_token` hook.
@@ -26,8 +27,8 @@ Notable choices:
   characters before tokenising, images per request, pixels and aspect ratio per image (from the
   header, in images.py), prompt tokens, output tokens, prompt + output within the LLM's context,
   queue length. An image whose longer side exceeds `max_image_side` is downscaled before the model
-  pads it to a square, so the padded canvas is at most `max_image_side`^2 pixels (a 65536x256 strip
-  used to cost a 65536^2 canvas).
+  pads it to a square, so the padded canvas is at most `max_image_side`^2 pixels (a 16384x1024
+  image used to cost a 16384^2 canvas).
 - Preprocessing (tokenising, image padding/resizing/normalising) happens in `prepare`, on the
   caller's thread, one request at a time: a request whose preprocessing fails fails alone and never
   reaches a batch. The worker only stacks the prepared rows. Should a batch still fail on the model,

@@ -473,3 +473,16 @@ def test_openapi_references_resolve(server):
     schemas = spec["components"]["schemas"]
     assert {"ChatCompletionRequest", "ChatCompletionChunk", "ChatMessage", "TextPart"} <= set(schemas)
     assert all(r.startswith("#/components/schemas/") and r.rsplit("/", 1)[1] in schemas for r in refs), refs
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(engine):
+    settings = ServerSettings(model_name=MODEL_NAME, body_timeout_s=0.5)
+    with LiveServer(create_app(engine, settings)) as live:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as s:
+            s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"model"')
+            t0 = time.perf_counter()
+            reply = _read_response(s)
+            assert reply.startswith(b"HTTP/1.1 408"), reply[:100]
+            assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+            assert 0.4 < time.perf_counter() - t0 < 5
+        assert httpx.get(f"{live.url}/health").status_code == 200

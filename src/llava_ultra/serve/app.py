@@ -10,7 +10,8 @@ Notable choices:
   the message naming the problem (values echoed back are cut short); the web page shows that
   message as it is.
 - One pure-ASGI middleware (`Guard`) sits in front of everything: URL above `MAX_URL_BYTES` -> 414,
-  headers above `MAX_HEADER_BYTES` -> 431, then auth for `/v1/`, then the body. The body limit
+  headers above `MAX_HEADER_BYTES` -> 431, then auth for `/v1/`, then the body (408 if it takes
+  longer than `body_timeout_s` to arrive). The body limit
   (`body_limit`) is counted on the bytes as they arrive, so it holds for chunked uploads too: past
   the limit the request gets 413 at once and uvicorn discards the rest of the upload without
   buffering it (the connection stays usable, no reset). uvicorn runs with the h11 protocol and a
@@ -98,6 +99,9 @@ class ServerSettings:
     """When set, /v1/ routes need `Authorization: Bearer <api_key>`."""
     image_policy: ImagePolicy = field(default_factory=ImagePolicy)
     """Where images may come from besides data URLs."""
+    body_timeout_s: float = 60.0
+    """A request body must arrive within this many seconds (else 408): a slow upload cannot hold
+    the server's body buffer forever."""
     preprocess_concurrency: int = 4
     """Requests parsed, decoded and preprocessed at the same time (each in a worker thread); the
     server's transient memory is at most this many times the per-request bound (docs/serving.md)."""
@@ -336,8 +340,8 @@ class Guard:
     the bytes arrive (Content-Length or chunked). The body is read here, whole, only while it is
     within the limit, and handed to the app as one message."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app: Any, *, api_key: str | None, max_body: int, body_timeout_s: float = 60.0) -> None:
+        self.app, self.api_key, self.max_body, self.body_timeout_s = app, api_key, max_body, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -352,8 +356,18 @@ class Guard:
             await self.too_large(f"{int(declared)} bytes")(scope, receive, send)
             return
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                chunks.clear()
+                await error_response(
+                    408,
+                    f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster",
+                    code="request_timeout",
+                )(scope, receive, send)
+                return
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             chunk = message.get("body", b"")
@@ -438,7 +452,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     )
     limits = engine.limits
     created = int(time.time())
-    app.add_middleware(Guard, api_key=settings.api_key, max_body=body_limit(limits))
+    app.add_middleware(
+        Guard, api_key=settings.api_key, max_body=body_limit(limits), body_timeout_s=settings.body_timeout_s
+    )
     preprocessing = asyncio.Semaphore(max(1, settings.preprocess_concurrency))
 
     @app.exception_handler(RequestValidationError)
@@ -467,7 +483,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         status, body = _from_exception(exc)
         return JSONResponse(body, status_code=status)
 
-    errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 414, 431, 500, 503)}
+    errors = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 414, 431, 500, 503)}
 
     def card() -> dict:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "llava-ultra"}

@@ -407,7 +407,7 @@ def build_cases(env) -> list[Case]:
         [],
     ]
     contents = ["", "肝脏?", "x" * 3001, "x" * 2999, None, 5, [], {"a": 1}, "\u0000", "🫀" * 100, "<image>"]
-    for _ in range(420):
+    for _ in range(500):
         messages = []
         for _ in range(rng.randrange(0, 5)):
             content = (

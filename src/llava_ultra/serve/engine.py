@@ -664,6 +664,7 @@ class Engine:
         while (batch := self._take_batch()) is not None:
             live = [h for h in batch if not h.cancelled]
             if live:
+                self.stats["requests"] += len(live)
                 self._run_isolated(live)
 
     def _run_isolated(self, batch: list[Handle]) -> None:
@@ -706,7 +707,6 @@ class Engine:
         return out
 
     def _run(self, batch: list[Handle]) -> None:
-        self.stats["requests"] += len(batch)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
         params = batch[0].prepared.params

@@ -125,7 +125,8 @@ def request_memory_bound(limits: Limits, clip_side: int, sam_side: int | None = 
     """Worst-case bytes one request can make the server allocate, from the limits alone (the formula
     of docs/serving.md, "Memory per request"); `clip_side` / `sam_side` are the encoders' input sides.
 
-    body: the raw body and the strings parsed from it, 2 * body_limit. Decoding, one image at a
+    body: the raw body (a bytearray grown in place, up to 1/8 slack) and the strings parsed from it,
+    9/4 * body_limit. Decoding, one image at a
     time: its base64 text and bytes (7/3 B), the decoded pixels and their RGB copy (Pillow keeps at
     most 4 bytes per pixel: 8 P) and the downscaled copy (4 K, K = min(P, L^2) pixels kept). Kept
     until answered: k images of 4 K bytes. Preprocessing: k padded canvases plus one RGB copy, each
@@ -137,7 +138,7 @@ def request_memory_bound(limits: Limits, clip_side: int, sam_side: int | None = 
     canvas = min(side * side, int(limits.max_aspect_ratio * p))
     tensors = 2 * k * 3 * 4 * (clip_side**2 + (sam_side or 0) ** 2)
     return (
-        2 * body_limit(limits)
+        9 * body_limit(limits) // 4
         + (7 * b) // 3
         + 8 * p
         + 4 * kept
@@ -204,9 +205,9 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     return "invalid request: " + "; ".join(parts) + more, clip_text(".".join(loc), 80) or None
 
 
-def parse_request(data: bytes) -> ChatCompletionRequest:
+def parse_request(data: bytes | bytearray) -> ChatCompletionRequest:
     """The body of POST /v1/chat/completions -> the validated request (RequestError if invalid)."""
-    if not data.strip():
+    if not data or data.isspace():
         raise RequestError("the request body is missing; send a JSON object with 'model' and 'messages'")
     try:
         return ChatCompletionRequest.model_validate_json(data)
@@ -338,7 +339,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 class Guard:
     """ASGI middleware: URL and header size limits, auth for `/v1/`, and the body limit counted as
     the bytes arrive (Content-Length or chunked). The body is read here, whole, only while it is
-    within the limit, and handed to the app as one message."""
+    within the limit (in one bytearray grown in place), and handed to the app as one message."""
 
     def __init__(self, app: Any, *, api_key: str | None, max_body: int, body_timeout_s: float = 60.0) -> None:
         self.app, self.api_key, self.max_body, self.body_timeout_s = app, api_key, max_body, body_timeout_s
@@ -355,13 +356,13 @@ class Guard:
         if declared.isdigit() and int(declared) > self.max_body:
             await self.too_large(f"{int(declared)} bytes")(scope, receive, send)
             return
-        chunks, size = [], 0
+        body = bytearray()
         deadline = time.monotonic() + self.body_timeout_s
         while True:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                chunks.clear()
+                del body[:]
                 await error_response(
                     408,
                     f"the request body did not arrive within {self.body_timeout_s:g} s; send it faster",
@@ -371,21 +372,19 @@ class Guard:
             if message["type"] != "http.request":  # the client left before sending its body
                 return
             chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                chunks.clear()
+            if len(body) + len(chunk) > self.max_body:
+                del body[:]
                 await self.too_large(f"more than {self.max_body} bytes")(scope, receive, send)
                 return  # uvicorn discards the rest of the upload as it arrives
-            if chunk:
-                chunks.append(chunk)
+            body += chunk  # grown in place chunk by chunk: no large copy stalls the event loop
             if not message.get("more_body", False):
                 break
-        body = [b"".join(chunks)]
-        chunks.clear()
+        whole = [body]
+        del body
 
         async def replay() -> dict[str, Any]:
-            if body:
-                return {"type": "http.request", "body": body.pop(), "more_body": False}
+            if whole:
+                return {"type": "http.request", "body": whole.pop(), "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
@@ -513,7 +512,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             )
         return card()
 
-    def build(data: bytes) -> tuple[bool, bool, Prepared]:
+    def build(data: bytes | bytearray) -> tuple[bool, bool, Prepared]:
         """Body bytes -> (stream, include_usage, prepared request); runs in a worker thread."""
         body = parse_request(data)
         if body.model != settings.model_name:
@@ -553,7 +552,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         },
     )
     async def chat_completions(request: Request) -> Any:
-        data = b"".join([chunk async for chunk in request.stream() if chunk])
+        chunks = [chunk async for chunk in request.stream() if chunk]  # one, from Guard
+        data = chunks.pop() if len(chunks) == 1 else b"".join(chunks)
         async with preprocessing:
             stream, include_usage, prepared = await run_in_threadpool(build, data)
         del data

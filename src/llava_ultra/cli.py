@@ -536,6 +536,11 @@ def serve(
     max_images: Annotated[int, typer.Option(help="Images per request.")] = 8,
     max_image_bytes: Annotated[int, typer.Option(help="Encoded bytes per image.")] = 10 * 2**20,
     max_image_pixels: Annotated[int, typer.Option(help="Width x height per image.")] = 4096 * 4096,
+    max_aspect_ratio: Annotated[float, typer.Option(help="Longer / shorter side per image.")] = 20.0,
+    max_image_side: Annotated[
+        int, typer.Option(help="Longer side kept; larger images are downscaled before padding.")
+    ] = 2048,
+    max_text_chars: Annotated[int, typer.Option(help="Characters of text per request.")] = 65536,
     max_prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens, images included.")] = 4096,
     max_output_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     max_queue: Annotated[int, typer.Option(help="Queued requests before 503s.")] = 256,
@@ -548,7 +553,7 @@ def serve(
     """Serve a checkpoint over an OpenAI-compatible API (+ a web page at /)."""
     import uvicorn
 
-    from .serve.app import ServerSettings, create_app
+    from .serve.app import ServerSettings, create_app, uvicorn_options
     from .serve.engine import Engine, Limits, pick_device
     from .serve.images import ImagePolicy
 
@@ -556,6 +561,9 @@ def serve(
         max_images=max_images,
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
+        max_aspect_ratio=max_aspect_ratio,
+        max_image_side=max_image_side,
+        max_text_chars=max_text_chars,
         max_prompt_tokens=max_prompt_tokens,
         max_output_tokens=max_output_tokens,
         max_queue=max_queue,
@@ -586,7 +594,8 @@ def serve(
     )
     typer.echo(f"serving {settings.model_name} on http://{host}:{port}/ (API under /v1)")
     with engine:
-        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level)
+        app_ = create_app(engine, settings)
+        uvicorn.run(app_, host=host, port=port, log_level=log_level, **uvicorn_options())
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 The checkpoint is the tests' tiny random-init model (context widened to 1024 tokens so the default
 system prompt, images and answers fit), saved once per session with `save_pretrained`. Servers run
-the real uvicorn on 127.0.0.1 with a port the OS picks, in a daemon thread, and are stopped at the
+the real uvicorn on 127.0.0.1, configured as `llava-ultra serve` configures it (`uvicorn_config`), with a
+port the OS picks, in a daemon thread, and are stopped at the
 end of the session. Serving tests run torch with ONE intra-op thread: the worker thread, uvicorn and
 the HTTP clients share 2 busy cores, and two OpenMP threads there thrash (10-20x slower, measured).
 """
@@ -19,7 +20,7 @@ import pytest
 import torch
 import uvicorn
 
-from llava_ultra.serve.app import ServerSettings, create_app
+from llava_ultra.serve.app import ServerSettings, create_app, uvicorn_config
 from llava_ultra.serve.engine import Engine, Limits
 from tests.helpers import tiny_images, tiny_model, tiny_tokenizer
 
@@ -53,7 +54,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        config = uvicorn_config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

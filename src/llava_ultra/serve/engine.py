@@ -9,7 +9,8 @@ left-padded `UltraModel.generate` with the KV cache for them.
 Notable choices:
 - Grouping by sampling parameters: a batch shares one decoding rule, so only requests with the same
   key are batched. Every greedy request (temperature 0) shares one key, so greedy traffic batches
-  fully and, thanks to left padding, batched output equals unbatched output. Sampling requests
+  fully and, thanks to left padding, batched output equals unbatched output in fp32 (bf16/fp16
+  kernels reduce in batch-dependent orders, so there it need not: docs/serving.md). Sampling requests
   batch by (temperature, top_p); a request with a `seed` always runs alone, so its answer depends
   on its seed only and not on what else was in the queue. Per-request `max_tokens` and `stop`
   differ freely inside a batch: rows end individually through the model's `on_token` hook.
@@ -22,8 +23,18 @@ Notable choices:
   image placeholder (at the start of the first user turn that carries images) and the adaptive
   selector picks among all of them. `ChatResult.selection` names the chosen image(s) by their
   position in request order and gives every image's score.
-- Limits (`Limits`) are checked before anything is queued: images per request, pixels per image,
-  prompt tokens, output tokens, prompt + output within the LLM's context, queue length.
+- Limits (`Limits`) are checked before anything is queued and before any large allocation: text
+  characters before tokenising, images per request, pixels and aspect ratio per image (from the
+  header, in images.py), prompt tokens, output tokens, prompt + output within the LLM's context,
+  queue length. An image whose longer side exceeds `max_image_side` is downscaled before the model
+  pads it to a square, so the padded canvas is at most `max_image_side`^2 pixels (a 16384x1024
+  image used to cost a 16384^2 canvas).
+- Preprocessing (tokenising, image padding/resizing/normalising) happens in `prepare`, on the
+  caller's thread, one request at a time: a request whose preprocessing fails fails alone and never
+  reaches a batch. The worker only stacks the prepared rows. Should a batch still fail on the model,
+  every row that has not produced a token yet is retried on its own, so one bad row fails alone.
+- Sampling temperatures below `GREEDY_BELOW` (1e-5, vLLM's threshold) are greedy: `logits / t`
+  overflows float32 for tiny t, and such a distribution is the argmax anyway.
 - The conversation template is the checkpoint's recorded `model.config.template` unless the caller
   names one (`tokenizer.default_template`: a stage-1 'plain' checkpoint gets its LLM family's chat
   format, since 'plain' drops the question), so a converted LLaVA-Med v1.5 is prompted in
@@ -37,6 +48,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -58,7 +70,20 @@ from ..model.ultra import UltraModel, load_for_inference
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1
+GREEDY_BELOW = 1e-5
+"""A sampling temperature below this is treated as 0 (greedy)."""
+
+
+def clip_text(value: object, limit: int = 60) -> str:
+    """repr(value) (a string as it is), cut to `limit` characters: error messages never echo a huge
+    input back."""
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except ValueError:  # an integer beyond Python's str conversion limit
+        return "a number too large to print"
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 class RequestError(DataError):
@@ -81,7 +106,14 @@ class Limits:
     max_image_bytes: int = 10 * 2**20
     """Encoded size of one image (bytes of the PNG/JPEG file)."""
     max_image_pixels: int = 4096 * 4096
-    """Width x height of one image."""
+    """Width x height of one image (from the header, before decoding)."""
+    max_aspect_ratio: float = 20.0
+    """Longer side / shorter side of one image (from the header, before decoding)."""
+    max_image_side: int = 2048
+    """Longer side kept: larger images are downscaled (aspect kept) before the model pads them to
+    a square, so no padded canvas exceeds max_image_side^2 pixels. The encoders see at most 1024 px."""
+    max_text_chars: int = 65536
+    """Characters of text in one request (all messages), checked before tokenising."""
     max_prompt_tokens: int = 4096
     """Prompt length in tokens, visual tokens included."""
     max_output_tokens: int = 1024
@@ -90,9 +122,12 @@ class Limits:
     """Requests waiting for the model; more are refused with 503 until the queue drains."""
 
     def __post_init__(self) -> None:
-        for name in ("max_images", "max_image_bytes", "max_image_pixels", "max_prompt_tokens"):
+        names = ("max_images", "max_image_bytes", "max_image_pixels", "max_prompt_tokens")
+        for name in (*names, "max_image_side", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise DataError(f"limit {name}={getattr(self, name)} must be >= 1")
+        if not self.max_aspect_ratio >= 1:
+            raise DataError(f"limit max_aspect_ratio={self.max_aspect_ratio} must be >= 1")
         if self.max_output_tokens < 1 or self.max_queue < 1:
             raise DataError("limits max_output_tokens and max_queue must be >= 1")
 
@@ -163,17 +198,69 @@ class ChatResult:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A validated request, ready to queue."""
+    """A validated and preprocessed request, ready to queue."""
 
     prompt: str
     images: list[Image.Image]
     params: SamplingParams
     """With `max_tokens` resolved."""
     prompt_tokens: int
+    inputs: dict[str, Any] = field(default_factory=dict, repr=False)
+    """This request alone as `UltraModel.prepare_inputs` returns it (token row, pixel tensors)."""
 
 
 Event = str | ChatResult | BaseException
 """What a handle's listener receives: text deltas, then one ChatResult or one exception."""
+
+
+def check_text_size(chars: int, limits: Limits) -> None:
+    """Refuse a request with more text than `limits.max_text_chars` (before anything tokenises it)."""
+    if chars > limits.max_text_chars:
+        raise RequestError(
+            f"the messages hold {chars} characters of text, above this server's limit of "
+            f"{limits.max_text_chars}; shorten the conversation",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+
+def check_image_shape(width: int, height: int, limits: Limits, where: str) -> None:
+    """Refuse an image above the pixel or aspect-ratio limit (from its size alone)."""
+    if width * height > limits.max_image_pixels:
+        raise RequestError(
+            f"{where} is {width}x{height} = {width * height} pixels, above this server's limit of "
+            f"{limits.max_image_pixels}; downscale it",
+            param=where,
+            code="image_too_large",
+        )
+    if width < 1 or height < 1 or max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise RequestError(
+            f"{where} is {width}x{height}, an aspect ratio above this server's limit of "
+            f"{limits.max_aspect_ratio:g}:1; crop it",
+            param=where,
+            code="image_aspect_ratio",
+        )
+
+
+def fitted_size(width: int, height: int, limits: Limits) -> tuple[int, int]:
+    """(w, h) scaled down so that the longer side is `limits.max_image_side` (unchanged if it is
+    already within); the shorter side is rounded up, so the aspect ratio never grows."""
+    side = max(width, height)
+    if side <= limits.max_image_side:
+        return width, height
+    short = min(limits.max_image_side, math.ceil(min(width, height) * limits.max_image_side / side))
+    return (limits.max_image_side, short) if width >= height else (short, limits.max_image_side)
+
+
+def fit_image(image: Image.Image, limits: Limits) -> Image.Image:
+    """`image` itself if its longer side is within `limits.max_image_side`, else a downscaled RGB
+    copy (Lanczos): the model pads to a square of the longer side, so this bounds that canvas."""
+    size = fitted_size(*image.size, limits)
+    if size == image.size:
+        return image
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -216,6 +303,12 @@ class Handle:
         self.selection: SelectionInfo | None = None
         self.cancelled = False
         self.finished = False
+        self.dropped = False  # generation stopped because the request was cancelled (client gone)
+
+    @property
+    def started(self) -> bool:
+        """Whether this request has received a token (it can no longer be rerun unseen)."""
+        return bool(self._tokens) or bool(self._sent)
 
     def cancel(self) -> None:
         """Stop generating for this request (the client went away); its row ends at the next step."""
@@ -236,7 +329,7 @@ class Handle:
         if self.finished:
             return True
         if self.cancelled:
-            self.finished = True
+            self.finished = self.dropped = True
             return True
         if ended:  # EOS
             self.finish("stop")
@@ -336,7 +429,7 @@ class Engine:
         self.system = system
         context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
         self.context_tokens: int | None = int(context) if context else None
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0, "cancelled": 0}
         self._ids = itertools.count()
         self._pending: collections.deque[Handle] = collections.deque()
         self._cv = threading.Condition()
@@ -372,19 +465,13 @@ class Engine:
     # ----------------------------------------------------------------------------- validation
 
     def check_image(self, image: Image.Image, where: str) -> None:
-        """Refuse an image above the pixel limit."""
-        w, h = image.size
-        if w * h > self.limits.max_image_pixels:
-            raise RequestError(
-                f"{where} is {w}x{h} = {w * h} pixels, above this server's limit of "
-                f"{self.limits.max_image_pixels}; downscale it",
-                param=where,
-                code="image_too_large",
-            )
+        """Refuse an image above the pixel or aspect-ratio limit."""
+        check_image_shape(*image.size, self.limits, where)
 
     def prepare(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Prepared:
         """Validate a conversation and its settings and render the prompt (RequestError if refused)."""
         params = self._check_params(params or SamplingParams())
+        check_text_size(sum(len(m.text) if isinstance(m.text, str) else 0 for m in messages), self.limits)
         system_parts, turns, images = [], [], []
         image_turn = None
         token = self.model.config.image_token
@@ -423,7 +510,7 @@ class Engine:
                 turns.append({"role": msg.role, "content": msg.text})
             if msg.images and image_turn is None:
                 image_turn = len(turns) - 1
-            images.extend(msg.images)
+            images.extend(fit_image(image, self.limits) for image in msg.images)
         if not turns:
             raise RequestError("messages holds no user message; add one", param="messages")
         if turns[0]["role"] != "user":
@@ -474,11 +561,12 @@ class Engine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        return Prepared(prompt=prompt, images=images, params=params, prompt_tokens=n_prompt)
+        inputs = self.model.prepare_inputs(self.tokenizer, [prompt], [images])
+        return Prepared(prompt=prompt, images=images, params=params, prompt_tokens=n_prompt, inputs=inputs)
 
     def _check_params(self, p: SamplingParams) -> SamplingParams:
         def bad(param: str, message: str) -> RequestError:
-            return RequestError(f"{param}={getattr(p, param)!r} {message}", param=param)
+            return RequestError(f"{param}={clip_text(getattr(p, param))} {message}", param=param)
 
         for name in ("temperature", "top_p"):
             value = getattr(p, name)
@@ -499,10 +587,17 @@ class Engine:
             raise bad("temperature", "must be between 0 and 2 (0 = greedy)")
         if not 0 < p.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if len(p.stop) > MAX_STOP_STRINGS or any(not isinstance(s, str) or not s for s in p.stop):
-            raise bad("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
+        if len(p.stop) > MAX_STOP_STRINGS or any(
+            not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS for s in p.stop
+        ):
+            raise bad(
+                "stop",
+                f"must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+            )
         if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
             raise bad("seed", f"must be an integer in [0, {MAX_SEED}]")
+        if 0 < p.temperature < GREEDY_BELOW:
+            p = replace(p, temperature=0.0)
         return p
 
     # ------------------------------------------------------------------------------ submitting
@@ -569,21 +664,53 @@ class Engine:
         while (batch := self._take_batch()) is not None:
             live = [h for h in batch if not h.cancelled]
             if live:
-                try:
-                    self._run(live)
-                except Exception as exc:  # a bug or a runtime failure: report it, keep serving
-                    log.exception("batch of %d requests failed", len(live))
-                    for handle in live:
-                        handle.fail(exc)
+                self.stats["requests"] += len(live)
+                self._run_isolated(live)
+
+    def _run_isolated(self, batch: list[Handle]) -> None:
+        """Run a batch; if it fails, retry alone every row that has not produced a token yet, so a
+        row that breaks the model fails alone and the rest of its batch completes."""
+        try:
+            self._run(batch)
+        except Exception as exc:  # a bug or a runtime failure: report it, keep serving
+            log.exception("batch of %d requests failed", len(batch))
+            if len(batch) == 1:
+                batch[0].fail(exc)
+                return
+            for handle in batch:
+                if handle.finished or handle.cancelled:
+                    continue
+                if handle.started:  # its text has begun; it cannot be restarted invisibly
+                    handle.fail(exc)
+                else:
+                    self._run_isolated([handle])
+
+    def _stack(self, batch: list[Handle]) -> dict[str, Any]:
+        """The prepared rows of `batch` as one left-padded `generate` batch."""
+        rows = [h.prepared.inputs["input_ids"][0] for h in batch]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), width), pad, dtype=rows[0].dtype)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            input_ids[b, width - len(row) :] = row
+            attention_mask[b, width - len(row) :] = 1
+        out: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "image_counts": [len(h.prepared.images) for h in batch],
+        }
+        for key in ("pixel_values_clip", "pixel_values_sam"):
+            parts = [h.prepared.inputs.get(key) for h in batch]
+            parts = [t for t in parts if t is not None]
+            out[key] = torch.cat(parts) if parts else None
+        return out
 
     def _run(self, batch: list[Handle]) -> None:
-        self.stats["requests"] += len(batch)
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
         params = batch[0].prepared.params
-        inputs = self.model.prepare_inputs(
-            self.tokenizer, [h.prepared.prompt for h in batch], [h.prepared.images for h in batch]
-        )
+        inputs = self._stack(batch)
 
         def on_selection(selection: Selection) -> None:
             for b, handle in enumerate(batch):
@@ -591,6 +718,19 @@ class Engine:
                 if k:
                     scores = selection.scores[b, :k].tolist() if selection.scores is not None else None
                     handle.selection = SelectionInfo(k, list(selection.indices[b]), scores)
+
+        def on_token(b: int, token: int, ended: bool) -> bool:
+            handle = batch[b]
+            self.stats["tokens"] += 1
+            try:
+                done = handle.on_token(token, ended)
+            except Exception as exc:  # this row's bookkeeping failed: end it alone
+                log.exception("request %d failed while decoding", handle.request_id)
+                handle.fail(exc)
+                return True
+            if handle.dropped:
+                self.stats["cancelled"] += 1
+            return done
 
         with torch.inference_mode():
             self.model.generate(
@@ -602,7 +742,7 @@ class Engine:
                 seed=params.seed,
                 tokenizer=self.tokenizer,
                 on_selection=on_selection,
-                on_token=lambda b, token, ended: batch[b].on_token(token, ended),
+                on_token=on_token,
             )
         for handle in batch:  # rows the loop ended without telling us (cancelled ones)
             handle.finish("length")

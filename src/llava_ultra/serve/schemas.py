@@ -1,16 +1,17 @@
 """Pydantic models of the OpenAI-compatible HTTP API (requests, responses, errors).
 
 They document the API in `/openapi.json` and validate requests; a validation failure becomes a 400
-in OpenAI's error format (see app.py). Request models ignore fields we do not implement
-(`frequency_penalty`, `user`, ...) rather than failing, as OpenAI-compatible servers usually do;
-`n` other than 1 is refused because it would change the answer's shape. Responses carry one extra
+in OpenAI's error format (see app.py). Fields that would change the answer and that we do not
+implement (`logprobs`, `tools`, `response_format` other than text, penalties, `logit_bias`, `n` > 1,
+...) are declared here so that app.py can refuse them with a 400 naming the field; fields without
+effect on the answer (`user`, `metadata`, `store`, ...) are accepted and ignored. Responses carry one extra
 field, `selection` (which image the model looked at, with every image's score); OpenAI clients
 keep unknown fields (`response.model_extra["selection"]` in the Python client).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +64,21 @@ class ChatCompletionRequest(_Request):
     n: int | None = Field(None, description="Only 1 is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Refused unless absent or neutral (see app.py `refuse_unsupported`):
+    logprobs: bool | None = Field(None, description="Not supported: only false.")
+    top_logprobs: int | None = Field(None, description="Not supported.")
+    tools: list[Any] | None = Field(None, description="Not supported: only an empty list.")
+    tool_choice: Any = Field(None, description="Not supported: only 'none'.")
+    functions: list[Any] | None = Field(None, description="Not supported (deprecated tools).")
+    function_call: Any = Field(None, description="Not supported: only 'none'.")
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    frequency_penalty: float | None = Field(None, description="Not supported: only 0.")
+    presence_penalty: float | None = Field(None, description="Not supported: only 0.")
+    logit_bias: dict[str, Any] | None = Field(None, description="Not supported: only {}.")
+    modalities: list[Any] | None = Field(None, description="Only ['text'].")
+    audio: Any = Field(None, description="Not supported.")
+    prediction: Any = Field(None, description="Not supported.")
+    web_search_options: Any = Field(None, description="Not supported.")
 
 
 class Selection(BaseModel):

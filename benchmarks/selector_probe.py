@@ -37,11 +37,14 @@ from llava_ultra.eval.metrics import bootstrap_ci
 from llava_ultra.model.vision import ImageProcessor, build_clip, build_sam, clip_tokens, sam_grid
 from llava_ultra.quickstart import default_config_path
 from llava_ultra.train.checkpoint import seed_everything
+from llava_ultra.train.pretrain import encoder_overrides
 
 
-def encode(root: Path, seed: int) -> list[dict]:
-    """Per report: validity labels, split and per-frame feature sets."""
-    cfg = load_config(default_config_path()).model
+def encode(root: Path, seed: int, encoders: Path | None = None) -> list[dict]:
+    """Per report: validity labels, split and per-frame feature sets (random-init encoders, or the
+    pretrained ones in `encoders`, a `llava-ultra pretrain-encoders` folder)."""
+    overrides = encoder_overrides(encoders) if encoders else []
+    cfg = load_config(default_config_path(), overrides).model
     seed_everything(seed)
     clip, sam = build_clip(cfg.vision), build_sam(cfg.sam)
     proc = ImageProcessor(cfg.vision, cfg.sam)
@@ -130,16 +133,20 @@ def main() -> None:
     ap.add_argument("--hard", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="encoder init seed (training's train.seed)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--encoders", type=Path, default=None, help="a pretrain-encoders folder (default: random init)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         synth = SynthConfig(reports=args.reports, seed=0, k_min=1, k_max=6, image_size=128, hard=args.hard)
         generate(Path(tmp), synth)
-        reports = encode(Path(tmp), args.seed)
+        reports = encode(Path(tmp), args.seed, args.encoders)
     results = [evaluate(reports, name, centred) for name in reports[0]["feats"] for centred in (False, True)]
     print(
-        f"SynthUS {'hard' if args.hard else 'default'}, {args.reports} reports, {time.perf_counter() - t:.0f}s"
+        f"SynthUS {'hard' if args.hard else 'default'}, {args.reports} reports, "
+        f"encoders {args.encoders or 'random-init'}, {time.perf_counter() - t:.0f}s"
     )
     print(f"{'features':44} {'n':>4} {'probe':>6} {'random':>6} {'lift [95% CI]':>22}")
     for r in results:
@@ -149,7 +156,8 @@ def main() -> None:
             f"{r['lift']:+6.1f} {ci:>15}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"hard": args.hard, "results": results}, indent=2) + "\n")
+        payload = {"hard": args.hard, "encoders": str(args.encoders), "results": results}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -320,6 +320,7 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     result = QuickstartResult(out, run_dir / "stage2", untrained, trained, seconds)
     payload = {
         "checkpoint": str(result.checkpoint),
+        "encoders": encoders_summary(enc),
         "seconds": seconds,
         "untrained": untrained,
         "trained": trained,
@@ -336,6 +337,20 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
         json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     return result
+
+
+def encoders_summary(overrides: list[str]) -> dict[str, Any]:
+    """Which encoders a run used (from its encoder overrides) and, for pretrained ones, their quality."""
+    paths = {k: json.loads(v) for k, v in (o.split("=", 1) for o in overrides) if k.endswith(".path")}
+    if not paths:
+        return {"kind": "random-init"}
+    folder = Path(paths["model.vision.path"]).parent
+    quality = folder / "encoder_quality.json"
+    return {
+        "kind": "pretrained",
+        "folder": str(folder),
+        "quality": json.loads(quality.read_text(encoding="utf-8")) if quality.is_file() else None,
+    }
 
 
 def usage_hint(checkpoint: Path, commands: set[str]) -> str:

@@ -887,9 +887,9 @@ def pretrain_encoders(
     ] = 500,
     hard: Annotated[bool, typer.Option(help="SynthUS corpus in the hard setting.")] = False,
     seed: Annotated[int, typer.Option(help="Corpus and training seed.")] = 0,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 600,
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 500,
     batch_size: Annotated[int, typer.Option(help="Frames per step.")] = 64,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule with warm-up).")] = 2e-3,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule with warm-up).")] = 3e-3,
     config: Annotated[
         Path | None,
         typer.Option(

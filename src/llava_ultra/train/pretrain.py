@@ -87,15 +87,15 @@ class PretrainConfig:
     """Joint image-text embedding width."""
     text_vocab: int = 600
     """Size of the caption BPE (at most; small corpora support fewer merges)."""
-    steps: int = 600
+    steps: int = 500
     """Optimiser steps (each trains CLIP and SAM on one batch)."""
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     warmup_steps: int = 30
     dice_weight: float = 1.0
     """Weight of the soft Dice term next to cross-entropy in the mask loss."""
-    lesion_weight: float = 10.0
+    lesion_weight: float = 30.0
     """Cross-entropy weight of the labels after 'organ' (lesions: a few pixels per frame)."""
     seed: int = 0
     save_every: int = 200

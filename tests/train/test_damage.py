@@ -113,7 +113,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(case, runs, tm
     result = train(cfg, resume=True)
     out = capsys.readouterr().out
     assert (
-        f"stage 1: checkpoint {step2} is damaged: {message}; falling back to the previous checkpoint" in out
+        f"stage 1: checkpoint {step2} is damaged: {message}; falling back to step-00000001" in out
     ), out
     assert f"stage 1: resumed from {ckpt(run, 1)} (step 1, epoch 0, batch 1)" in out
     assert "resumed from step-00000001, the newest usable checkpoint; 1 newer one(s) skipped" in out

@@ -422,14 +422,16 @@ class _Stage:
             )
             return None
         damaged: list[str] = []
-        for _, folder in reversed(found):
+        newest_first = [folder for _, folder in reversed(found)]
+        for i, folder in enumerate(newest_first):
             try:
                 expect = _says_it_has_a_manifest(folder)
                 ck.verify_checkpoint(folder, expect_manifest=expect)
                 self.restore(folder, model, optimizer, scheduler, names)
             except ck.DamagedCheckpoint as exc:
                 damaged.append(str(exc))
-                self.say(f"stage {self.n}: {exc}; falling back to the previous checkpoint")
+                if i + 1 < len(newest_first):
+                    self.say(f"stage {self.n}: {exc}; falling back to {newest_first[i + 1].name}")
                 continue
             if damaged:
                 self.say(

@@ -94,6 +94,7 @@ DAMAGE = {
     ),
     "missing_optimizer": (lambda f: (f / "optimizer.pt").unlink(), "optimizer.pt is missing"),
     "missing_manifest": (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing"),
+    "missing_trainer_state": (lambda f: (f / "trainer_state.json").unlink(), "trainer_state.json is missing"),
 }
 
 
@@ -112,9 +113,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(case, runs, tm
     )
     result = train(cfg, resume=True)
     out = capsys.readouterr().out
-    assert (
-        f"stage 1: checkpoint {step2} is damaged: {message}; falling back to step-00000001" in out
-    ), out
+    assert f"stage 1: checkpoint {step2} is damaged: {message}; falling back to step-00000001" in out, out
     assert f"stage 1: resumed from {ckpt(run, 1)} (step 1, epoch 0, batch 1)" in out
     assert "resumed from step-00000001, the newest usable checkpoint; 1 newer one(s) skipped" in out
     assert result.stages[0].completed and result.stages[0].steps == 4

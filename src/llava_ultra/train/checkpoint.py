@@ -239,6 +239,14 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def list_step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Every `step-*` folder under `root`, complete or not, oldest first (resume checks each)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
+
+
 def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints; returns the deleted folders."""
     ckpts = list_checkpoints(root)

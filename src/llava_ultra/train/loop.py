@@ -414,7 +414,7 @@ class _Stage:
     def restore_newest(self, model: Any, optimizer: Any, scheduler: Any, names: set[str]) -> Path | None:
         """`--resume`: restore the newest checkpoint that verifies and reads, falling back past
         damaged ones (each named, with its damaged file); None when the stage has no checkpoint."""
-        found = ck.list_checkpoints(self.ckpt_root)
+        found = ck.list_step_dirs(self.ckpt_root)  # incomplete ones too: they are named, not skipped silently
         if not found:
             self.say(
                 f"stage {self.n}: --resume found no checkpoint of this stage in {self.ckpt_root} (the "

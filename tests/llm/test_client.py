@@ -14,6 +14,7 @@ from llava_ultra.llm.client import (
     ChatClient,
     ClientConfig,
     LLMError,
+    ReplyCache,
     RequestRejected,
     cache_key,
     estimate_tokens,
@@ -324,3 +325,18 @@ def test_dry_run_estimates_tokens_and_cost_and_creates_no_cache(llm_server, tmp_
     ]
     assert "$0.0000" not in text and "tokens: 0 in" not in text and low > 0
     assert not cache.parent.exists()  # a dry run writes nothing, not even an empty cache
+
+
+def test_dry_run_serves_an_existing_cache_read_only(llm_server, tmp_path):
+    cache = tmp_path / "replies.sqlite3"
+    with client(llm_server.url, cache=cache) as c:
+        c.chat(MSG)
+    other = [{"role": "user", "content": "Not asked before."}]
+    with ChatClient(
+        ClientConfig(base_url=llm_server.url, model="test-model", cache=cache, dry_run=True),
+        out=io.StringIO(),
+    ) as c:
+        hit, printed = c.chat(MSG), c.chat(other)
+        assert hit.cached and hit.content == "ok" and printed.dry_run
+        assert c.usage.cache_hits == 1 and c.usage.dry_run == 1
+    assert len(ReplyCache(cache)) == 1 and len(llm_server.requests) == 1

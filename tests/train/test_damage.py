@@ -260,6 +260,10 @@ def test_damaged_final_or_starting_checkpoint_is_refused(runs, tmp_path, instruc
     stage2 = train_config(
         instruct_dir, tmp_path / "s2", **{"train.stages": [2], "train.init_from": str(run / "stage1")}
     )
-    with pytest.raises(CheckpointError, match=r"train.init_from .*stage1 is damaged: model.safetensors"):
+    with pytest.raises(CheckpointError) as err:
         train(stage2)
+    assert str(err.value).startswith(f"train.init_from {run / 'stage1'} is damaged: model.safetensors has")
+    assert str(err.value).endswith(
+        "; copy that folder again from where it came from, or point train.init_from at another checkpoint"
+    )
     assert not (tmp_path / "s2").exists()

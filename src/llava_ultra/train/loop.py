@@ -125,7 +125,12 @@ def _check_checkpoint(folder: Path, what: str) -> None:
             f"train.init_from at a stage-1 output folder"
         )
     read_model_config(folder)  # raises CheckpointError for a foreign folder
-    ck.verify_checkpoint(folder, what)  # a damaged folder must not become a silently wrong start
+    try:  # a damaged folder must not become a silently wrong start
+        ck.verify_checkpoint(folder, what)
+    except ck.DamagedCheckpoint as exc:
+        raise CheckpointError(
+            f"{exc}; copy that folder again from where it came from, or point {what} at another checkpoint"
+        ) from None
 
 
 def _init_folder(cfg: Config, out: Path, stage: int) -> Path | None:
@@ -279,7 +284,12 @@ def _load_stage_model(cfg: Config, init: Path | None, tokenizer: Any, device: to
 
     if init is None:
         return initial_model(cfg, tokenizer, device)
-    ck.verify_checkpoint(init, "the stage's starting checkpoint")
+    try:
+        ck.verify_checkpoint(init, "the stage's starting checkpoint")
+    except ck.DamagedCheckpoint as exc:
+        raise CheckpointError(
+            f"{exc}; copy that folder again, or (when this run wrote it) delete it and resume to write it again"
+        ) from None
     model, _ = load_checkpoint(init, device=device)
     return model
 

@@ -433,35 +433,60 @@ class _Stage:
             return None
         damaged: list[str] = []
         newest_first = [folder for _, folder in reversed(found)]
+        fsdp_worker = _fsdp(self.acc) and not self.acc.is_main_process  # gets the moments broadcast
+        chosen, state = None, None
         for i, folder in enumerate(newest_first):
-            try:
-                expect = _says_it_has_a_manifest(folder)
-                ck.verify_checkpoint(folder, expect_manifest=expect)
-                self.restore(folder, model, optimizer, scheduler, names)
+            try:  # verify, and read everything, before anything is loaded into the model
+                ck.verify_checkpoint(folder, expect_manifest=_says_it_has_a_manifest(folder))
+                state = ck.read_state_files(folder, with_optimizer=not fsdp_worker)
             except ck.DamagedCheckpoint as exc:
                 damaged.append(str(exc))
                 if i + 1 < len(newest_first):
                     self.say(f"stage {self.n}: {exc}; falling back to {newest_first[i + 1].name}")
                 continue
-            if damaged:
-                self.say(
-                    f"stage {self.n}: resumed from {folder.name}, the newest usable checkpoint; "
-                    f"{len(damaged)} newer one(s) skipped as damaged (left in place for inspection)"
-                )
-            return folder
-        shown = "\n  ".join(damaged)
-        raise CheckpointError(
-            f"stage {self.n}: every checkpoint in {self.ckpt_root} is damaged, none can be resumed:\n"
-            f"  {shown}\nrestore the files from a backup, or delete {self.ckpt_root} and resume again "
-            f"to start stage {self.n} from its first step"
-        )
+            chosen = folder
+            break
+        if self.acc.num_processes > 1:  # every process must resume the same step (collective)
+            from accelerate.utils import gather_object
 
-    def restore(self, folder: Path, model: Any, optimizer: Any, scheduler: Any, names: set[str]) -> None:
-        """Load a resumable checkpoint into the (not yet prepared) model, optimiser and scheduler."""
+            picks = gather_object([chosen.name if chosen is not None else None])
+            if len(set(picks)) > 1:
+                raise CheckpointError(
+                    f"stage {self.n}: the processes found different usable checkpoints in "
+                    f"{self.ckpt_root} ({picks}); put the run folder on storage every process sees "
+                    f"the same way, and resume again"
+                )
+        if chosen is None:
+            shown = "\n  ".join(damaged)
+            raise CheckpointError(
+                f"stage {self.n}: every checkpoint in {self.ckpt_root} is damaged, none can be resumed:\n"
+                f"  {shown}\nrestore the files from a backup, or delete {self.ckpt_root} and resume again "
+                f"to start stage {self.n} from its first step"
+            )
+        self.restore(chosen, model, optimizer, scheduler, names, state=state)
+        if damaged:
+            self.say(
+                f"stage {self.n}: resumed from {chosen.name}, the newest usable checkpoint; "
+                f"{len(damaged)} newer one(s) skipped as damaged (left in place for inspection)"
+            )
+        return chosen
+
+    def restore(
+        self,
+        folder: Path,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        names: set[str],
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        """Load a resumable checkpoint into the (not yet prepared) model, optimiser and scheduler;
+        `state` is what `ck.read_state_files` returned for it, when already read."""
         from ..model.ultra import load_state_dict_strict
 
         fsdp_worker = _fsdp(self.acc) and not self.acc.is_main_process  # gets the moments broadcast
-        state = ck.read_state_files(folder, with_optimizer=not fsdp_worker)
+        if state is None:
+            state = ck.read_state_files(folder, with_optimizer=not fsdp_worker)
         trainer = state["trainer"]
         if trainer.get("world_size") != self.acc.num_processes:
             raise CheckpointError(

@@ -37,6 +37,9 @@ class ScriptedLLM:
         self.script: deque[dict[str, Any]] = deque()
         self.responder = responder or (lambda body: "ok")
         self.model_name: str | None = None  # served model name; None echoes the requested one
+        self.max_tokens_limit: int | None = None  # like our server's Limits.max_output_tokens
+        self.reject: Callable[[dict[str, Any]], str | None] = lambda body: None
+        """A 400 with this message for requests it returns one for (e.g. a prompt too long)."""
         self.inflight = 0
         self.max_inflight = 0
         self.release = threading.Event()
@@ -85,8 +88,21 @@ class ScriptedLLM:
                 threading.Event().wait(action["delay"])
             if url.path != "/v1/chat/completions":
                 self._send(h, 404, {"error": {"message": f"no route {url.path}"}})
+            elif self.max_tokens_limit is not None and (body.get("max_tokens") or 0) > self.max_tokens_limit:
+                message = (  # our server's wording (serve/engine.py)
+                    f"max_tokens={body['max_tokens']} is above this server's limit of "
+                    f"{self.max_tokens_limit} tokens"
+                )
+                self._send(h, 400, {"error": {"message": message, "param": "max_tokens"}})
+            elif self.reject(body):
+                self._send(h, 400, {"error": {"message": self.reject(body), "type": "invalid_request_error"}})
             elif action.get("status"):
-                self._send(h, action["status"], {"error": {"message": "scripted"}}, action.get("headers", {}))
+                self._send(
+                    h,
+                    action["status"],
+                    {"error": {"message": action.get("message", "scripted")}},
+                    action.get("headers", {}),
+                )
             else:
                 content = action["content"] if "content" in action else self.responder(body)
                 self._send(h, 200, self._completion(body, content))

@@ -14,7 +14,11 @@ from llava_ultra.llm.client import (
     ChatClient,
     ClientConfig,
     LLMError,
+    ReplyCache,
+    RequestRejected,
     cache_key,
+    estimate_tokens,
+    fitting_max_tokens,
     parse_price,
     price_for,
     retry_after,
@@ -229,3 +233,110 @@ def test_cache_key_is_canonical_and_scrubbed():
     a = cache_key("m", clean, {"temperature": 0, "max_tokens": 5})
     assert a == cache_key("m", clean, {"max_tokens": 5, "temperature": 0})
     assert a != cache_key("m2", clean, {"temperature": 0, "max_tokens": 5})
+
+
+# ------------------------------------------------------------- one request refused, reply length
+
+
+def test_a_400_about_the_request_is_a_request_rejection_not_a_retry(llm_server):
+    llm_server.reject = lambda body: "the prompt is too long" if "long" in str(body["messages"]) else None
+    sleeps: list[float] = []
+    with client(llm_server.url, sleeps) as c:
+        with pytest.raises(
+            RequestRejected, match="refused the request \\(HTTP 400: .*the prompt is too long"
+        ) as err:
+            c.chat([{"role": "user", "content": "a long report"}])
+        assert err.value.status == 400 and isinstance(err.value, LLMError)
+        assert c.chat(MSG).content == "ok"  # the next request is unaffected
+    assert sleeps == [] and len(llm_server.requests) == 2
+    llm_server.script.append({"status": 401})
+    with client(llm_server.url) as c, pytest.raises(LLMError) as err:  # a setting: not per request
+        c.chat(MSG)
+    assert not isinstance(err.value, RequestRejected)
+
+
+@pytest.mark.parametrize(
+    "message, fits, server_wide",
+    [
+        ("max_tokens=1500 is above this server's limit of 1024 tokens", 1024, True),  # ours
+        (
+            "max_tokens=1024 plus the prompt's 900 tokens exceeds the model's context of 1024 tokens; "
+            "ask for at most 124 tokens",  # ours
+            124,
+            False,
+        ),
+        (
+            "This model's maximum context length is 4096 tokens. However, you requested 5000 tokens "
+            "(3500 in the messages, 1500 in the completion). Please reduce the length.",  # vLLM <= 0.6
+            596,
+            False,
+        ),
+        (
+            "'max_tokens' or 'max_completion_tokens' is too large: 1500. This model's maximum context "
+            "length is 2048 tokens and your request has 1000 input tokens (1500 > 2048 - 1000).",  # vLLM
+            1048,
+            False,
+        ),
+        (
+            "max_tokens is too large: 20000. This model supports at most 16384 completion tokens, "
+            "whereas you provided 20000.",  # OpenAI
+            16384,
+            True,
+        ),
+        ("the prompt is 5000 tokens, above this server's limit of 4096", None, False),
+    ],
+)
+def test_fitting_max_tokens_reads_each_endpoints_wording(message, fits, server_wide):
+    assert fitting_max_tokens(message) == (fits, server_wide)
+
+
+def test_max_tokens_is_sized_to_our_servers_limit_and_remembered(llm_server):
+    """Our own server caps replies at 1024 tokens; the judge's and instruct's defaults asked more."""
+    llm_server.max_tokens_limit = 1024
+    with client(llm_server.url, max_tokens=1500) as c:
+        first = c.chat(MSG)
+        second = c.chat([{"role": "user", "content": "Another question."}])
+        assert first.content == second.content == "ok"
+        assert c.usage.resized == 2 and c.usage.sent == 2 and c.usage.retries == 0
+        assert "2 request(s) sized down to the max_tokens the endpoint accepts" in c.render_usage()
+        # the cache key keeps the requested value: a re-run computes the same key
+        assert first.key == c.request_key(MSG)
+    assert [b["max_tokens"] for b in llm_server.bodies()] == [1500, 1024, 1024]
+
+
+def test_dry_run_estimates_tokens_and_cost_and_creates_no_cache(llm_server, tmp_path):
+    out = io.StringIO()
+    cache = tmp_path / "cache" / "replies.sqlite3"
+    cfg = ClientConfig(
+        base_url=llm_server.url, model="gpt-4o-mini", dry_run=True, max_tokens=1000, cache=cache
+    )
+    messages = [{"role": "user", "content": "甲状腺右叶见低回声结节。" + "word " * 40}]
+    with ChatClient(cfg, out=out) as c:
+        c.chat(messages)
+        c.chat(MSG)
+        text = c.render_usage()
+    assert estimate_tokens(messages) == 4 + 12 + 50  # 12 CJK characters, 200 other characters / 4
+    n_in = estimate_tokens(messages) + estimate_tokens(MSG)
+    assert c.usage.dry_run_prompt_tokens == n_in and c.usage.dry_run_completion_tokens == 2000
+    low, high = n_in * 0.15 / 1e6, (n_in * 0.15 + 2000 * 0.60) / 1e6
+    assert text.splitlines()[1:] == [
+        f"  dry run estimate for the 2 printed requests: ~{n_in} tokens in + at most 2000 out; "
+        f"cost ~${low:.3g} for the prompts, at most ${high:.3g} with the replies"
+    ]
+    assert "$0.0000" not in text and "tokens: 0 in" not in text and low > 0
+    assert not cache.parent.exists()  # a dry run writes nothing, not even an empty cache
+
+
+def test_dry_run_serves_an_existing_cache_read_only(llm_server, tmp_path):
+    cache = tmp_path / "replies.sqlite3"
+    with client(llm_server.url, cache=cache) as c:
+        c.chat(MSG)
+    other = [{"role": "user", "content": "Not asked before."}]
+    with ChatClient(
+        ClientConfig(base_url=llm_server.url, model="test-model", cache=cache, dry_run=True),
+        out=io.StringIO(),
+    ) as c:
+        hit, printed = c.chat(MSG), c.chat(other)
+        assert hit.cached and hit.content == "ok" and printed.dry_run
+        assert c.usage.cache_hits == 1 and c.usage.dry_run == 1
+    assert len(ReplyCache(cache)) == 1 and len(llm_server.requests) == 1

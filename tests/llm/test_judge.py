@@ -279,3 +279,27 @@ def test_killed_judge_resumes_where_it_stopped(llm_server, tmp_path):
     assert len(resumed) == 2
     assert "A 6 mm stone." in resumed[0] and "Because of shadowing." in resumed[1]
     assert "unparseable judge replies: 1 of 4" in result.output
+
+
+def test_judge_with_default_max_tokens_against_a_small_context(llm_server, tmp_path):
+    """A server whose context leaves the judge fewer reply tokens than the default 1024 answers
+    with how many fit (our server's wording); every request is re-sent sized to fit."""
+    llm_server.responder = judge_responder
+
+    def context(body):
+        if body["max_tokens"] > 300:
+            return (
+                f"max_tokens={body['max_tokens']} plus the prompt's 724 tokens exceeds the model's "
+                "context of 1024 tokens; ask for at most 300 tokens"
+            )
+        return None
+
+    llm_server.reject = context
+    pred, ref = write_inputs(tmp_path)
+    args = ["judge", "--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / "j")]
+    args += ["--judge-model", "judge-x", "--base-url", llm_server.url, "--price", "1,2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(b["max_tokens"] for b in llm_server.bodies()) == [300] * 4 + [1024] * 4
+    assert "4 request(s) sized down to the max_tokens the endpoint accepts" in result.output
+    assert re.search(r"conversation\s+2\s+8\.00\s+6\.00\s+75\.0", result.output)

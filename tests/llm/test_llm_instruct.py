@@ -25,6 +25,7 @@ from llava_ultra.data.llm_instruct import (
     turn_problem,
 )
 from llava_ultra.errors import ConfigError
+from llava_ultra.llm.client import estimate_tokens
 
 # ------------------------------------------------------------------------------ pure parts
 
@@ -290,16 +291,101 @@ def test_instruct_llm_end_to_end(llm_server, tmp_path):
 
 
 def test_instruct_llm_dry_run_sends_nothing(llm_server, tmp_path):
+    """Every request is printed (the three tasks and their three rewrites per report), the estimate
+    counts all of them, and nothing is written: no instruction files, journal or cache."""
     reports = write_reports(tmp_path)
     args = ["instruct", "--reports", str(reports), "--out", str(tmp_path / "o"), "--generator", "llm"]
-    args += ["--llm-base-url", llm_server.url, "--llm-model", "m", "--llm-dry-run"]
+    args += ["--llm-base-url", llm_server.url, "--llm-model", "gpt-4o-mini", "--llm-dry-run"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert llm_server.requests == []
-    assert result.output.count("--- dry run: POST") == 9  # 3 reports x 3 tasks
+    blocks = result.output.split("--- dry run: POST")[1:]
+    assert len(blocks) == 18  # 3 reports x 3 tasks, each with its extended-answer rewrite
+    bodies = [json.loads(b[b.index("\n{") : b.index("\n}\n") + 2]) for b in blocks]
+    rewrites = [b for b in bodies if '"extended"' in b["messages"][0]["content"]]
+    assert len(rewrites) == 9 and all(
+        "unknown" in r["messages"][-1]["content"] or "未知" in r["messages"][-1]["content"] for r in rewrites
+    )
     for secret in SECRETS:
         assert secret not in result.output
-    assert "9 printed by dry run (nothing sent)" in result.output
+    assert "18 printed by dry run (nothing sent)" in result.output
+    n_in = sum(estimate_tokens(b["messages"]) for b in bodies) + 9 * 1500  # + the unknown answers
+    assert f"dry run estimate for the 18 printed requests: ~{n_in} tokens in + at most {18 * 1500} out" in (
+        result.output
+    )
+    assert re.search(r"cost ~\$0\.0\d+ for the prompts, at most \$0\.0\d+ with the replies", result.output)
+    assert "tokens: 0 in" not in result.output and "cost: $0.0000" not in result.output
+    assert f"dry run: nothing written to {tmp_path / 'o'}" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def refuse_report(findings: str):
+    """The endpoint refuses (HTTP 400) every request about the report with these findings."""
+
+    def reject(body):
+        text = json.dumps(body["messages"][-1], ensure_ascii=False)
+        return "the prompt is too long for this model" if findings[:8] in text else None
+
+    return reject
+
+
+def test_instruct_goes_on_past_a_report_the_endpoint_refuses(llm_server, tmp_path):
+    llm_server.responder = fake_llm
+    llm_server.reject = refuse_report(REPORTS[1]["findings"])
+    reports = write_reports(tmp_path)
+    out = tmp_path / "out"
+    args = ["instruct", "--reports", str(reports), "--out", str(out), "--generator", "llm"]
+    args += ["--llm-base-url", llm_server.url, "--llm-model", "gen-model", "--llm-concurrency", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "requests refused by the endpoint (HTTP 400/413/422): 3" in result.output
+    assert (
+        "1 reports without stage-2 samples (the generator failed on them; their captions and eval QA are kept):"
+        in (result.output)
+    )
+    assert (
+        "    report r2: the LLM gave no usable output for any task: conversation: the endpoint refused the "
+        f"request: {llm_server.url}/chat/completions refused the request (HTTP 400: " in result.output
+    )
+    stage2 = json.loads((out / "stage2.train.json").read_text(encoding="utf-8"))
+    assert {s["report_id"] for s in stage2} == {"r1", "r3"}  # the others were generated
+    for name in ("stage1", "eval"):  # the refused report is still in the template-built files
+        samples = json.loads((out / f"{name}.train.json").read_text(encoding="utf-8"))
+        assert {s["report_id"] for s in samples} == {"r1", "r2", "r3"}, name
+    meta = json.loads((out / "instruct_meta.json").read_text(encoding="utf-8"))
+    assert meta["bad"] == [] and [b["where"] for b in meta["no_stage2"]] == ["report r2"]
+    assert meta["splits"]["train"]["reports"] == 3
+
+
+def test_instruct_stops_when_the_endpoint_refuses_everything(llm_server, tmp_path):
+    llm_server.reject = lambda body: "response_format is not supported by this model"
+    reports = write_reports(tmp_path)
+    args = ["instruct", "--reports", str(reports), "--out", str(tmp_path / "o"), "--generator", "llm"]
+    args += ["--llm-base-url", llm_server.url, "--llm-model", "m", "--llm-concurrency", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "the endpoint refused the first 5 requests and accepted none, so the problem is a setting" in (
+        result.output
+    )
+    assert "response_format is not supported" in result.output and "Traceback" not in result.output
+    assert len(llm_server.requests) == 5
+
+
+def test_instruct_against_a_server_capping_replies_at_1024_tokens(llm_server, tmp_path):
+    """Our own server caps max_tokens at 1024; instruct asks 1500 by default and is sized down."""
+    llm_server.responder = fake_llm
+    llm_server.max_tokens_limit = 1024
+    reports = write_reports(tmp_path)
+    out = tmp_path / "out"
+    args = ["instruct", "--reports", str(reports), "--out", str(out), "--generator", "llm"]
+    args += ["--llm-base-url", llm_server.url, "--llm-model", "gen-model", "--llm-concurrency", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    sizes = [b["max_tokens"] for b in llm_server.bodies()]
+    assert sizes[:2] == [1500, 1024] and set(sizes[2:]) == {1024}  # learned once, then sent sized
+    assert len(sizes) == 21 + 1 and "21 requests sent" in result.output
+    assert "21 request(s) sized down to the max_tokens the endpoint accepts" in result.output
+    assert len(json.loads((out / "stage2.train.json").read_text(encoding="utf-8"))) == 15
 
 
 def test_instruct_llm_needs_an_endpoint(tmp_path, monkeypatch):

@@ -525,6 +525,9 @@ class InstructSet:
     eval: list[dict[str, Any]] = field(default_factory=list)
     bad: list[BadItem] = field(default_factory=list)
     reports: int = 0
+    no_stage2: list[BadItem] = field(default_factory=list)
+    """Reports the generator failed on (e.g. every LLM task refused or invalid): no stage-2 samples,
+    their template-built captions and eval QA kept."""
 
 
 def report_rng(seed: int, report: Report, purpose: str) -> random.Random:
@@ -542,8 +545,12 @@ def build_instructions(
 ) -> InstructSet:
     """Captions, generator conversations and eval QA for every report; bad reports are recorded.
 
-    A report either contributes all its samples or none (recorded in `bad` with the reason).
-    Only DataError is caught: anything else (a bug, an unreachable LLM endpoint) propagates.
+    A report whose own data is unusable (duplicate id, image outside the root, text the templates
+    refuse) contributes no sample (recorded in `bad` with the reason). A report the stage-2
+    generator fails on (an LLM that refused or never gave valid JSON) keeps its template-built
+    captions and eval QA and gets no stage-2 sample (recorded in `no_stage2`), so an LLM failure
+    never removes a report from the template-built files. Only DataError is caught: anything else
+    (a bug, an unreachable LLM endpoint) propagates.
     """
     cues = cue_flags(site_cue)
     result = InstructSet()
@@ -562,13 +569,17 @@ def build_instructions(
             for rel in report.images:
                 resolve_image(image_root, rel)
             stage1 = build_captions(report, report_rng(seed, report, "caption"), cues)
-            stage2 = generator.generate(report, report_rng(seed, report, "conversation"))
-            for sample in stage2:
-                check_sample(sample)
             evals = build_eval(report, report_rng(seed, report, "eval"), cues)
         except DataError as exc:
             result.bad.append(BadItem(f"report {report.id}", str(exc)))
             continue
+        try:
+            stage2 = generator.generate(report, report_rng(seed, report, "conversation"))
+            for sample in stage2:
+                check_sample(sample)
+        except DataError as exc:
+            result.no_stage2.append(BadItem(f"report {report.id}", str(exc)))
+            stage2 = []
         seen.add((report.id, report.language))
         result.stage1 += stage1
         result.stage2 += stage2
@@ -595,9 +606,16 @@ class InstructSummary:
     bad: list[BadItem]
     skipped_files: list[str]
     notes: list[str] = field(default_factory=list)
+    no_stage2: list[BadItem] = field(default_factory=list)
+    dry_run: bool = False
 
     def render(self, max_bad: int = 20) -> str:
-        lines = [f"instruction data -> {self.out_dir}", *self.notes]
+        head = (
+            f"dry run: nothing written to {self.out_dir}"
+            if self.dry_run
+            else f"instruction data -> {self.out_dir}"
+        )
+        lines = [head, *self.notes]
         for split, c in self.counts.items():
             lines.append(
                 f"  {split}: {c['reports']} reports -> stage1 {c['stage1']}, stage2 {c['stage2']}, eval {c['eval']}"
@@ -608,6 +626,14 @@ class InstructSummary:
             lines += [f"    {b.where}: {b.reason}" for b in self.bad[:max_bad]]
             if len(self.bad) > max_bad:
                 lines.append(f"    ... {len(self.bad) - max_bad} more in instruct_meta.json")
+        if self.no_stage2:
+            lines.append(
+                f"  {len(self.no_stage2)} reports without stage-2 samples (the generator failed on them; "
+                "their captions and eval QA are kept):"
+            )
+            lines += [f"    {b.where}: {b.reason}" for b in self.no_stage2[:max_bad]]
+            if len(self.no_stage2) > max_bad:
+                lines.append(f"    ... {len(self.no_stage2) - max_bad} more in instruct_meta.json")
         return "\n".join(lines)
 
 
@@ -667,13 +693,18 @@ def run_instruct(
             "check the --language choice and the report files"
         )
 
-    out.mkdir(parents=True, exist_ok=True)
+    dry_run = bool(getattr(gen, "dry_run", False))  # prints requests; writes nothing
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict[str, int]] = {}
+    no_stage2: list[BadItem] = []
     for split, reports in by_split.items():
         built = build_instructions(reports, gen, seed=seed, site_cue=site_cue, image_root=root)
         bad += built.bad
-        for name in ("stage1", "stage2", "eval"):
-            _write_json_list(out / f"{name}.{split}.json", getattr(built, name))
+        no_stage2 += built.no_stage2
+        if not dry_run:
+            for name in ("stage1", "stage2", "eval"):
+                _write_json_list(out / f"{name}.{split}.json", getattr(built, name))
         counts[split] = {
             "reports": built.reports - len(built.bad),
             "stage1": len(built.stage1),
@@ -696,10 +727,13 @@ def run_instruct(
         "skipped_files": skipped,
         "bad": [{"where": b.where, "reason": b.reason} for b in bad],
     }
-    (out / "instruct_meta.json").write_text(
-        json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
-    )
-    return InstructSummary(out, counts, bad, skipped, notes)
+    if no_stage2:  # only when there are some, so template-only outputs stay byte-identical
+        meta["no_stage2"] = [{"where": b.where, "reason": b.reason} for b in no_stage2]
+    if not dry_run:
+        (out / "instruct_meta.json").write_text(
+            json.dumps(meta, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+        )
+    return InstructSummary(out, counts, bad, skipped, notes, no_stage2, dry_run)
 
 
 def image_root_of(out_dir: Path | str) -> Path:

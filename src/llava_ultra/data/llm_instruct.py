@@ -32,7 +32,18 @@ Batching: `prefetch` (called by `build_instructions` with all reports of a split
 reports `concurrency` at a time through `llm.batch.run_batch`, journaling each finished report
 to a JSONL file keyed by report id + language, fingerprinted by the report text, model,
 parameters and prompts: a killed run resumes where it stopped, and with the reply cache a
-re-run sends nothing. A report whose every task failed raises DataError and is listed as bad.
+re-run sends nothing. A request the endpoint refuses (HTTP 400 / 413 / 422, `RequestRejected`:
+a report too long for the context, a content filter) fails that task only, counted; the batch
+goes on. A report whose every task failed raises DataError: it gets no stage-2 samples and is
+listed, while its template-built captions and eval QA are kept (`instruct.build_instructions`).
+When the first REFUSALS_BEFORE_ABORT requests are all refused and none accepted, the problem is a
+setting, not the reports: LLMError stops the batch. `max_tokens` (1500 by default) is sized down
+by the client when the endpoint says it does not fit (our own server caps replies at 1024).
+
+Dry run: every request a report certainly needs is printed, the extended-answer rewrites too
+(their answers, unknown until the first reply, are a placeholder, counted as one full reply in
+the estimate); repair requests are sent only after an unusable reply and are not included.
+Nothing is written: no journal, no reply cache, and `run_instruct` writes no files.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ from typing import Any, TextIO
 from ..errors import ConfigError, DataError
 from ..eval.metrics import medical_terms
 from ..llm.batch import run_batch
-from ..llm.client import ChatClient, ClientConfig, parse_price
+from ..llm.client import ChatClient, ClientConfig, LLMError, RequestRejected, parse_price
 from ..sites import FINDING_TYPES, SITES, site_name
 from .extend import MIN_EXTRA
 from .instruct import CUE_PREFIXES, cue_flags, find_measurements, make_sample
@@ -68,6 +79,12 @@ _PROMPT_FILES = {
     "extend": "extend",
 }
 MAX_TURNS = 6
+REFUSALS_BEFORE_ABORT = 5
+# Dry run: stands for the answers an extended-answer rewrite quotes (known only after the reply).
+DRY_RUN_ANSWERS = {
+    "zh": "<上一请求回复中的回答；试运行中未知>",
+    "en": "<the answers from the reply to the request above; unknown in a dry run>",
+}
 
 DETAIL_QUESTIONS: dict[str, tuple[str, ...]] = {
     "zh": (
@@ -423,6 +440,13 @@ class LLMGenerator:
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
+        self._accepted = 0  # replies received (cache hits included)
+        self._refused = 0  # requests the endpoint refused (RequestRejected)
+
+    @property
+    def dry_run(self) -> bool:
+        """Print the requests, send nothing, write nothing (`run_instruct` checks this too)."""
+        return self.config.dry_run
 
     # ---- batch
 
@@ -466,9 +490,33 @@ class LLMGenerator:
             self._failed.update(result.failed)
             self.stats["reports resumed from the journal"] += result.resumed
 
+    def _chat(self, messages: list[dict[str, str]]) -> Any:
+        """One request; a refusal of this request (HTTP 400 / 413 / 422) is returned, not raised,
+        unless every request so far was refused (then the settings are wrong: LLMError)."""
+        try:
+            reply = self.client.chat(messages)
+        except RequestRejected as exc:
+            with self._lock:
+                self._refused += 1
+                self.stats["requests refused by the endpoint (HTTP 400/413/422)"] += 1
+                hopeless = self._refused >= REFUSALS_BEFORE_ABORT and self._accepted == 0
+            if hopeless:
+                raise LLMError(
+                    f"the endpoint refused the first {self._refused} requests and accepted none, so "
+                    f"the problem is a setting, not the reports (last: {exc}); check --llm-model, "
+                    "--llm-json-mode and the endpoint's limits"
+                ) from None
+            return exc
+        if not reply.dry_run:
+            with self._lock:
+                self._accepted += 1
+        return reply
+
     def _ask(self, messages: list[dict[str, str]], language: str, check) -> tuple[Any, str | None]:
         """One request, and one repair request when `check(parse(reply))` fails; (value, error)."""
-        reply = self.client.chat(messages)
+        reply = self._chat(messages)
+        if isinstance(reply, RequestRejected):
+            return None, f"the endpoint refused the request: {reply}"
         if reply.dry_run:
             return None, None
         try:
@@ -480,7 +528,9 @@ class LLMGenerator:
                 {"role": "assistant", "content": reply.content or ""},
                 {"role": "user", "content": REPAIR[language].format(error=first)},
             ]
-            again = self.client.chat(repair)
+            again = self._chat(repair)
+            if isinstance(again, RequestRejected):
+                return None, f"{first}; the endpoint refused the repair request: {again}"
             try:
                 value = check(parse_json_reply(again.content))
             except ReplyError as second:
@@ -500,7 +550,11 @@ class LLMGenerator:
                 self._count(f"failed {task} replies")
                 tasks[task] = {"error": error}
                 continue
-            if turns is None:  # dry run
+            if turns is None:  # dry run: print the rewrite request too, its answers a placeholder
+                if self.extended:
+                    self.client.chat(extend_messages([DRY_RUN_ANSWERS[lang]], lang))
+                    # the real answers are unknown: count them as one full reply at most
+                    self.client.usage.add(dry_run_prompt_tokens=self.config.max_tokens or 0)
                 continue
             kept = []
             for question, answer in turns:
@@ -591,7 +645,14 @@ class LLMGenerator:
         lines = self.client.render_usage().splitlines()
         lines += [f"  {what}: {n}" for what, n in sorted(self.stats.items())]
         lines += [f"  turns dropped ({reason}): {n}" for reason, n in sorted(self.dropped.items())]
-        if self.journal is not None and not self.config.dry_run:
+        if self.config.dry_run:
+            lines.append(
+                "  dry run: each rewrite request's answers (unknown until the first reply) are counted as "
+                "one full reply (max_tokens); repair requests (sent only after an unusable reply) are "
+                "not in the estimate; nothing was written (no instruction files, journal or reply cache)"
+            )
+            return lines
+        if self.journal is not None:
             lines.append(f"  journal: {self.journal}")
         if self.config.cache is not None:
             lines.append(f"  reply cache: {self.config.cache}")

@@ -14,7 +14,9 @@ Notable choices:
 - Items whose `work` raises DataError are failures of that item: counted, reported, not
   journaled (a re-run tries them again, from the reply cache when one is configured). Any
   other exception (LLMError: the endpoint is gone) cancels what has not started and propagates;
-  everything already finished is in the journal.
+  everything already finished is in the journal. `client.RequestRejected` (the endpoint refused
+  one request: HTTP 400 / 413 / 422) is an LLMError too; a caller that can do without that part
+  of an item catches it inside `work` (the instruct generator fails that task and goes on).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ Layout of a run folder (`train.output_dir`):
         model/                a loadable model checkpoint (same format as stage{N}/)
         trainables.safetensors  every trainable parameter (LoRA included), for an exact resume
         optimizer.pt, scheduler.pt, trainer_state.json, rng_state.pt, config.yaml
+        manifest.json         size and SHA-256 of every other file (also in stage{N}/)
 
 Notable choices:
 - Every checkpoint folder is written to `.<name>.tmp` beside its final place and renamed when
@@ -18,13 +19,25 @@ Notable choices:
   `accelerator.get_state_dict` (a collective that assembles FSDP / ZeRO-3 shards), so this file
   never touches sharded parameters.
 - RNG states (python, numpy, torch CPU and CUDA) are captured per process and stored together.
+- Every checkpoint folder the trainer writes carries `manifest.json`: the size and SHA-256 of each
+  file in it, written last (inside the temporary folder, so it exists only when every file does).
+  Resume verifies it before reading anything, so a truncated file, a missing file, or a file whose
+  bytes changed while its size and header stayed (a zeroed tail) is found and named; the trainer
+  then falls back to the previous checkpoint and says so. Folders without a manifest (written by
+  older versions) are read unverified, and a read error there also falls back.
 - A run folder belongs to one config: starting again without `--resume` or `--overwrite` is
-  refused, and resuming with a different config names the keys that differ.
+  refused, and resuming with a different config names the keys that differ. The run folder's own
+  location is not part of that identity: `run.json` stores `train.output_dir` as "." and any path
+  inside the run relative to it, so a moved (or copied) run folder resumes from its new place.
+- A damaged `run.json` (truncated by a crash or a full disk) is rebuilt from `config.yaml` beside
+  it when that is intact, with a message; when both are unreadable the message says what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -41,6 +54,8 @@ import yaml
 from ..errors import CheckpointError, ConfigError
 
 RUN_FILE = "run.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "llava-ultra-manifest"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 # Settings that may change between a run and its resumption without changing its result.
 RESUMABLE_KEYS = (
@@ -61,8 +76,11 @@ def _tmp_of(final: Path) -> Path:
 
 
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces `final` in one rename."""
+def atomic_dir(final: str | Path, *, manifest: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces `final` in one rename.
+
+    With `manifest=True` the folder's `manifest.json` (sizes and SHA-256 of every file) is written
+    after the caller's files and before the rename."""
     final = Path(final)
     tmp = _tmp_of(final)
     if tmp.exists():
@@ -70,6 +88,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        if manifest:
+            write_manifest(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -86,6 +106,90 @@ def commit_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
+
+
+# -------------------------------------------------------------------------------- manifests
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files_of(folder: Path) -> list[str]:
+    """Every file under `folder` as a POSIX path relative to it (the manifest itself excluded)."""
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = (Path(root) / name).relative_to(folder).as_posix()
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(folder: str | Path) -> Path:
+    """Record the size and SHA-256 of every file in `folder` in `folder/manifest.json`."""
+    folder = Path(folder)
+    files = {
+        rel: {"size": (folder / rel).stat().st_size, "sha256": _sha256(folder / rel)}
+        for rel in _files_of(folder)
+    }
+    path = folder / MANIFEST
+    path.write_text(
+        json.dumps({"format": MANIFEST_FORMAT, "version": 1, "files": files}, indent=1) + "\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def manifest_problems(folder: str | Path) -> list[str] | None:
+    """What is wrong with `folder` against its manifest: [] when every file matches, None when the
+    folder has no manifest (written before manifests existed; it cannot be verified)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = data["files"]
+        if data.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError("not a llava-ultra manifest")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        return [f"{MANIFEST} is damaged ({exc})"]
+    problems = []
+    for rel, want in sorted(files.items()):
+        file = folder / rel
+        if not file.is_file():
+            problems.append(f"{rel} is missing")
+            continue
+        size = file.stat().st_size
+        if size != want.get("size"):
+            problems.append(
+                f"{rel} is {size} bytes, the manifest says {want.get('size')} (truncated or overwritten)"
+            )
+        elif _sha256(file) != want.get("sha256"):
+            problems.append(
+                f"{rel} has the right size but its SHA-256 differs from the manifest (its bytes were damaged)"
+            )
+    return problems
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint folder whose files are missing, truncated or changed (not a config mismatch)."""
+
+
+def verify_checkpoint(folder: str | Path, what: str = "checkpoint", *, expect_manifest: bool = False) -> bool:
+    """Raise DamagedCheckpoint naming each damaged file of `folder`; True when it was verified,
+    False when it has no manifest to verify against (allowed unless `expect_manifest`)."""
+    problems = manifest_problems(folder)
+    if problems is None and expect_manifest:
+        problems = [f"{MANIFEST} is missing"]
+    if problems:
+        raise DamagedCheckpoint(f"{what} {folder} is damaged: {'; '.join(problems)}")
+    return problems is not None
 
 
 # ------------------------------------------------------------------------------- RNG states
@@ -135,6 +239,14 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def list_step_dirs(root: str | Path) -> list[tuple[int, Path]]:
+    """Every `step-*` folder under `root`, complete or not, oldest first (resume checks each)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
+
+
 def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints; returns the deleted folders."""
     ckpts = list_checkpoints(root)
@@ -174,17 +286,28 @@ def read_state_files(folder: Path, with_optimizer: bool = True) -> dict[str, Any
     needed = ["trainables.safetensors", "scheduler.pt", "rng_state.pt", "trainer_state.json"]
     missing = [n for n in needed if not (folder / n).is_file()]
     if missing:
-        raise CheckpointError(
-            f"checkpoint {folder} is incomplete (missing {', '.join(missing)}); delete it to resume "
-            f"from the previous one"
-        )
+        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {', '.join(missing)} missing")
     opt = folder / "optimizer.pt"
+
+    def read(name: str, how):
+        try:
+            return how(folder / name)
+        except Exception as exc:  # truncated / damaged: torch, safetensors and json raise their own kinds
+            size = (folder / name).stat().st_size
+            raise DamagedCheckpoint(
+                f"checkpoint {folder} is damaged: {name} ({size} bytes) cannot be read ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); it is truncated or damaged"
+            ) from None
+
+    def torch_file(path: Path) -> Any:
+        return torch.load(path, weights_only=False)
+
     return {
-        "trainables": load_file(str(folder / "trainables.safetensors")),
-        "optimizer": torch.load(opt, weights_only=False) if with_optimizer and opt.is_file() else None,
-        "scheduler": torch.load(folder / "scheduler.pt", weights_only=False),
-        "rng": torch.load(folder / "rng_state.pt", weights_only=False),
-        "trainer": json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")),
+        "trainables": read("trainables.safetensors", lambda p: load_file(str(p))),
+        "optimizer": read("optimizer.pt", torch_file) if with_optimizer and opt.is_file() else None,
+        "scheduler": read("scheduler.pt", torch_file),
+        "rng": read("rng_state.pt", torch_file),
+        "trainer": read("trainer_state.json", lambda p: json.loads(p.read_text(encoding="utf-8"))),
     }
 
 
@@ -218,20 +341,82 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     ]
 
 
-def prepare_run_dir(out: Path, config: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+def _in_run(value: Any, bases: tuple[str, ...]) -> Any:
+    if isinstance(value, dict):
+        return {k: _in_run(v, bases) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_in_run(v, bases) for v in value]
+    if isinstance(value, str):
+        for base in bases:
+            if value.rstrip("/" + os.sep) == base:
+                return "."
+            for sep in {"/", os.sep}:
+                if value.startswith(base + sep):
+                    return "./" + value[len(base) + 1 :].replace(os.sep, "/")
+    return value
+
+
+def run_identity(config: dict[str, Any], out: str | Path | None = None) -> dict[str, Any]:
+    """`config` with the run folder's location taken out: `train.output_dir` becomes "." and every
+    path inside the run folder becomes relative to it ("./stage1"). `out` defaults to the config's
+    own `train.output_dir`; a config already made relative is returned unchanged."""
+    recorded = (config.get("train") or {}).get("output_dir")
+    out = recorded if out is None else out
+    if out is None or str(out) == ".":
+        return config
+    base = str(out).rstrip("/" + os.sep)
+    bases = tuple(dict.fromkeys(b for b in (base, str(Path(base).absolute())) if b))
+    same = _in_run(config, bases)
+    same.setdefault("train", {})["output_dir"] = "."
+    return same
+
+
+def read_run_file(out: Path) -> tuple[dict[str, Any], str | None]:
+    """The run's record from `run.json` and None, or, when `run.json` is damaged, one rebuilt from
+    `config.yaml` beside it and a note saying so. Both unreadable: ConfigError saying what to do."""
+    path = out / RUN_FILE
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(run, dict) or not isinstance(run.get("config"), dict):
+            raise ValueError("it holds no 'config' object")
+        return run, None
+    except (ValueError, UnicodeDecodeError) as exc:
+        damage = f"{path} is damaged ({type(exc).__name__}: {exc}; {path.stat().st_size} bytes)"
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("it holds no config mapping")
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(
+            f"{damage}, and {out / 'config.yaml'} cannot be read either ({exc}), so the config this run "
+            f"was started with is unknown. Restore run.json from a backup, or start a new run in "
+            f"another output_dir (this folder's checkpoints are left as they are)"
+        ) from None
+    note = f"{damage}; using {out / 'config.yaml'} (the run's full config) instead, and rewriting run.json from it"
+    return {"started": "?", "config": run_identity(config), "rebuilt_from": "config.yaml"}, note
+
+
+def prepare_run_dir(
+    out: Path, config: dict[str, Any], *, resume: bool, overwrite: bool, notes: list[str] | None = None
+) -> bool:
     """Check that `out` may hold this run; returns True when there is an earlier run to resume.
 
-    - empty or new folder: a fresh run.
+    - empty or new folder: a fresh run (with `--resume`, a note says so).
     - holds a run and neither flag: refused (ConfigError naming both flags).
     - `--overwrite`: the previous run's folder is deleted (only if it is a llava-ultra run).
-    - `--resume`: the previous run's config must match (differences are listed).
-    Nothing is written here; call `start_run` on the main process afterwards.
+    - `--resume`: the previous run's config must match (differences are listed); where the run
+      folder lives is not compared, so a moved run folder resumes.
+    Nothing is written here; call `start_run` (fresh) or `repair_run_file` (resume) on the main
+    process afterwards. Messages for the user (not errors) are appended to `notes`.
     """
+    notes = [] if notes is None else notes
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one of them")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir={out} is a file; choose a folder")
     if not out.is_dir() or not any(out.iterdir()):
+        if resume:
+            notes.append(f"--resume: {out} holds no run yet; starting a new run there from the first step")
         return False
     run_file = out / RUN_FILE
     if not run_file.is_file():
@@ -239,22 +424,32 @@ def prepare_run_dir(out: Path, config: dict[str, Any], *, resume: bool, overwrit
             f"train.output_dir={out} is not empty and holds no llava-ultra run ({RUN_FILE} missing); "
             f"choose an empty or new folder (it is never deleted, even with --overwrite)"
         )
-    previous = json.loads(run_file.read_text(encoding="utf-8"))
     if overwrite:
         return False
+    previous, note = read_run_file(out)
     if not resume:
         raise ConfigError(
             f"train.output_dir={out} already holds a run (started {previous.get('started', '?')}); "
             f"pass --resume to continue it, --overwrite to replace it, or choose another output_dir"
         )
-    diffs = config_differences(previous.get("config", {}), config)
+    if note:
+        notes.append(note)
+    diffs = config_differences(run_identity(previous.get("config", {})), run_identity(config, out))
     if diffs:
         shown = "\n  ".join(diffs[:20])
         raise ConfigError(
             f"cannot resume {out}: it holds a run with a different config:\n  {shown}\n"
-            f"resume with the original config, or pass --overwrite to start over"
+            f"resume with the original config ({out / 'config.yaml'} holds it), or start a new run in "
+            f"another output_dir"
         )
     return True
+
+
+def _write_run_file(out: Path, config: dict[str, Any], started: str) -> None:
+    run = {"started": started, "config": run_identity(config, out)}
+    tmp = out / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out / RUN_FILE)  # a crash leaves the old file or the new one, never half of one
 
 
 def start_run(out: Path, config: dict[str, Any], *, overwrite: bool) -> None:
@@ -262,6 +457,14 @@ def start_run(out: Path, config: dict[str, Any], *, overwrite: bool) -> None:
     if overwrite and (out / RUN_FILE).is_file():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config}
-    (out / RUN_FILE).write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_run_file(out, config, time.strftime("%Y-%m-%d %H:%M:%S"))
     write_config(out, config)
+
+
+def repair_run_file(out: Path, config: dict[str, Any]) -> bool:
+    """On resume: rewrite a damaged `run.json` (its config matched `config`); True if it was."""
+    _, note = read_run_file(out)
+    if note is None:
+        return False
+    _write_run_file(out, config, "?")
+    return True

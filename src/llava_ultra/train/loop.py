@@ -26,6 +26,13 @@ gathered with `accelerator.get_state_dict` (a collective every process joins) be
 process writes them; the partitioned optimiser state is not saved there, so a resumed sharded run
 restarts Adam's moments (it says so). These sharded paths cannot be exercised without GPUs here.
 
+Damage: every checkpoint folder carries a manifest (sizes and SHA-256, `checkpoint.py`), verified
+before it is read. `--resume` takes the newest checkpoint that verifies and reads, says which
+newer ones it skipped and why (naming the file), and refuses when none is usable. `--resume`
+without any checkpoint of a stage says that the stage starts from its first step. A stage's
+starting folder (`stageN/` of this run, or `train.init_from`) is verified the same way. Paths
+recorded inside a run are relative to it, so a moved run folder resumes.
+
 A non-finite loss stops the run (all processes agree through a reduction) with the step and the
 last checkpoint named.
 """
@@ -118,6 +125,12 @@ def _check_checkpoint(folder: Path, what: str) -> None:
             f"train.init_from at a stage-1 output folder"
         )
     read_model_config(folder)  # raises CheckpointError for a foreign folder
+    try:  # a damaged folder must not become a silently wrong start
+        ck.verify_checkpoint(folder, what)
+    except ck.DamagedCheckpoint as exc:
+        raise CheckpointError(
+            f"{exc}; copy that folder again from where it came from, or point {what} at another checkpoint"
+        ) from None
 
 
 def _init_folder(cfg: Config, out: Path, stage: int) -> Path | None:
@@ -271,6 +284,12 @@ def _load_stage_model(cfg: Config, init: Path | None, tokenizer: Any, device: to
 
     if init is None:
         return initial_model(cfg, tokenizer, device)
+    try:
+        ck.verify_checkpoint(init, "the stage's starting checkpoint")
+    except ck.DamagedCheckpoint as exc:
+        raise CheckpointError(
+            f"{exc}; copy that folder again, or (when this run wrote it) delete it and resume to write it again"
+        ) from None
     model, _ = load_checkpoint(init, device=device)
     return model
 
@@ -360,7 +379,7 @@ class _Stage:
         else:
             optimizer_state, optimizer_format = optimizer.state_dict(), "torch"
         if acc.is_main_process:
-            with ck.atomic_dir(folder) as tmp:
+            with ck.atomic_dir(folder, manifest=True) as tmp:
                 save_checkpoint(_full_view(acc, model, state), tmp / "model", tokenizer)
                 ck.write_state_files(
                     tmp,
@@ -375,6 +394,7 @@ class _Stage:
                         "samples_seen": self.samples_seen,
                         "world_size": acc.num_processes,
                         "optimizer_format": optimizer_format,
+                        "manifest": True,  # so a deleted manifest.json reads as damage, not as an old folder
                         "bad_runtime": [dataclasses.asdict(b) for b in self.bad_runtime],
                     },
                     rng_states=rngs,
@@ -384,7 +404,10 @@ class _Stage:
                 ck.write_config(tmp, to_dict(self.cfg))
             ck.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
             if self.log is not None:
-                self.log.event("checkpoint", stage=self.n, step=self.step, path=str(folder))
+                # relative to the run folder, so the log stays true when the folder moves
+                self.log.event(
+                    "checkpoint", stage=self.n, step=self.step, path=folder.relative_to(self.out).as_posix()
+                )
         acc.wait_for_everyone()
         return folder
 
@@ -393,17 +416,77 @@ class _Stage:
 
         state = self.acc.get_state_dict(model)  # collective: gathers FSDP / ZeRO-3 shards
         if self.acc.is_main_process:
-            with ck.atomic_dir(self.final) as tmp:
+            with ck.atomic_dir(self.final, manifest=True) as tmp:
                 save_checkpoint(_full_view(self.acc, model, state), tmp, tokenizer)
                 ck.write_config(tmp, to_dict(self.cfg))
         self.acc.wait_for_everyone()
 
-    def restore(self, folder: Path, model: Any, optimizer: Any, scheduler: Any, names: set[str]) -> None:
-        """Load a resumable checkpoint into the (not yet prepared) model, optimiser and scheduler."""
+    def restore_newest(self, model: Any, optimizer: Any, scheduler: Any, names: set[str]) -> Path | None:
+        """`--resume`: restore the newest checkpoint that verifies and reads, falling back past
+        damaged ones (each named, with its damaged file); None when the stage has no checkpoint."""
+        found = ck.list_step_dirs(self.ckpt_root)  # incomplete ones too: they are named, not skipped silently
+        if not found:
+            self.say(
+                f"stage {self.n}: --resume found no checkpoint of this stage in {self.ckpt_root} (the "
+                f"run stopped before its first save); starting stage {self.n} from its first step"
+            )
+            return None
+        damaged: list[str] = []
+        newest_first = [folder for _, folder in reversed(found)]
+        fsdp_worker = _fsdp(self.acc) and not self.acc.is_main_process  # gets the moments broadcast
+        chosen, state = None, None
+        for i, folder in enumerate(newest_first):
+            try:  # verify, and read everything, before anything is loaded into the model
+                ck.verify_checkpoint(folder, expect_manifest=_says_it_has_a_manifest(folder))
+                state = ck.read_state_files(folder, with_optimizer=not fsdp_worker)
+            except ck.DamagedCheckpoint as exc:
+                damaged.append(str(exc))
+                if i + 1 < len(newest_first):
+                    self.say(f"stage {self.n}: {exc}; falling back to {newest_first[i + 1].name}")
+                continue
+            chosen = folder
+            break
+        if self.acc.num_processes > 1:  # every process must resume the same step (collective)
+            from accelerate.utils import gather_object
+
+            picks = gather_object([chosen.name if chosen is not None else None])
+            if len(set(picks)) > 1:
+                raise CheckpointError(
+                    f"stage {self.n}: the processes found different usable checkpoints in "
+                    f"{self.ckpt_root} ({picks}); put the run folder on storage every process sees "
+                    f"the same way, and resume again"
+                )
+        if chosen is None:
+            shown = "\n  ".join(damaged)
+            raise CheckpointError(
+                f"stage {self.n}: every checkpoint in {self.ckpt_root} is damaged, none can be resumed:\n"
+                f"  {shown}\nrestore the files from a backup, or delete {self.ckpt_root} and resume again "
+                f"to start stage {self.n} from its first step"
+            )
+        self.restore(chosen, model, optimizer, scheduler, names, state=state)
+        if damaged:
+            self.say(
+                f"stage {self.n}: resumed from {chosen.name}, the newest usable checkpoint; "
+                f"{len(damaged)} newer one(s) skipped as damaged (left in place for inspection)"
+            )
+        return chosen
+
+    def restore(
+        self,
+        folder: Path,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        names: set[str],
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        """Load a resumable checkpoint into the (not yet prepared) model, optimiser and scheduler;
+        `state` is what `ck.read_state_files` returned for it, when already read."""
         from ..model.ultra import load_state_dict_strict
 
         fsdp_worker = _fsdp(self.acc) and not self.acc.is_main_process  # gets the moments broadcast
-        state = ck.read_state_files(folder, with_optimizer=not fsdp_worker)
+        if state is None:
+            state = ck.read_state_files(folder, with_optimizer=not fsdp_worker)
         trainer = state["trainer"]
         if trainer.get("world_size") != self.acc.num_processes:
             raise CheckpointError(
@@ -451,6 +534,17 @@ class _Stage:
         self.say(
             f"stage {self.n}: resumed from {folder} (step {self.step}, epoch {self.epoch}, batch {self.batch})"
         )
+
+
+def _says_it_has_a_manifest(folder: Path) -> bool:
+    """Whether the checkpoint's own trainer_state.json says a manifest was written (a missing one is
+    then damage, not an older version's folder); an unreadable state file is caught later."""
+    import json
+
+    try:
+        return bool(json.loads((folder / "trainer_state.json").read_text(encoding="utf-8")).get("manifest"))
+    except (OSError, ValueError, AttributeError):
+        return True
 
 
 def _bad_key(bad: BadSample) -> tuple[str, str, str]:
@@ -596,10 +690,8 @@ def _run_stage(
     scheduler = build_scheduler(optimizer, scfg, total)
 
     _configure_sharding(acc, cfg, scfg)
-    last = st.last_checkpoint() if resume else None
-    if last is not None:
-        st.restore(last, model, optimizer, scheduler, names)
-    else:
+    last = st.restore_newest(model, optimizer, scheduler, names) if resume else None
+    if last is None:
         ck.seed_everything(cfg.train.seed + n)
     if head is not None:
         model, head, optimizer = acc.prepare(model, head, optimizer)
@@ -769,7 +861,8 @@ def train(
     out = Path(cfg.train.output_dir)
     config = to_dict(cfg)
     preflight(cfg, out)
-    resuming = ck.prepare_run_dir(out, config, resume=resume, overwrite=overwrite)
+    notes: list[str] = []
+    resuming = ck.prepare_run_dir(out, config, resume=resume, overwrite=overwrite, notes=notes)
 
     first_init = _init_folder(cfg, out, cfg.train.stages[0])
     tokenizer = resolve_tokenizer(cfg, first_init)
@@ -777,10 +870,14 @@ def train(
 
     accelerator = make_accelerator(cfg)
     say = print if accelerator.is_main_process else (lambda *_: None)
+    for note in notes:
+        say(note)
     prepared = {n: prepare_stage_data(cfg, n, tokenizer, mcfg, log=say) for n in cfg.train.stages}
 
     if accelerator.is_main_process and not resuming:
         ck.start_run(out, config, overwrite=overwrite)
+    elif accelerator.is_main_process:
+        ck.repair_run_file(out, config)
     accelerator.wait_for_everyone()
     log = MetricsLog(out, cfg.train.tensorboard) if accelerator.is_main_process else None
     results = []
@@ -788,6 +885,13 @@ def train(
         for n in cfg.train.stages:
             st = _Stage(cfg, n, out, accelerator, log)
             if resuming and st.final.is_dir():
+                try:
+                    ck.verify_checkpoint(st.final, f"stage {n}'s final checkpoint")
+                except ck.DamagedCheckpoint as exc:
+                    raise CheckpointError(
+                        f"{exc}; delete {st.final} and resume again: stage {n} is then finished again "
+                        f"from its last checkpoint in {st.ckpt_root}"
+                    ) from None
                 say(f"stage {n}: already complete in {st.final}; skipping")
                 continue
             for bad in prepared[n].bad:

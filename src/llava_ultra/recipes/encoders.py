@@ -41,8 +41,11 @@ class EncoderRecipe:
     batch_size: int = 64
     lr: float = 3e-3
     lesion_weight: float = 30.0
-    probe_steps: int = 300
-    """Steps of the decoder probe fitted on the random-init SAM (quality table only)."""
+    probe_steps: int = 150
+    """Steps of the decoder probe fitted on the random-init SAM (quality table only; not hashed)."""
+    quality_frames: int = 600
+    """At most this many train / held-out frames for the quality table (not hashed): a lighter table
+    than `pretrain-encoders` prints (1,500 frames, 300 probe steps), to keep `make demo` short."""
 
     def corpus_config(self) -> Any:
         from ..data.synth import SynthConfig
@@ -85,14 +88,16 @@ def ensure_encoders(recipe: EncoderRecipe | None = None, root: Path | None = Non
         echo(build_synth_frames(corpus, recipe.corpus_config()).render())
     with atomic_dir(folder) as tmp:
         pretrain(corpus, tmp, recipe.pretrain_config(), overwrite=True, echo=echo)
-        quality = evaluate_encoders(tmp, corpus, decoder_steps=recipe.probe_steps)
+        quality = evaluate_encoders(
+            tmp, corpus, max_frames=recipe.quality_frames, decoder_steps=recipe.probe_steps
+        )
         write_json(tmp / "encoder_quality.json", quality)
         shutil.move(str(corpus), str(tmp / "corpus"))
         write_json(tmp / "recipe.json", asdict(recipe))
     return folder
 
 
-FAST_RECIPE = EncoderRecipe(corpus_reports=40, steps=12, batch_size=32, probe_steps=10)
+FAST_RECIPE = EncoderRecipe(corpus_reports=40, steps=12, batch_size=32, probe_steps=10, quality_frames=100)
 """The smoke-test encoders of `quickstart --fast` (seconds to build; barely trained)."""
 
 

@@ -139,7 +139,17 @@ def test_cli_builds_a_corpus_pretrains_and_refuses_to_overwrite(tmp_path):
     from llava_ultra.cli import app
 
     out = tmp_path / "enc"
-    args = ["pretrain-encoders", "--out", str(out), "--synth-reports", "6", "--steps", "2", "--batch-size", "8"]
+    args = [
+        "pretrain-encoders",
+        "--out",
+        str(out),
+        "--synth-reports",
+        "6",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+    ]
     first = CliRunner().invoke(app, [*args, "--no-evaluate"])
     assert first.exit_code == 0, first.output
     assert (out / "clip" / "config.json").is_file() and (out / "sam" / "preprocessor_config.json").is_file()
@@ -151,5 +161,7 @@ def test_cli_builds_a_corpus_pretrains_and_refuses_to_overwrite(tmp_path):
     assert "| zero-shot site accuracy (CLIP) |" in redo.output and (out / "corpus" / "frames.jsonl").is_file()
     bad = tmp_path / "frames.jsonl"
     bad.write_text('{"image": "missing.png"}\n')
-    missing = CliRunner().invoke(app, ["pretrain-encoders", "--out", str(tmp_path / "x"), "--corpus", str(bad)])
+    missing = CliRunner().invoke(
+        app, ["pretrain-encoders", "--out", str(tmp_path / "x"), "--corpus", str(bad)]
+    )
     assert missing.exit_code == 2 and "line 1: has neither 'caption' nor 'mask'" in missing.output

@@ -38,6 +38,16 @@ app = typer.Typer(
 )
 
 
+EncodersOption = Annotated[
+    str,
+    typer.Option(
+        help="'pretrained' (SynthUS-pretrained tiny encoders, built once and cached), 'random' "
+        "(random-init), or a folder from `llava-ultra pretrain-encoders`."
+    ),
+]
+"""--encoders of quickstart, ablate and logra-experiment (recipes/encoders.resolve_encoders)."""
+
+
 def _friendly(fn):
     """Turn user-facing errors into a clean message and exit code 2."""
 
@@ -953,13 +963,7 @@ def quickstart(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an earlier quickstart in --out instead of refusing.")
     ] = False,
-    encoders: Annotated[
-        str,
-        typer.Option(
-            help="'pretrained' (SynthUS-pretrained tiny encoders, built once and cached), 'random' "
-            "(random-init), or a folder from `llava-ultra pretrain-encoders`."
-        ),
-    ] = "pretrained",
+    encoders: EncodersOption = "pretrained",
     hard: Annotated[bool, typer.Option(help="Hard SynthUS: fewer valid frames, fainter findings.")] = False,
     device: Annotated[
         str | None,
@@ -1011,13 +1015,7 @@ def ablate(
     eval_samples: Annotated[int, typer.Option(help="Test questions to evaluate.")] = 240,
     hard: Annotated[bool, typer.Option(help="Hard SynthUS: fewer valid frames, fainter findings.")] = False,
     config: Annotated[Path | None, typer.Option(help="Training preset (default configs/tiny.yaml).")] = None,
-    encoders: Annotated[
-        str,
-        typer.Option(
-            help="'pretrained' (SynthUS-pretrained tiny encoders, built once and cached), 'random' "
-            "(random-init), or a folder from `llava-ultra pretrain-encoders`."
-        ),
-    ] = "pretrained",
+    encoders: EncodersOption = "pretrained",
     merge: Annotated[
         list[Path] | None,
         typer.Option(help="Instead of training: merge the results of these ablation folders into --out."),
@@ -1100,13 +1098,7 @@ def logra_experiment(
     steps1: Annotated[int, typer.Option(help="Stage-1 optimiser steps (every fraction).")] = 40,
     steps2: Annotated[int, typer.Option(help="Stage-2 optimiser steps (every fraction).")] = 100,
     eval_samples: Annotated[int, typer.Option(help="Test questions to evaluate.")] = 120,
-    encoders: Annotated[
-        str,
-        typer.Option(
-            help="'pretrained' (SynthUS-pretrained tiny encoders, built once and cached), 'random' "
-            "(random-init), or a folder from `llava-ultra pretrain-encoders`."
-        ),
-    ] = "pretrained",
+    encoders: EncodersOption = "pretrained",
 ) -> None:
     """Train the tiny preset on a fraction of SynthUS with and without the LoGra-Med loss; write the table."""
     from .eval.ablate import split_list

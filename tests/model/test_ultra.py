@@ -201,6 +201,21 @@ def test_clip_only_scoring_matches_a_reference_and_runs_sam_on_the_chosen_frames
     assert cheap.selector.score_head.weight.grad.abs().sum() > 0
 
 
+def test_supervised_selector_loss_enters_the_total_only_when_asked():
+    model = tiny_model(**{"selector.supervised_weight": 0.5}).train()
+    batch = tiny_batch(model, [3, 2])
+    valid = torch.tensor([1, 0, 0, 1, 1])  # sample 0 informative; sample 1 all valid (no signal)
+    out = model(**batch, labels=batch["input_ids"], frame_valid=valid)
+    assert out.kd_loss is None  # no findings text in this batch: no teacher
+    sup = out.loss - out.lm_loss  # = 0.5 * cross-entropy towards frame 0 of sample 0
+    assert sup.item() > 0
+    none = model(**batch, labels=batch["input_ids"])  # no labels: no supervised term
+    torch.testing.assert_close(none.loss, none.lm_loss)
+    model.eval()  # never outside training
+    ev = model(**batch, labels=batch["input_ids"], frame_valid=valid)
+    assert ev.kd_loss is None and torch.equal(ev.loss, ev.lm_loss)
+
+
 def test_image_count_mismatch_names_both_counts():
     model = tiny_model()
     batch = tiny_batch(model, [2])

@@ -244,11 +244,12 @@ class UltraModel(nn.Module):
         clip_features: torch.Tensor | None = None,
         sam_features: torch.Tensor | None = None,
         frame_valid: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, Selection, torch.Tensor | None]:
-        """Encode, score and select. Returns the chosen images' tokens (S, N, D), the selection, kd_loss.
+    ) -> tuple[torch.Tensor | None, Selection, torch.Tensor | None, torch.Tensor | None]:
+        """Encode, score and select. Returns the chosen images' tokens (S, N, D), the selection, kd_loss
+        and the optional supervised selector loss (None unless `supervised_weight > 0`, training).
         Cached encoder outputs (`clip_features`, `sam_features`; see `encode_images`) replace pixels."""
         if (pixel_values_clip is None and clip_features is None) or sum(counts) == 0:
-            return None, Selection(indices=[[] for _ in counts]), None
+            return None, Selection(indices=[[] for _ in counts]), None, None
         scfg = self.config.selector
         if scfg.mode == "none":  # fixed choice: encode only the images that will be used
             keys = None
@@ -260,7 +261,7 @@ class UltraModel(nn.Module):
             flat = torch.tensor([int(offsets[b]) + i for b, idx in enumerate(indices) for i in idx])
             pick = [None if x is None else x[flat] for x in (pixel_values_clip, pixel_values_sam)]
             cached = [None if x is None else x[flat] for x in (clip_features, sam_features)]
-            return self.encode_images(*pick, *cached), Selection(indices=indices), None
+            return self.encode_images(*pick, *cached), Selection(indices=indices), None, None
 
         cheap = scfg.score_features == "clip" and self.sam is not None
         if cheap:  # score on CLIP alone; SAM runs only on the chosen frames (below)
@@ -306,15 +307,16 @@ class UltraModel(nn.Module):
             )
             teacher, _ = group(s_attn, counts)
             kd = kd_loss(teacher, scores, valid, scfg.teacher_temperature, scfg.teacher_norm)
+        sup = None
         if frame_valid is not None and scfg.supervised_weight > 0 and self.training:
             labels, _ = group(frame_valid.to(self.device).float(), counts, fill=-1.0)
-            self._supervised_loss = supervised_loss(scores, valid, labels.long())
+            sup = supervised_loss(scores, valid, labels.long())
         selection = Selection(
             indices=indices_from_mask(chosen),
             scores=scores.detach(),
             teacher=teacher.masked_fill(~valid, float("-inf")) if teacher is not None else None,
         )
-        return selected, selection, kd
+        return selected, selection, kd, sup
 
     # ------------------------------------------------------------------------------- 4. scatter
 
@@ -373,8 +375,7 @@ class UltraModel(nn.Module):
         optional supervised selector loss (`selector.supervised_weight > 0`, training)."""
         images = pixel_values_clip if pixel_values_clip is not None else clip_features
         counts = _image_counts(image_counts, input_ids.shape[0], images)
-        self._supervised_loss = None
-        feats, selection, kd = self._select(
+        feats, selection, kd, sup = self._select(
             pixel_values_clip,
             pixel_values_sam,
             counts,
@@ -384,7 +385,6 @@ class UltraModel(nn.Module):
             sam_features,
             frame_valid,
         )
-        sup = self._supervised_loss  # optional frame-label loss (selector.supervised_weight > 0)
         embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -515,7 +515,7 @@ class UltraModel(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             input_ids, attention_mask = _left_pad(input_ids, attention_mask)
-            feats, selection, _ = self._select(pixel_values_clip, pixel_values_sam, counts, None, None)
+            feats, selection, _, _ = self._select(pixel_values_clip, pixel_values_sam, counts, None, None)
             embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
             if on_selection is not None:
                 on_selection(selection)

@@ -652,26 +652,19 @@ def load_mask_decoder(folder: Path) -> MaskDecoder:
 
 def encoder_overrides(folder: Path) -> list[str]:
     """Dotted overrides that make a preset load the encoders in `folder` (pretrain-encoders output):
-    paths, sizes and normalisation read from the saved configs."""
-    folder = Path(folder)
-    clip_cfg = json.loads((folder / "clip" / "config.json").read_text(encoding="utf-8"))
-    clip_pp = json.loads((folder / "clip" / "preprocessor_config.json").read_text(encoding="utf-8"))
-    out = [
-        f"model.vision.path={json.dumps(str(folder.resolve() / 'clip'))}",
-        "model.vision.inline=null",
-        f"model.vision.image_size={clip_cfg['image_size']}",
-        f"model.vision.patch_size={clip_cfg['patch_size']}",
-        f"model.vision.image_mean={json.dumps(clip_pp['image_mean'])}",
-        f"model.vision.image_std={json.dumps(clip_pp['image_std'])}",
-    ]
-    if (folder / "sam" / "config.json").is_file():
-        sam_cfg = json.loads((folder / "sam" / "config.json").read_text(encoding="utf-8"))
-        sam_pp = json.loads((folder / "sam" / "preprocessor_config.json").read_text(encoding="utf-8"))
-        out += [
-            f"model.sam.path={json.dumps(str(folder.resolve() / 'sam'))}",
-            "model.sam.inline=null",
-            f"model.sam.image_size={sam_cfg['image_size']}",
-            f"model.sam.image_mean={json.dumps(sam_pp['image_mean'])}",
-            f"model.sam.image_std={json.dumps(sam_pp['image_std'])}",
-        ]
+    paths, sizes and normalisation read from each tower's saved config.json and
+    preprocessor_config.json (SAM only when the folder has one)."""
+    folder = Path(folder).resolve()
+    out: list[str] = []
+    for tower, section, sizes in (
+        ("clip", "vision", ("image_size", "patch_size")),
+        ("sam", "sam", ("image_size",)),
+    ):
+        if tower == "sam" and not (folder / tower / "config.json").is_file():
+            continue
+        cfg = json.loads((folder / tower / "config.json").read_text(encoding="utf-8"))
+        pre = json.loads((folder / tower / "preprocessor_config.json").read_text(encoding="utf-8"))
+        out += [f"model.{section}.path={json.dumps(str(folder / tower))}", f"model.{section}.inline=null"]
+        out += [f"model.{section}.{k}={cfg[k]}" for k in sizes]
+        out += [f"model.{section}.{k}={json.dumps(pre[k])}" for k in ("image_mean", "image_std")]
     return out

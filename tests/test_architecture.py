@@ -77,9 +77,9 @@ def layer_of(module: str, layers: list[tuple[int, str, list[str]]]) -> tuple[int
     best: tuple[int, str, int] | None = None
     for level, lname, prefixes in layers:
         for prefix in prefixes:
-            if module == prefix or module.startswith(prefix + "."):
-                if best is None or len(prefix) > best[2]:
-                    best = (level, lname, len(prefix))
+            inside = module == prefix or module.startswith(prefix + ".")
+            if inside and (best is None or len(prefix) > best[2]):
+                best = (level, lname, len(prefix))
     assert best, f"{module} is in no layer of ARCHITECTURE.md: add it to the ```layers block"
     return best[0], best[1]
 

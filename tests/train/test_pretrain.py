@@ -15,7 +15,14 @@ from llava_ultra.data.synth import SynthConfig
 from llava_ultra.errors import ConfigError
 from llava_ultra.eval.encoders import frame_features, zero_shot_sites
 from llava_ultra.model.vision import build_clip, build_sam
-from llava_ultra.train.pretrain import PretrainConfig, batch_indices, encoder_overrides, pretrain
+from llava_ultra.train.pretrain import (
+    PretrainConfig,
+    batch_indices,
+    encoder_overrides,
+    pretrain,
+    report_batch_indices,
+    report_groups,
+)
 
 STEPS = 60
 
@@ -99,6 +106,27 @@ def test_batches_are_a_pure_function_of_the_step():
     assert torch.equal(a, batch_indices(10, 4, 2, seed=1)) and len(a) == 4
     epoch0 = torch.cat([batch_indices(10, 5, s, 1) for s in (0, 1)])
     assert sorted(epoch0.tolist()) == list(range(10))
+
+
+def test_report_batches_hold_whole_reports_and_cover_each_epoch_once():
+    groups = [[0, 1, 2], [3], [4, 5], [6, 7, 8, 9]]  # 10 frames in 4 reports
+    stream = torch.cat([report_batch_indices(groups, 5, s, seed=3) for s in range(4)]).tolist()
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    for epoch in (stream[:10], stream[10:]):
+        starts = [epoch.index(g[0]) for g in groups]
+        for g, at in zip(groups, starts, strict=True):  # each report's frames are contiguous
+            assert epoch[at : at + len(g)] == g
+    assert stream[:10] != stream[10:]  # the report order is reshuffled every epoch
+    assert torch.equal(report_batch_indices(groups, 5, 3, 3), report_batch_indices(groups, 5, 3, 3))
+
+
+def test_report_groups_read_the_report_id_and_leave_unknown_frames_alone():
+    class R:
+        def __init__(self, meta):
+            self.meta = meta
+
+    recs = [R({"report_id": "a"}), R({}), R({"report_id": "b"}), R({"report_id": "a"}), R(None)]
+    assert report_groups(recs) == [[0, 3], [1], [2], [4]]
 
 
 def test_zero_shot_site_accuracy_beats_chance_on_held_out_frames(trained, tmp_path):

@@ -86,6 +86,16 @@ ROWS: dict[str, Row] = {
             "(extra) full model + supervised selector loss on frame labels",
             {"model.selector.supervised_weight": 1.0},
         ),
+        Row(
+            "full_cheap",
+            "full model, cheap selection (scored on CLIP, SAM on the chosen frame only)",
+            {"model.selector.score_features": "clip"},
+        ),
+        Row(
+            "full_peak",
+            "full model, teacher relevance = most-attended image token (peak)",
+            {"model.selector.teacher_relevance": "peak"},
+        ),
         Row("no_stage2", "w/o stage 2 tuning", {"train.stages": [1]}, stage1_only=True),
         Row("no_site", "w/o site prompt in instruction", site_cue="without"),
         Row(

@@ -97,6 +97,12 @@ class PretrainConfig:
     """Weight of the soft Dice term next to cross-entropy in the mask loss."""
     lesion_weight: float = 30.0
     """Cross-entropy weight of the labels after 'organ' (lesions: a few pixels per frame)."""
+    report_batches: bool = False
+    """Fill each batch with whole reports (all frames of a report together) instead of frames drawn
+    independently. Frames of one report share site and anatomy and differ in whether the lesion is
+    in view, so their captions ("... no lesion in this frame." against "... nodule in the left
+    lobe ...") become each other's hard negatives and CLIP must encode the lesion, not only the site.
+    Reports are read from each record's meta.report_id (a frame without one is its own report)."""
     seed: int = 0
     save_every: int = 200
     keep_last: int = 2
@@ -447,6 +453,7 @@ def pretrain(corpus_path: Path, out: Path, cfg: PretrainConfig, *, resume: bool 
     sam_grid = cfg.sam.image_size // int((cfg.sam.inline or {}).get("patch_size", 16))
     mask_side = 4 * sam_grid
     data = FrameData(train_recs, corpus.root, cfg, tokenizer, mask_side)
+    groups = report_groups(train_recs)
     reported = 0
     model = Encoders(cfg, len(tokenizer), tokenizer.pad_token_id, n_labels)
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -476,7 +483,11 @@ def pretrain(corpus_path: Path, out: Path, cfg: PretrainConfig, *, resume: bool 
     t0 = time.perf_counter()
     inner = acc.unwrap_model(model)
     for step in range(start, cfg.steps):
-        idx = batch_indices(len(train_recs), cfg.batch_size, step, cfg.seed)
+        idx = (
+            report_batch_indices(groups, cfg.batch_size, step, cfg.seed)
+            if cfg.report_batches
+            else batch_indices(len(train_recs), cfg.batch_size, step, cfg.seed)
+        )
         idx = idx[acc.process_index :: acc.num_processes]  # data parallel: each rank its share
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
@@ -554,6 +565,30 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
         lo, hi = max(first, epoch * n) - epoch * n, min(last, (epoch + 1) * n) - epoch * n
         parts.append(perm[lo:hi])
     return torch.cat(parts)
+
+
+def report_groups(records: list[Any]) -> list[list[int]]:
+    """Indices of the records of each report, in first-seen order (meta.report_id; none: alone)."""
+    by_id: dict[Any, list[int]] = {}
+    for i, r in enumerate(records):
+        key = (r.meta or {}).get("report_id", ("frame", i))
+        by_id.setdefault(key, []).append(i)
+    return list(by_id.values())
+
+
+def report_batch_indices(groups: list[list[int]], batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Like `batch_indices`, over a stream of whole reports: each epoch permutes the reports (by seed
+    and epoch) and lists their frames report by report, so a batch holds a few complete reports (a
+    report may straddle two batches). A pure function of its arguments, so resume is exact."""
+    order = []
+    sizes = sum(len(g) for g in groups)
+    first, last = step * batch_size, (step + 1) * batch_size
+    for epoch in range(first // sizes, (last - 1) // sizes + 1):
+        perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        stream = [i for g in perm.tolist() for i in groups[g]]
+        lo, hi = max(first, epoch * sizes) - epoch * sizes, min(last, (epoch + 1) * sizes) - epoch * sizes
+        order.extend(stream[lo:hi])
+    return torch.tensor(order, dtype=torch.long)
 
 
 def _max_label(corpus: Any) -> int:

@@ -155,7 +155,6 @@ KNOWN_VIOLATIONS = {
     "llava_ultra.eval.ablate (eval) -> llava_ultra.quickstart (recipes)",
     "llava_ultra.eval.ablate (eval) -> llava_ultra.recipes.encoders (recipes)",
     "llava_ultra.eval.ablate (eval) -> llava_ultra.train.loop (train)",
-    "llava_ultra.eval.encoders (eval) -> llava_ultra.train.pretrain (train)",
     "llava_ultra.eval.logra_experiment (eval) -> llava_ultra.quickstart (recipes)",
     "llava_ultra.eval.logra_experiment (eval) -> llava_ultra.recipes.encoders (recipes)",
     "llava_ultra.eval.logra_experiment (eval) -> llava_ultra.train.loop (train)",

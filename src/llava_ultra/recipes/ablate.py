@@ -46,6 +46,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..eval.synthus import EVAL_TYPES, METRICS, paired_delta, pooled_selection, summarise
+from .quickstart import QuickstartOptions, quickstart_config, quickstart_synth
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,6 @@ def row_config(
     opts: AblateOptions, row: Row, seed: int, instruct_dir: Path, run_dir: Path, encoders: Sequence[str] = ()
 ) -> Any:
     """The training `Config` of one row and seed: quickstart's preset + encoders + the row's overrides."""
-    from .quickstart import QuickstartOptions, quickstart_config
-
     dotted = [f"{k}={json.dumps(v)}" for k, v in row.overrides.items()]
     qs = QuickstartOptions(
         out=opts.out,
@@ -157,12 +156,6 @@ def row_config(
     return quickstart_config(qs, instruct_dir, run_dir, list(encoders))
 
 
-# ------------------------------------------------------------------------------------ scoring
-
-
-# ------------------------------------------------------------------------------ frame choice
-
-
 # ------------------------------------------------------------------------------------- running
 
 
@@ -170,7 +163,6 @@ def build_data(opts: AblateOptions, cues: set[str], echo: Callable[[str], None])
     """SynthUS + instruction data for each needed site-cue variant, shared by all rows."""
     from ..data.instruct import run_instruct
     from ..data.synth import generate
-    from .quickstart import quickstart_synth
 
     synthus = opts.out / "synthus"
     if not (synthus / "synth_config.json").is_file():

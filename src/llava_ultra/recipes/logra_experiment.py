@@ -32,6 +32,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..eval.synthus import paired_delta, summarise
+from .quickstart import QuickstartOptions, quickstart_config, quickstart_synth
 
 ARMS = {"plain": 0.0, "logra": 1.0}
 """Arm name -> train.align_weight (LoGra-Med uses 1.0)."""
@@ -120,8 +121,6 @@ def run_config(
     opts: LograOptions, data: Path, run_dir: Path, seed: int, weight: float, encoders: Sequence[str] = ()
 ) -> Any:
     """The training config of one run: quickstart's preset on `data` with the arm's align weight."""
-    from .quickstart import QuickstartOptions, quickstart_config
-
     qs = QuickstartOptions(
         out=opts.out,
         steps1=opts.steps1,
@@ -154,7 +153,6 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
     from ..train.dataset import image_root_for, read_instructions
     from ..train.loop import train
     from .encoders import resolve_encoders
-    from .quickstart import quickstart_synth
 
     check_options(opts)
     out = Path(opts.out)

@@ -146,9 +146,6 @@ def quickstart_synth(reports: int, seed: int, hard: bool = False) -> Any:
     return SynthConfig(reports=reports, seed=seed, k_min=1, k_max=6, image_size=128, hard=hard)
 
 
-# -------------------------------------------------------------------------------- evaluation
-
-
 # ------------------------------------------------------------------------------------- main
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from llava_ultra.config import Config, apply_overrides, from_dict, load_config, to_dict
-from llava_ultra.data.collate import Collator, InstructDataset, PixelSource, image_root_for
 from llava_ultra.data.instruct import run_instruct
 from llava_ultra.data.synth import generate
-from llava_ultra.quickstart import default_config_path, quickstart_synth
+from llava_ultra.recipes.quickstart import default_config_path, quickstart_synth
 from llava_ultra.train import logra, loop
+from llava_ultra.train.dataset import Collator, InstructDataset, PixelSource, image_root_for
 from llava_ultra.train.schedule import build_optimizer
 
 

@@ -35,7 +35,7 @@ from llava_ultra.data.reports import read_reports, resolve_image
 from llava_ultra.data.synth import SynthConfig, generate
 from llava_ultra.eval.metrics import bootstrap_ci
 from llava_ultra.model.vision import ImageProcessor, build_clip, build_sam, clip_tokens, sam_grid
-from llava_ultra.quickstart import default_config_path
+from llava_ultra.recipes.quickstart import default_config_path
 from llava_ultra.train.checkpoint import seed_everything
 from llava_ultra.train.pretrain import encoder_overrides
 

@@ -971,7 +971,7 @@ def quickstart(
     ] = None,
 ) -> None:
     """Generate SynthUS, train the tiny model (stage 1 + 2) on CPU, and compare it with the untrained one."""
-    from .quickstart import QuickstartOptions, run_quickstart, usage_hint
+    from .recipes.quickstart import QuickstartOptions, run_quickstart, usage_hint
 
     opts = QuickstartOptions(
         out=out,
@@ -1022,7 +1022,7 @@ def ablate(
     ] = None,
 ) -> None:
     """Train and evaluate the paper's Table 3 ablation rows on SynthUS over seeds; extra args are overrides."""
-    from .eval.ablate import DEFAULT_ROWS, AblateOptions, merge_results, run_ablation, split_list
+    from .recipes.ablate import DEFAULT_ROWS, AblateOptions, merge_results, run_ablation, split_list
 
     if merge:
         merge_results(merge, out)
@@ -1101,8 +1101,8 @@ def logra_experiment(
     encoders: EncodersOption = "pretrained",
 ) -> None:
     """Train the tiny preset on a fraction of SynthUS with and without the LoGra-Med loss; write the table."""
-    from .eval.ablate import split_list
-    from .eval.logra_experiment import LograOptions, run_experiment
+    from .recipes.ablate import split_list
+    from .recipes.logra_experiment import LograOptions, run_experiment
 
     opts = LograOptions(
         out=out,

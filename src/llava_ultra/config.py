@@ -262,7 +262,7 @@ class SelectorConfig:
             raise ConfigError(f"model.selector.supervised_weight={self.supervised_weight} must be >= 0")
 
     def images_into_llm(self, k: int) -> int:
-        """How many of a sample's k images reach the LLM (collate expands this many placeholders)."""
+        """How many of a sample's k images reach the LLM (the processor expands this many placeholders)."""
         if k <= 0:
             return 0
         if self.mode == "none":
@@ -344,7 +344,7 @@ class ModelConfig:
         return self.vision.grid**2 + (1 if self.vision.select_feature == "cls_patch" else 0)
 
     def image_tokens_for(self, k: int) -> int:
-        """Placeholder tokens collate must insert for a sample with k images."""
+        """Placeholder tokens the input processor inserts for a sample with k images."""
         return self.selector.images_into_llm(k) * self.tokens_per_image
 
 

@@ -10,8 +10,8 @@ from llava_ultra.config import Config, apply_overrides, from_dict, load_config, 
 from llava_ultra.errors import ConfigError
 from llava_ultra.model.tokenizer import build_tiny_tokenizer
 from llava_ultra.model.ultra import build_model
-from llava_ultra.quickstart import default_config_path
 from llava_ultra.recipes.encoders import EncoderRecipe, ensure_encoders, resolve_encoders
+from llava_ultra.recipes.quickstart import default_config_path
 
 MICRO = EncoderRecipe(corpus_reports=6, steps=2, batch_size=8, probe_steps=2)
 

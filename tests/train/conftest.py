@@ -63,7 +63,7 @@ def with_corrupt_image(instruct: Path, dst: Path, extra=lambda samples: []) -> P
     whatever `extra(samples)` adds; images are copied beside it. Returns the new stage-1 file."""
     import shutil
 
-    from llava_ultra.data.collate import image_root_for
+    from llava_ultra.train.dataset import image_root_for
 
     images = dst / "data"
     shutil.copytree(image_root_for(instruct / "stage1.train.json"), images)

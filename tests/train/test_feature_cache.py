@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from llava_ultra.cli import app
 from llava_ultra.config import to_dict
-from llava_ultra.data.collate import Collator, InstructDataset, PixelSource, image_root_for
 from llava_ultra.errors import CheckpointError, ConfigError, DataError
 from llava_ultra.model.ultra import build_model
 from llava_ultra.train import loop
+from llava_ultra.train.dataset import Collator, InstructDataset, PixelSource, image_root_for
 from llava_ultra.train.feature_cache import (
     INDEX_NAME,
     FeatureCache,

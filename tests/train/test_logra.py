@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llava_ultra.data.collate import Collator, InstructDataset, PixelSource, encode_sample, image_root_for
 from llava_ultra.errors import ConfigError
 from llava_ultra.model.lora import load_checkpoint
+from llava_ultra.model.processor import encode_sample
 from llava_ultra.train import logra, loop
+from llava_ultra.train.dataset import Collator, InstructDataset, PixelSource, image_root_for
 from llava_ultra.train.loop import initial_model, train
 from tests.train.conftest import launch_ddp, train_config
 from tests.train.test_loop import folder_tensors

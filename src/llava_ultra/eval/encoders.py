@@ -102,12 +102,13 @@ def frame_features(folder: Path, corpus: FrameCorpus, records: list[Any], random
     (projected CLS embedding), 'sam' (mean+max of the neck grid), and 'sam_grid' for the decoder."""
     from PIL import Image
 
+    from ..config import SamConfig, VisionConfig, from_dict
     from ..model.vision import ImageProcessor, clip_tokens
-    from ..train.pretrain import PretrainConfig
 
-    cfg = PretrainConfig(**{k: v for k, v in _saved_config(folder).items() if k in ("vision", "sam")})
+    saved = _saved_config(folder)
+    vision = from_dict(VisionConfig, saved["vision"], "vision")
     clip, sam, _ = _towers(folder, random_init)
-    proc = ImageProcessor(cfg.vision, cfg.sam)
+    proc = ImageProcessor(vision, from_dict(SamConfig, saved["sam"], "sam"))
     out: dict[str, list[np.ndarray]] = {"clip": [], "clip_pooled": [], "sam": [], "sam_grid": []}
     for start in range(0, len(records), batch):
         images = []
@@ -115,9 +116,7 @@ def frame_features(folder: Path, corpus: FrameCorpus, records: list[Any], random
             with Image.open(corpus.root / r.image) as im:
                 images.append(im.convert("RGB"))
         px = proc(images)
-        tokens = clip_tokens(
-            clip, px["pixel_values_clip"], cfg.vision.select_layer, cfg.vision.select_feature
-        )
+        tokens = clip_tokens(clip, px["pixel_values_clip"], vision.select_layer, vision.select_feature)
         out["clip"].append(torch.cat([tokens.mean(1), tokens.amax(1)], -1).numpy())
         out["clip_pooled"].append(clip(pixel_values=px["pixel_values_clip"]).pooler_output.numpy())
         if sam is not None and px["pixel_values_sam"] is not None:
@@ -137,8 +136,8 @@ def _saved_config(folder: Path) -> dict[str, Any]:
 @torch.no_grad()
 def zero_shot_sites(folder: Path, pooled: np.ndarray, sites: list[str], random_init: bool = False) -> float:
     """Accuracy of nearest-prompt site classification from CLIP pooled outputs (B, Hc)."""
+    from ..model.pretrain_heads import TextTower, load_text_tower
     from ..sites import SITES
-    from ..train.pretrain import TextTower, load_text_tower
 
     tok, tower, vproj, _ = load_text_tower(folder)
     if random_init:
@@ -166,7 +165,7 @@ def lesion_dice(pred: np.ndarray, target: np.ndarray, lesion: int = 2) -> float 
 def _masks(corpus: FrameCorpus, records: list[Any], side: int) -> np.ndarray:
     from PIL import Image
 
-    from ..train.pretrain import downsample_labels
+    from ..model.pretrain_heads import downsample_labels
 
     out = []
     for r in records:
@@ -177,7 +176,7 @@ def _masks(corpus: FrameCorpus, records: list[Any], side: int) -> np.ndarray:
 
 def fit_decoder_probe(grids: np.ndarray, masks: np.ndarray, labels: int, steps: int = 300, seed: int = 0):
     """Fit the light mask decoder alone on frozen SAM grids (the random-init baseline)."""
-    from ..train.pretrain import MaskDecoder, mask_loss
+    from ..model.pretrain_heads import MaskDecoder, mask_loss
 
     torch.manual_seed(seed)
     dec = MaskDecoder(grids.shape[1], labels)
@@ -202,7 +201,7 @@ def evaluate_encoders(
     folder: Path, corpus_path: Path, max_frames: int = 1500, decoder_steps: int = 300
 ) -> dict[str, Any]:
     """Every measure above for the pretrained encoders in `folder` and their random-init twins."""
-    from ..train.pretrain import load_mask_decoder
+    from ..model.pretrain_heads import load_mask_decoder
 
     corpus = read_frames(corpus_path)
     train = corpus.split("train")[:max_frames]

@@ -15,7 +15,7 @@ Conversation formats (LLaVA's names, `config.TEMPLATES`):
   "<<SYS>>\n{system}\n<</SYS>>\n\n" at the start of the first instruction. `<s>` is not written:
   the tokenizer prepends it, as LLaVA's does.
 - 'plain': "{image placeholder}{caption}\n" - stage 1 concept alignment, no roles.
-`render_conversation` returns segments flagged as target or not, so that collate can mask
+`render_conversation` returns segments flagged as target or not, so that the input processor (processor.py) can mask
 everything but the assistant's answers (and their end-of-sequence token) in the labels;
 `render_prompt` ends where the assistant's answer starts ("ASSISTANT:" or "[/INST]") for
 generation. `default_template` picks the format to prompt a checkpoint with when the user names none.

@@ -11,11 +11,12 @@ frames), M = sum k_b images in all, flattened in sample order:
     4. scatter : the S selected images' tokens (S, N, D) replace the image placeholder tokens
     5. LLM     : logits (B, T, V); loss = lm_loss + kd_weight * kd_loss
 
-Placeholders are expanded by collate, not here: the text of sample b holds exactly
-`cfg.image_tokens_for(k_b)` = images_into_llm(k_b) * N placeholder tokens. With selection on that is
-top_m images whatever k_b is, so the text length does not depend on which frame wins; only the
-selected images ever reach the LLM. A mismatch raises `DataError` naming both counts (as
-transformers' modeling_llava does). In mode 'none' only the images that will be used are encoded.
+Placeholders are expanded by the input processor (model/processor.py), not here: the text of
+sample b holds exactly `cfg.image_tokens_for(k_b)` = images_into_llm(k_b) * N placeholder tokens.
+With selection on that is top_m images whatever k_b is, so the text length does not depend on which
+frame wins; only the selected images ever reach the LLM. A mismatch raises `DataError` naming both
+counts (as transformers' modeling_llava does). In mode 'none' only the images that will be used
+are encoded.
 
 Module names are a contract (state-dict prefixes that lora.py and convert.py rely on):
     clip      transformers CLIPVisionModel    -> clip.embeddings.*, clip.encoder.*, clip.pre_layrnorm.*,
@@ -57,6 +58,7 @@ from transformers.initialization import no_init_weights
 
 from ..config import LLMConfig, ModelConfig, model_config_from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, DataError
+from . import processor
 from .fusion import Fusion
 from .selector import (
     Selection,
@@ -334,8 +336,8 @@ class UltraModel(nn.Module):
                 raise DataError(
                     f"sample {b}: image tokens and features do not match: the text has {have} image "
                     f"placeholder tokens but {len(idx)} selected image(s) x {n_tokens} tokens = "
-                    f"{len(idx) * n_tokens} features; collate must expand the placeholder to "
-                    f"ModelConfig.image_tokens_for(k) tokens"
+                    f"{len(idx) * n_tokens} features; the processor (model/processor.py) must expand "
+                    f"the placeholder to ModelConfig.image_tokens_for(k) tokens"
                 )
         if image_feats is None:
             return embeds
@@ -572,36 +574,9 @@ class UltraModel(nn.Module):
         images: Sequence[Sequence[Image.Image]],
     ) -> dict[str, Any]:
         """Tokenise prompts (each with one image placeholder where its images go), expand the placeholder
-        to the right number of tokens, left-pad, and preprocess the images: a batch for `generate`."""
-        if len(prompts) != len(images):
-            raise DataError(
-                f"got {len(prompts)} prompts but {len(images)} image lists; give one list per prompt"
-            )
-        token_id = self.config.image_token_id
-        rows = []
-        for i, (prompt, imgs) in enumerate(zip(prompts, images, strict=True)):
-            ids = tokenizer(prompt).input_ids
-            n_placeholders = ids.count(token_id)
-            if n_placeholders != (1 if imgs else 0):
-                raise DataError(
-                    f"prompt {i} has {n_placeholders} {self.config.image_token!r} placeholders for {len(imgs)} "
-                    f"image(s); put exactly one placeholder where the images go (none without images)"
-                )
-            if imgs:
-                at = ids.index(token_id)
-                ids = ids[:at] + [token_id] * self.config.image_tokens_for(len(imgs)) + ids[at + 1 :]
-            rows.append(ids)
-        width = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        pixels = self.image_processor([im for imgs in images for im in imgs])
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "image_counts": [len(imgs) for imgs in images],
-            **pixels,
-        }
+        to the right number of tokens, left-pad, and preprocess the images: a batch for `generate`.
+        The input processor (model/processor.py) does it, the same code training collate uses."""
+        return processor.prepare_inputs(tokenizer, self.config, prompts, images)
 
     # --------------------------------------------------------------------------- save and load
 

@@ -5,5 +5,6 @@
 - schedule.py    Adam/AdamW parameter groups and the cosine schedule with warm-up
 - progress.py    progress bar, metrics.jsonl, optional TensorBoard
 
-Data loading (tokenisation, label masking, length checks, the Dataset) lives in `data/collate.py`.
+Data loading (length checks, the Dataset, collate, the sampler) lives in `dataset.py`; tokenisation
+and label masking in the input processor, `model/processor.py`.
 """

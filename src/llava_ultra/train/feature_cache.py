@@ -23,7 +23,7 @@ Notable choices:
 - Unique images are encoded in sorted path order with fixed batches, so the same data, model and
   settings give byte-identical files. A corrupt image is recorded with its error (training then
   skips that sample exactly as it does with live encoders); a missing file is reported and left out.
-- `FeatureCache` is an `ImageSource` (data/collate.py): it returns `clip_features` /
+- `FeatureCache` is an `ImageSource` (train/dataset.py): it returns `clip_features` /
   `sam_features`, which `UltraModel.forward` takes in place of the pixel tensors. Shards are
   memory-mapped lazily per process (DataLoader workers open their own handles).
 - `float16` storage halves the disk and I/O; values are range-checked (an overflow is an error
@@ -46,10 +46,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import Config, SamConfig, VisionConfig, to_dict
-from ..data.collate import PixelSource, Prepared, image_root_for, read_instructions
 from ..data.reports import resolve_image
 from ..errors import CheckpointError, ConfigError, DataError
 from . import checkpoint as ck
+from .dataset import PixelSource, Prepared, image_root_for, read_instructions
 
 INDEX_NAME = "cache.json"
 FORMAT = "llava-ultra-feature-cache"

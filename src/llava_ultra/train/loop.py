@@ -10,7 +10,7 @@ stage 1, from `build_model(cfg.model)`; each ends with a checkpoint folder that 
 Order of work, so that bad input fails before any compute:
 1. config-level checks: data files exist, `init_from` is a checkpoint, the run folder is free
    (or `--resume` / `--overwrite`);
-2. tokenizer + every stage's samples encoded and length-checked (`data/collate.py`), missing
+2. tokenizer + every stage's samples encoded and length-checked (`train/dataset.py`, `model/processor.py`), missing
    images found; only then is a model built or loaded.
 
 Under the hood: one `accelerate.Accelerator` (CPU when there is no CUDA; bf16 autocast on a GPU
@@ -50,7 +50,10 @@ import torch
 from torch import nn
 
 from ..config import Config, ModelConfig, StageConfig, to_dict
-from ..data.collate import (
+from ..errors import CheckpointError, ConfigError, DataError, LlavaUltraError
+from . import checkpoint as ck
+from . import logra
+from .dataset import (
     BadSample,
     Collator,
     InstructDataset,
@@ -64,9 +67,6 @@ from ..data.collate import (
     prepare_samples,
     read_instructions,
 )
-from ..errors import CheckpointError, ConfigError, DataError, LlavaUltraError
-from . import checkpoint as ck
-from . import logra
 from .progress import MetricsLog, ProgressBar
 from .schedule import build_optimizer, build_scheduler
 

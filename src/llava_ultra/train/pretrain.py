@@ -44,7 +44,8 @@ from PIL import Image
 from torch import nn
 
 from ..config import SamConfig, VisionConfig, from_dict
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
+from ..model.pretrain_heads import MaskDecoder, TextTower, downsample_labels, mask_loss
 from .checkpoint import (
     atomic_dir,
     capture_rng,
@@ -153,60 +154,7 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (loss_i + loss_t) / 2
 
 
-def mask_loss(
-    logits: torch.Tensor, target: torch.Tensor, dice_weight: float, lesion_weight: float = 10.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy + dice_weight * (1 - soft Dice) over labels 1..L-1. logits (B, L, H, W), target
-    (B, H, W) int64 (-1 = no mask for this frame). Returns (loss, per-label soft Dice (L-1,))."""
-    keep = (target >= 0).flatten(1).all(1)
-    if not bool(keep.any()):
-        return logits.sum() * 0.0, torch.zeros(logits.shape[1] - 1)
-    logits, target = logits[keep], target[keep]
-    weight = torch.ones(logits.shape[1], device=logits.device)
-    weight[2:] = lesion_weight  # labels beyond organ (lesions) are rare: up-weight them in the CE
-    ce = F.cross_entropy(logits, target, weight=weight)
-    probs = logits.softmax(1)[:, 1:]  # (B, L-1, H, W)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-    inter = (probs * onehot).sum((0, 2, 3))
-    denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-    dice = (2 * inter + 1.0) / (denom + 1.0)  # (L-1,), smoothed: an absent label does not explode
-    return ce + dice_weight * (1 - dice).mean(), dice.detach()
-
-
 # ------------------------------------------------------------------------------------ modules
-
-
-class MaskDecoder(nn.Module):
-    """Light mask head on SAM's neck: (B, C, G, G) -> (B, L, 4G, 4G) label logits."""
-
-    def __init__(self, channels: int, labels: int) -> None:
-        super().__init__()
-        self.up1 = nn.ConvTranspose2d(channels, channels, 2, stride=2)
-        self.up2 = nn.ConvTranspose2d(channels, max(8, channels // 2), 2, stride=2)
-        self.out = nn.Conv2d(max(8, channels // 2), labels, 1)
-
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.out(F.gelu(self.up2(F.gelu(self.up1(grid)))))
-
-
-class TextTower(nn.Module):
-    """CLIPTextModel + projection; pools the last real token (the caption's end token)."""
-
-    def __init__(self, text_cfg: dict[str, Any], vocab_size: int, pad_id: int, embed_dim: int) -> None:
-        super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
-
-        cfg = CLIPTextConfig(
-            **text_cfg, vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=2, bos_token_id=1
-        )
-        self.model = CLIPTextModel(cfg)
-        self.proj = nn.Linear(cfg.hidden_size, embed_dim, bias=False)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        last = mask.long().sum(1) - 1  # (B,)
-        pooled = hidden[torch.arange(ids.shape[0], device=ids.device), last]
-        return F.normalize(self.proj(pooled), dim=-1)
 
 
 class Encoders(nn.Module):
@@ -358,17 +306,6 @@ def _square_mask(path: Path, size: tuple[int, int], aspect: str, side: int) -> n
                 left, top = (w - s) // 2, (h - s) // 2
                 labels = labels.crop((left, top, left + s, top + s))
         return downsample_labels(np.asarray(labels, dtype=np.int64), side)
-
-
-def downsample_labels(labels: np.ndarray, side: int) -> np.ndarray:
-    """(H, W) integer labels -> (side, side), keeping the highest label of each block (a 2-px lesion
-    must survive a 2x reduction; nearest-neighbour sampling would drop it). Labels are ordered by
-    priority (SynthUS: lesion 2 > organ 1 > background 0)."""
-    h, w = labels.shape
-    if h % side == 0 and w % side == 0:
-        return labels.reshape(side, h // side, side, w // side).max(axis=(1, 3))
-    img = Image.fromarray(labels.astype(np.uint8))
-    return np.asarray(img.resize((side, side), Image.Resampling.NEAREST), dtype=np.int64)
 
 
 def caption_tokenizer(captions: list[str], vocab: int) -> Any:
@@ -653,36 +590,6 @@ def save_encoders(model: Encoders, tokenizer: Any, cfg: PretrainConfig, out: Pat
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def load_text_tower(folder: Path) -> tuple[Any, TextTower, torch.Tensor, torch.Tensor]:
-    """(tokenizer, text tower, visual projection weight, logit scale) saved by `save_encoders`."""
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    folder = Path(folder) / "clip_text"
-    if not (folder / "projections.safetensors").is_file():
-        raise CheckpointError(
-            f"{folder} holds no text tower; it is written by `llava-ultra pretrain-encoders`"
-        )
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    text = CLIPTextModel.from_pretrained(str(folder))
-    proj = load_file(str(folder / "projections.safetensors"))
-    tower = TextTower.__new__(TextTower)
-    nn.Module.__init__(tower)
-    tower.model = text
-    tower.proj = nn.Linear(text.config.hidden_size, proj["text_projection"].shape[0], bias=False)
-    tower.proj.weight.data.copy_(proj["text_projection"])
-    return tok, tower.eval(), proj["visual_projection"], proj["logit_scale"]
-
-
-def load_mask_decoder(folder: Path) -> MaskDecoder:
-    from safetensors.torch import load_file
-
-    meta = json.loads((Path(folder) / "sam_decoder.json").read_text(encoding="utf-8"))
-    dec = MaskDecoder(meta["channels"], meta["labels"])
-    dec.load_state_dict(load_file(str(Path(folder) / "sam_decoder.safetensors")))
-    return dec.eval()
 
 
 def encoder_overrides(folder: Path) -> list[str]:

@@ -1,19 +1,12 @@
-"""Instruction samples -> training batches: token ids with masked labels, image groups, padding.
+"""Instruction samples -> training batches: reading, the up-front check, the Dataset, collate, sampler.
 
-What this file owns: reading an instruction JSON (written by `data/instruct.py`), turning each
-sample into token ids and labels, checking every sample BEFORE training starts, a map-style
-Dataset that loads a sample's k frames, a collator that pads and flattens, and a deterministic
-sharded batch sampler.
+What this file owns: reading an instruction JSON (written by `data/instruct.py`), checking every
+sample BEFORE training starts, a map-style Dataset that loads a sample's k frames, a collator that
+pads and flattens, and a deterministic sharded batch sampler. Turning a sample into token ids and
+labels (chat template, placeholder expansion, label masking, padding) is the input processor's
+(`model/processor.py`), the same code inference uses.
 
 Notable choices:
-- Rendering goes through `model.tokenizer.render_conversation` (the same text `render_prompt`
-  gives at inference), and the whole text is tokenised ONCE; labels come from character offsets
-  (a token is a target when its last character lies in an assistant segment). Tokenising
-  segments separately would split BPE merges differently from inference. Needs a fast tokenizer.
-- The first human turn carries one `<image>` per frame; they are collapsed into one placeholder
-  at the front ("<image>\\n question", LLaVA's layout) and expanded to
-  `ModelConfig.image_tokens_for(k)` tokens: the number of visual tokens that reach the LLM after
-  frame selection, not k x tokens_per_image.
 - `prepare_samples` is the up-front check: text-only tokenisation plus image-token arithmetic
   (fast, no image is decoded) gives every sample's exact length; images are checked to exist.
   Bad samples are reported by id with the reason and skipped; above `max_bad_fraction` the run
@@ -34,24 +27,18 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..config import ModelConfig
+from ..data.reports import resolve_image
 from ..errors import ConfigError, DataError
-from ..model.tokenizer import render_conversation
-from .reports import resolve_image
-
-IGNORE_INDEX = -100
-ROLES = {"human": "user", "gpt": "assistant"}
-
+from ..model.processor import Encoded, encode_sample, pad_encoded, pad_extended, pad_findings
 
 # ------------------------------------------------------------------------------------ reading
 
@@ -87,126 +74,6 @@ def image_root_for(path: str | Path, override: str | None = None) -> Path:
         if root:
             return (folder / root).resolve()
     return folder
-
-
-# ---------------------------------------------------------------------------------- encoding
-
-
-@dataclass
-class Encoded:
-    """One sample as token ids; placeholders already expanded to the LLM's visual-token count."""
-
-    input_ids: np.ndarray
-    """(T,) int64 token ids."""
-    labels: np.ndarray
-    """(T,) int64: the token id where the model is trained to produce it, else IGNORE_INDEX."""
-    findings_ids: np.ndarray | None = None
-    """(F,) findings text ids for the selector's attention teacher (None when not requested)."""
-    extended_ids: np.ndarray | None = None
-    """(X,) extended-caption ids for the LoGra-Med alignment loss (None when not requested; empty
-    when the sample has no caption and cannot be extended: it then stays out of the graphs)."""
-
-
-def to_messages(sample: dict[str, Any], image_token: str) -> list[dict[str, str]]:
-    """LLaVA turns (`from` human/gpt) -> role/content messages, with the first turn's per-frame
-    placeholders collapsed into one at its front."""
-    sid = sample.get("id", "<no id>")
-    conv = sample.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise DataError(f"sample {sid} has no conversations; give human/gpt turns")
-    messages = []
-    for i, turn in enumerate(conv):
-        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
-        if role is None or not isinstance(turn.get("value"), str):
-            raise DataError(f"sample {sid}: turn {i} must be {{'from': 'human'|'gpt', 'value': str}}")
-        messages.append({"role": role, "content": turn["value"]})
-    n_images = len(sample.get("images") or [])
-    first = messages[0]["content"]
-    if first.count(image_token) != n_images or sum(m["content"].count(image_token) for m in messages) != (
-        n_images
-    ):
-        raise DataError(
-            f"sample {sid}: {sum(m['content'].count(image_token) for m in messages)} {image_token} "
-            f"placeholders but {n_images} images; put one {image_token} per image in the first human turn"
-        )
-    if n_images:
-        text = re.sub(rf"{re.escape(image_token)}\s*", "", first).strip()
-        messages[0] = {"role": "user", "content": f"{image_token}\n{text}"}
-    return messages
-
-
-def encode_sample(
-    sample: dict[str, Any],
-    tokenizer: Any,
-    model_cfg: ModelConfig,
-    template: str,
-    *,
-    system: str | None = None,
-    findings_tokens: int = 0,
-    extended_tokens: int = 0,
-) -> Encoded:
-    """Token ids and labels of one sample (loss only on the assistant's answers, EOS included).
-
-    `findings_tokens > 0` also tokenises the sample's findings text (at most that many tokens)
-    for the attention teacher. `extended_tokens > 0` tokenises its extended caption (the LLM-written
-    `extended_caption`, else the template of `data/extend.py`; at most that many tokens) for the
-    LoGra-Med alignment loss. Raises DataError for a malformed sample.
-    """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(
-            "collate needs a fast (Rust) tokenizer for character offsets; load it with "
-            "AutoTokenizer.from_pretrained(..., use_fast=True)"
-        )
-    sid = sample.get("id", "<no id>")
-    image_token = model_cfg.image_token
-    k = len(sample.get("images") or [])
-    segments = render_conversation(
-        to_messages(sample, image_token),
-        template,
-        system=system,
-        image_token=image_token,
-        eos_token=tokenizer.eos_token or "</s>",
-    )
-    text, targets, at = "", [], 0
-    for seg in segments:
-        if seg.is_target:
-            targets.append((at, at + len(seg.text)))
-        text += seg.text
-        at += len(seg.text)
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
-    ids = list(enc["input_ids"])
-    labels = [
-        tok if end > start and any(a < end <= b for a, b in targets) else IGNORE_INDEX
-        for tok, (start, end) in zip(ids, enc["offset_mapping"], strict=True)
-    ]
-    image_id = model_cfg.image_token_id
-    found = ids.count(image_id)
-    if found != (1 if k else 0):
-        raise DataError(
-            f"sample {sid}: the rendered text holds {found} {image_token} tokens for {k} image(s); "
-            f"the tokenizer must map {image_token!r} to id {image_id} as one token"
-        )
-    if k:
-        pos, n = ids.index(image_id), model_cfg.image_tokens_for(k)
-        ids = ids[:pos] + [image_id] * n + ids[pos + 1 :]
-        labels = labels[:pos] + [IGNORE_INDEX] * n + labels[pos + 1 :]
-    if all(label == IGNORE_INDEX for label in labels):
-        raise DataError(f"sample {sid} has no answer tokens to learn from; every sample needs a gpt turn")
-    findings = None
-    if findings_tokens > 0 and str(sample.get("findings") or "").strip():
-        f_ids = tokenizer(str(sample["findings"]), add_special_tokens=False)["input_ids"]
-        findings = np.asarray(f_ids[:findings_tokens], dtype=np.int64)
-    extended = None
-    if extended_tokens > 0:
-        from .extend import sample_extended_caption
-
-        try:
-            caption = sample_extended_caption(sample)
-        except DataError:  # no site / language to build one from: the sample trains without the view
-            caption = ""
-        x_ids = tokenizer(caption, add_special_tokens=False)["input_ids"] if caption else []
-        extended = np.asarray(x_ids[:extended_tokens], dtype=np.int64)
-    return Encoded(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), findings, extended)
 
 
 # ------------------------------------------------------------------------------ up-front check
@@ -370,17 +237,6 @@ class InstructDataset(torch.utils.data.Dataset):
         return {"encoded": enc, "images": images, "k": len(paths), "valid": sample.get("valid")}
 
 
-def _pad(rows: Sequence[np.ndarray], value: int, side: str) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for b, r in enumerate(rows):
-        if side == "right":
-            out[b, : len(r)] = torch.from_numpy(r)
-        else:
-            out[b, width - len(r) :] = torch.from_numpy(r)
-    return out
-
-
 class Collator:
     """Items -> `{"inputs": UltraModel.forward kwargs or None, "bad": [BadSample], "samples": n,
     "extended": {"input_ids", "attention_mask"} or None}`.
@@ -402,11 +258,8 @@ class Collator:
         if not good:
             return {"inputs": None, "bad": bad, "samples": 0, "extended": None}
         encs = [x["encoded"] for x in good]
-        ids = _pad([e.input_ids for e in encs], self.pad_id, self.side)
         inputs: dict[str, Any] = {
-            "input_ids": ids,
-            "attention_mask": _pad([np.ones(len(e.input_ids), np.int64) for e in encs], 0, self.side),
-            "labels": _pad([e.labels for e in encs], IGNORE_INDEX, self.side),
+            **pad_encoded(encs, self.pad_id, self.side),
             "image_counts": torch.tensor([x["k"] for x in good], dtype=torch.long),
         }
         labels = [x.get("valid") for x in good]
@@ -425,31 +278,8 @@ class Collator:
         for key in keys:
             parts = [x["images"].get(key) for x in good if x["k"]]
             inputs[key] = None if not parts or any(p is None for p in parts) else torch.cat(parts)
-        if any(e.findings_ids is not None for e in encs):
-            rows = [e.findings_ids if e.findings_ids is not None else np.zeros(0, np.int64) for e in encs]
-            rows = [r if len(r) else np.asarray([self.pad_id]) for r in rows]
-            inputs["findings_ids"] = _pad(rows, self.pad_id, "right")
-            inputs["findings_mask"] = _pad(
-                [
-                    np.ones(len(e.findings_ids), np.int64)
-                    if e.findings_ids is not None and len(e.findings_ids)
-                    else np.zeros(1, np.int64)
-                    for e in encs
-                ],
-                0,
-                "right",
-            )
-        extended = None
-        if any(e.extended_ids is not None for e in encs):
-            rows = [e.extended_ids if e.extended_ids is not None else np.zeros(0, np.int64) for e in encs]
-            extended = {
-                "input_ids": _pad(
-                    [r if len(r) else np.asarray([self.pad_id]) for r in rows], self.pad_id, "right"
-                ),
-                "attention_mask": _pad(
-                    [np.ones(max(len(r), 1), np.int64) * bool(len(r)) for r in rows], 0, "right"
-                ),
-            }
+        inputs.update(pad_findings(encs, self.pad_id))
+        extended = pad_extended(encs, self.pad_id)
         return {"inputs": inputs, "bad": bad, "samples": len(good), "extended": extended}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llava_ultra.errors import ConfigError
-from llava_ultra.eval.logra_experiment import (
+from llava_ultra.recipes.logra_experiment import (
     LograOptions,
     check_options,
     command_line,

@@ -13,7 +13,7 @@ Notable choices:
   Seeds vary only `train.seed` (init, shuffling, head init, Gumbel noise).
 - Step counts are the same for every fraction (the 10% runs see each sample more often): compute
   is matched, data are not, which is the data-efficiency question.
-- Scoring, CIs and the frame-selection measure are `llava-ultra ablate`'s (`eval/ablate.py`):
+- Scoring, CIs and the frame-selection measure are `llava-ultra ablate`'s (`eval/synthus.py`):
   cells are mean +- sd over seeds with a 95% bootstrap CI over questions of the seed-averaged score;
   the alignment effect is the paired difference (aligned - plain) over the same questions.
 """
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..eval.synthus import paired_delta, summarise
+from .quickstart import QuickstartOptions, quickstart_config, quickstart_synth
 
 ARMS = {"plain": 0.0, "logra": 1.0}
 """Arm name -> train.align_weight (LoGra-Med uses 1.0)."""
@@ -98,7 +100,7 @@ def command_line(opts: LograOptions) -> str:
 
 def subset_instructions(instruct: Path, out: Path, fraction: float, seed: int = 0) -> Path:
     """Copy the stage-1/2 training files keeping `fraction` of the training reports (at least one)."""
-    from ..data.collate import image_root_for, read_instructions
+    from ..train.dataset import image_root_for, read_instructions
 
     out.mkdir(parents=True, exist_ok=True)
     stages = {n: read_instructions(instruct / f"stage{n}.train.json") for n in (1, 2)}
@@ -119,8 +121,6 @@ def run_config(
     opts: LograOptions, data: Path, run_dir: Path, seed: int, weight: float, encoders: Sequence[str] = ()
 ) -> Any:
     """The training config of one run: quickstart's preset on `data` with the arm's align weight."""
-    from ..quickstart import QuickstartOptions, quickstart_config
-
     qs = QuickstartOptions(
         out=opts.out,
         steps1=opts.steps1,
@@ -147,13 +147,12 @@ def _final_align(run_dir: Path) -> float | None:
 
 def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate every (fraction, arm, seed); write DIR/results.md and DIR/results.json."""
-    from ..data.collate import image_root_for, read_instructions
     from ..data.instruct import run_instruct
     from ..data.synth import generate
-    from ..quickstart import pick_eval_samples, quickstart_synth
-    from ..recipes.encoders import resolve_encoders
+    from ..eval.synthus import evaluate_folder, pick_eval_samples, selection_reports
+    from ..train.dataset import image_root_for, read_instructions
     from ..train.loop import train
-    from .ablate import evaluate_folder, selection_reports
+    from .encoders import resolve_encoders
 
     check_options(opts)
     out = Path(opts.out)
@@ -222,7 +221,6 @@ def run_experiment(opts: LograOptions, echo: Callable[[str], None] = print) -> d
 def aggregate(runs: Sequence[dict[str, Any]], n_boot: int) -> list[dict[str, Any]]:
     """One row per (fraction, arm): overall EM/F1/BLEU over seeds, selection rate, and for the
     aligned arm the paired difference to the plain arm of the same fraction and seeds."""
-    from .ablate import paired_delta, summarise
 
     def values(fraction: float, arm: str, metric: str) -> list[list[float]]:
         chosen = sorted(

@@ -5,11 +5,12 @@ Steps, each the same code path a user runs by hand:
 2. instruction data (`data/instruct.py`) into OUT/instruct;
 3. the tiny preset `configs/tiny.yaml` with data paths and steps filled in, trained by
    `train.loop.train` into OUT/run (the tokenizer is a byte-level BPE built on the training text);
-4. evaluation on the SynthUS test split, greedy decoding, for the untrained model (the exact
-   initial weights of stage 1) and the trained stage-2 checkpoint: strict-mode EM / F1 / BLEU
-   (`eval.metrics.score`) on site, findings and diagnosis questions, site accuracy (the answer
-   names the right site and no other), and how often the selector sent a valid frame to the LLM against random choice (`eval.selection`),
-   and the findings the answers invent or omit (`eval.hallucination`, CHAIR-i / CHAIR-s / omission);
+4. evaluation on the SynthUS test split (`eval/synthus.py`), greedy decoding, for the untrained
+   model (the exact initial weights of stage 1) and the trained stage-2 checkpoint: strict-mode
+   EM / F1 / BLEU (`eval.metrics.score`) on site, findings and diagnosis questions, site accuracy
+   (the answer names the right site and no other), how often the selector sent a valid frame to
+   the LLM against random choice (`eval.selection`), and the findings the answers invent or omit
+   (`eval.hallucination`, CHAIR-i / CHAIR-s / omission);
 5. a table, OUT/quickstart.json, and how to use the checkpoint.
 
 `--fast` shrinks everything for a smoke test (CI). The defaults were tuned to finish in a few
@@ -25,19 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from .config import Config, apply_overrides, from_dict, load_config, to_dict
-from .errors import ConfigError
-from .sites import SITES
-
-EVAL_TYPES = ("site", "findings", "diagnosis")
-MAX_NEW_TOKENS = {"site": 24, "findings": 160, "diagnosis": 48}
+from ..config import Config, apply_overrides, from_dict, load_config, to_dict
+from ..errors import ConfigError
 
 
 def default_config_path() -> Path:
     """`configs/tiny.yaml` of the source checkout this package runs from."""
-    return Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    return Path(__file__).resolve().parents[3] / "configs" / "tiny.yaml"
 
 
 @dataclass
@@ -144,118 +139,11 @@ def quickstart_config(
     return cfg
 
 
-def eval_device() -> str:
-    """'cuda' when a GPU is visible, else 'cpu' (quickstart, ablate and the LoGra experiment evaluate there)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def quickstart_synth(reports: int, seed: int, hard: bool = False) -> Any:
     """The SynthUS settings quickstart (and `ablate`) train on: 1-6 frames per report, 128 px."""
-    from .data.synth import SynthConfig
+    from ..data.synth import SynthConfig
 
     return SynthConfig(reports=reports, seed=seed, k_min=1, k_max=6, image_size=128, hard=hard)
-
-
-# -------------------------------------------------------------------------------- evaluation
-
-
-def pick_eval_samples(samples: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
-    """Up to `limit` samples of the evaluated question types, interleaved so every type is covered."""
-    by_type: dict[str, list[dict[str, Any]]] = {t: [] for t in EVAL_TYPES}
-    for s in samples:
-        if s.get("question_type") in by_type:
-            by_type[s["question_type"]].append(s)
-    out: list[dict[str, Any]] = []
-    i = 0
-    while len(out) < limit and any(i < len(v) for v in by_type.values()):
-        for t in EVAL_TYPES:
-            if i < len(by_type[t]) and len(out) < limit:
-                out.append(by_type[t][i])
-        i += 1
-    return out
-
-
-def names_site(text: str, site: str, language: str) -> bool:
-    """True when `text` names `site` (in the sample's language) and no other site."""
-    idx = 0 if language == "zh" else 1
-    low = text.lower()
-    hits = {key for key, names in SITES.items() if names[idx].lower() in low}
-    if language == "en" and "liver" in low:
-        hits.add("liver")
-    return hits == {site}
-
-
-def generate_answers(
-    model: Any, tokenizer: Any, samples: list[dict[str, Any]], image_root: Path, batch_size: int = 16
-) -> list[dict[str, Any]]:
-    """Greedy answers and the selected frames for eval samples (first human turn as the prompt)."""
-    from .data.collate import to_messages
-    from .data.reports import resolve_image
-    from .model.tokenizer import render_prompt
-
-    model.eval()
-    out = []
-    order = sorted(range(len(samples)), key=lambda i: samples[i]["question_type"])
-    for qtype in EVAL_TYPES:
-        idx = [i for i in order if samples[i]["question_type"] == qtype]
-        for start in range(0, len(idx), batch_size):
-            chunk = [samples[i] for i in idx[start : start + batch_size]]
-            prompts = [render_prompt(to_messages(s, model.config.image_token)[:1]) for s in chunk]
-            images = []
-            for s in chunk:
-                frames = []
-                for rel in s["images"]:
-                    with Image.open(resolve_image(image_root, rel)) as im:
-                        frames.append(im.convert("RGB"))
-                images.append(frames)
-            batch = model.prepare_inputs(tokenizer, prompts, images)
-            gen = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS[qtype], tokenizer=tokenizer)
-            for s, text, chosen in zip(chunk, gen.texts, gen.selection.indices, strict=True):
-                out.append({"sample": s, "prediction": text.strip(), "selected": chosen})
-    return out
-
-
-def score_answers(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Strict-mode metrics per question type, site accuracy, frame selection vs random, and
-    hallucination (`eval.hallucination`: invented / omitted findings of the answers)."""
-    from .eval.hallucination import hallucination_summary
-    from .eval.metrics import score
-    from .eval.selection import make_case, selection_report
-
-    result: dict[str, Any] = {"n": {}}
-    for qtype in EVAL_TYPES:
-        part = [r for r in rows if r["sample"]["question_type"] == qtype]
-        if not part:
-            continue
-        result["n"][qtype] = len(part)
-        result[qtype] = score(
-            [r["prediction"] for r in part],
-            [r["sample"]["conversations"][1]["value"] for r in part],
-            [r["sample"].get("answer_type", "OPEN") for r in part],
-            [r["sample"].get("language", "auto") for r in part],
-            mode="strict",
-        )
-        if qtype == "site":
-            hits = [names_site(r["prediction"], r["sample"]["site"], r["sample"]["language"]) for r in part]
-            result["site_accuracy"] = 100.0 * sum(hits) / len(hits)
-    cases = [
-        make_case(r["sample"]["id"], r["sample"].get("valid"), r["selected"], r["sample"]["images"])
-        for r in rows
-        if r["selected"]
-    ]
-    result["hallucination"] = hallucination_summary(
-        [r["sample"] for r in rows],
-        [r["prediction"] for r in rows],
-        n_boot=200,
-        selected=[r["selected"] for r in rows],
-    )
-    report = selection_report(cases, n_boot=200)
-    if report is not None:
-        result["selection"] = report["informative"] if report["informative"]["n"] else report["all"]
-        result["selection_all"] = report["all"]
-    return result
 
 
 # ------------------------------------------------------------------------------------- main
@@ -263,13 +151,14 @@ def score_answers(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     """Generate data, train both stages of the tiny preset, evaluate untrained vs trained."""
-    from .data.collate import image_root_for, read_instructions
-    from .data.instruct import run_instruct
-    from .data.synth import generate
-    from .model.lora import load_checkpoint
-    from .model.tokenizer import load_tokenizer
-    from .recipes.encoders import resolve_encoders
-    from .train.loop import initial_model, train
+    from ..data.instruct import run_instruct
+    from ..data.synth import generate
+    from ..eval.synthus import eval_device, generate_answers, pick_eval_samples, score_answers
+    from ..model.lora import load_checkpoint
+    from ..model.tokenizer import load_tokenizer
+    from ..train.dataset import image_root_for, read_instructions
+    from ..train.loop import initial_model, train
+    from .encoders import resolve_encoders
 
     out = Path(opts.out)
     run_dir = out / "run"

@@ -1,23 +1,21 @@
-"""Collate: label masking, placeholder expansion, up-front checks, corrupt images, padding, sampler."""
+"""Training data: up-front checks, corrupt images, collate padding, sampler (encoding: tests/model/test_processor.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from llava_ultra.data.collate import (
-    IGNORE_INDEX,
+from llava_ultra.errors import DataError
+from llava_ultra.model.processor import IGNORE_INDEX
+from llava_ultra.train.dataset import (
     BadSample,
     Collator,
     InstructDataset,
     PixelSource,
     ShardedBatchSampler,
-    encode_sample,
     prepare_samples,
 )
-from llava_ultra.errors import DataError
 from tests.helpers import tiny_images, tiny_model_config, tiny_tokenizer
 
 
@@ -41,46 +39,6 @@ def images_dir(tmp_path: Path) -> Path:
     for i, im in enumerate(tiny_images(3, size=24)):
         im.save(tmp_path / f"img{i}.png")
     return tmp_path
-
-
-def test_labels_cover_exactly_the_answers_and_eos():
-    tok, cfg = tiny_tokenizer(), tiny_model_config()
-    enc = encode_sample(sample(), tok, cfg, "vicuna_v1")
-    learned = [int(t) for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
-    text = tok.decode(learned)
-    assert text == " 肝脏超声。</s> The liver is normal.</s>"
-    assert np.array_equal(enc.labels[enc.labels != IGNORE_INDEX], enc.input_ids[enc.labels != IGNORE_INDEX])
-
-
-def test_placeholders_expand_to_the_visual_tokens_that_reach_the_llm():
-    tok = tiny_tokenizer()
-    for overrides, k in [({}, 3), ({"selector.mode": "none", "selector.none_strategy": "all"}, 3)]:
-        cfg = tiny_model_config(**overrides)
-        enc = encode_sample(sample(k), tok, cfg, "vicuna_v1")
-        assert int((enc.input_ids == cfg.image_token_id).sum()) == cfg.image_tokens_for(k)
-        assert (enc.labels[enc.input_ids == cfg.image_token_id] == IGNORE_INDEX).all()
-    # selection on: one image's tokens whatever k is; 'all': k images' tokens
-    assert tiny_model_config().image_tokens_for(3) == 16
-    assert (
-        tiny_model_config(**{"selector.mode": "none", "selector.none_strategy": "all"}).image_tokens_for(3)
-        == 48
-    )
-
-
-def test_plain_template_learns_the_caption_only():
-    tok, cfg = tiny_tokenizer(), tiny_model_config()
-    enc = encode_sample(sample(1), tok, cfg, "plain")
-    learned = tok.decode(
-        [int(t) for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
-    )
-    assert learned == "肝脏超声。\n"
-
-
-def test_placeholder_count_mismatch_is_named():
-    bad = sample(2)
-    bad["images"] = bad["images"][:1]
-    with pytest.raises(DataError, match="2 <image> placeholders but 1 images"):
-        encode_sample(bad, tiny_tokenizer(), tiny_model_config(), "vicuna_v1")
 
 
 def test_prepare_reports_missing_images_and_overlong_samples(images_dir: Path):

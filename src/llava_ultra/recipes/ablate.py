@@ -1,7 +1,8 @@
 """`llava-ultra ablate`: the paper's Table 3 rows trained and evaluated on SynthUS, over seeds.
 
 What this file owns: the row definitions (each a set of dotted config overrides on the tiny
-preset, plus which instruction variant it trains on), running them, and the table.
+preset, plus which instruction variant it trains on), running them (training through `train`,
+measuring through `eval/synthus.py`), and the table.
 
 Notable choices:
 - Data are made once (`quickstart_synth`, data seed 0) and shared: every row and seed trains on
@@ -21,10 +22,10 @@ Notable choices:
   w/o stage 2 -> the full row's own stage-1 checkpoint (stage 1 of a chained run is a fresh
   stage 1, so this costs no training; only the tokenizer saw stage-2 text too); w/o site prompt
   -> instruction data built with `site_cue=without` (no question names the site).
-- Metrics are quickstart's: strict mode, x100, per question type, and overall over the three
-  types' open questions. Per row: mean +- sd over seeds, and a 95% bootstrap CI over questions of
-  the seed-averaged per-question score; `delta` vs the full row is a paired bootstrap over the
-  same questions.
+- Every measurement is `eval/synthus.py`'s (quickstart's questions and metrics): strict mode,
+  x100, per question type, and overall over the three types' open questions. Per row: mean +- sd
+  over seeds, and a 95% bootstrap CI over questions of the seed-averaged per-question score;
+  `delta` vs the full row is a paired bootstrap over the same questions.
 - Frame selection is measured directly on held-out reports (val + test, each report once,
   informative ones: k > 1 with valid and invalid frames) rather than through the questions, which
   ask several times about few reports. For rows that train the scorer we also record what the
@@ -43,12 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import ConfigError
-
-TYPES = ("site", "findings", "diagnosis")
-METRICS = ("exact_match", "f1", "bleu")
+from ..eval.synthus import EVAL_TYPES, METRICS, paired_delta, pooled_selection, summarise
+from .quickstart import QuickstartOptions, quickstart_config, quickstart_synth
 
 
 @dataclass(frozen=True)
@@ -156,8 +154,6 @@ def row_config(
     opts: AblateOptions, row: Row, seed: int, instruct_dir: Path, run_dir: Path, encoders: Sequence[str] = ()
 ) -> Any:
     """The training `Config` of one row and seed: quickstart's preset + encoders + the row's overrides."""
-    from ..quickstart import QuickstartOptions, quickstart_config
-
     dotted = [f"{k}={json.dumps(v)}" for k, v in row.overrides.items()]
     qs = QuickstartOptions(
         out=opts.out,
@@ -170,168 +166,6 @@ def row_config(
     return quickstart_config(qs, instruct_dir, run_dir, list(encoders))
 
 
-# ------------------------------------------------------------------------------------ scoring
-
-
-def per_question(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    """Per question type (and 'overall'), each metric's per-question values x 100, in row order."""
-    from ..eval.metrics import score_samples
-    from ..quickstart import names_site
-
-    out: dict[str, dict[str, list[float]]] = {}
-    for qtype in TYPES:
-        part = [r for r in rows if r["sample"]["question_type"] == qtype]
-        if not part:
-            continue
-        scored = score_samples(
-            [r["prediction"] for r in part],
-            [r["sample"]["conversations"][1]["value"] for r in part],
-            [r["sample"].get("answer_type", "OPEN") for r in part],
-            [r["sample"].get("language", "auto") for r in part],
-            mode="strict",
-        )
-        out[qtype] = {m: [100.0 * (s[m] or 0.0) for s in scored] for m in METRICS}
-        if qtype == "site":
-            out[qtype]["site_accuracy"] = [
-                100.0 * names_site(r["prediction"], r["sample"]["site"], r["sample"]["language"])
-                for r in part
-            ]
-    out["overall"] = {m: [v for t in TYPES if t in out for v in out[t][m]] for m in METRICS}
-    return out
-
-
-def summarise(values_by_seed: Sequence[Sequence[float]], n_boot: int, seed: int = 0) -> dict[str, Any]:
-    """Mean +- sd over seeds, and the bootstrap CI over items of the seed-averaged values."""
-    from ..eval.metrics import bootstrap_ci
-
-    means = [float(np.mean(v)) for v in values_by_seed if len(v)]
-    pooled = np.mean(np.asarray(values_by_seed, dtype=float), axis=0) if means else np.zeros(0)
-    ci = list(bootstrap_ci(pooled.tolist(), n=n_boot, seed=seed)) if len(pooled) and n_boot else None
-    return {
-        "mean": statistics.fmean(means) if means else None,
-        "sd": statistics.stdev(means) if len(means) > 1 else 0.0 if means else None,
-        "ci": ci,
-        "per_seed": means,
-        "n": len(pooled),
-    }
-
-
-def paired_delta(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], n_boot: int) -> dict[str, Any]:
-    """Mean of (a - b) over items of the seed-averaged values, with a paired bootstrap CI."""
-    from ..eval.metrics import bootstrap_ci
-
-    diff = np.mean(np.asarray(a, dtype=float), axis=0) - np.mean(np.asarray(b, dtype=float), axis=0)
-    ci = list(bootstrap_ci(diff.tolist(), n=n_boot)) if len(diff) and n_boot else None
-    return {"mean": float(diff.mean()) if len(diff) else None, "ci": ci}
-
-
-# ------------------------------------------------------------------------------ frame choice
-
-
-def selection_reports(synthus: Path, splits: Sequence[str] = ("val", "test")) -> list[Any]:
-    """The English records of the given splits (zh and en share frames and labels)."""
-    from ..data.reports import read_reports
-
-    return [r for s in splits for r in read_reports(synthus / f"{s}.en.jsonl")]
-
-
-def frame_diagnostics(
-    model: Any, tokenizer: Any, reports: Sequence[Any], root: Path, with_teacher: bool, batch: int = 16
-) -> list[dict[str, Any]]:
-    """Per report: validity labels, the frame the model sends to the LLM, and (with_teacher) the
-    attention teacher's relevance per frame given the report's findings text."""
-    import torch
-    from PIL import Image
-
-    from ..data.reports import resolve_image
-    from ..model.selector import attention_teacher
-    from ..model.tokenizer import render_prompt
-
-    model.eval()
-    token = model.config.image_token
-    prompt = render_prompt([{"role": "user", "content": f"{token}\nDescribe the findings."}])
-    out = []
-    for start in range(0, len(reports), batch):
-        chunk = reports[start : start + batch]
-        images = []
-        for rep in chunk:
-            frames = []
-            for rel in rep.images:
-                with Image.open(resolve_image(root, rel)) as im:
-                    frames.append(im.convert("RGB"))
-            images.append(frames)
-        inputs = model.prepare_inputs(tokenizer, [prompt] * len(chunk), images)
-        chosen = model.generate(**inputs, max_new_tokens=1).selection.indices
-        for i, rep in enumerate(chunk):
-            entry: dict[str, Any] = {"id": rep.id, "valid": list(rep.valid), "selected": chosen[i]}
-            if with_teacher and len(rep.images) > 1:
-                px = model.image_processor(images[i])
-                with torch.no_grad():
-                    feats = model.encode_images(px["pixel_values_clip"], px["pixel_values_sam"])
-                    k = feats.shape[0]
-                    scfg = model.config.selector
-                    # the configured teacher, then every (text, relevance) variant for the diagnostics
-                    for text_name in ("findings", "diagnosis"):
-                        text_value = getattr(rep, text_name)
-                        ids = tokenizer(text_value, add_special_tokens=False, return_tensors="pt")[
-                            "input_ids"
-                        ]
-                        text = model.llm.get_input_embeddings()(ids.to(model.device))
-                        for how in ("mass", "peak"):
-                            rel = attention_teacher(
-                                model.llm,
-                                feats,
-                                text.expand(k, -1, -1),
-                                torch.ones(k, ids.shape[1], dtype=torch.long, device=model.device),
-                                scfg.attn_layers,
-                                how,
-                            )
-                            entry[f"teacher_{text_name}_{how}"] = rel.tolist()
-                    entry["teacher"] = entry[f"teacher_findings_{scfg.teacher_relevance}"]
-                    entry["scores"] = model.selector.score(feats).tolist()
-            out.append(entry)
-    return out
-
-
-TEACHER_VARIANTS = tuple(f"teacher_{t}_{h}" for t in ("findings", "diagnosis") for h in ("mass", "peak"))
-"""Teacher definitions measured on every checkpoint: which text it reads x which relevance."""
-
-
-def selection_summary(
-    diag: Sequence[dict[str, Any]], temperature: float, n_boot: int, norm: str = "none"
-) -> dict[str, Any]:
-    """Selector vs random (and teacher argmax vs random) on the informative reports."""
-    from ..eval.selection import make_case, rate_summary
-
-    info = [d for d in diag if len(d["valid"]) > 1 and any(d["valid"]) and not all(d["valid"])]
-    cases = [make_case(d["id"], d["valid"], d["selected"]) for d in info]
-    result = {"selector": rate_summary(cases, n_boot)}
-    with_teacher = [d for d in info if "teacher" in d]
-    if with_teacher:
-        tcases = [make_case(d["id"], d["valid"], [int(np.argmax(d["teacher"]))]) for d in with_teacher]
-        spread, top_p = [], []
-        for d in with_teacher:
-            t = np.asarray(d["teacher"], dtype=float)
-            z = (t - t.mean()) / max(t.std(), 1e-6) if norm == "zscore" else t
-            p = np.exp((z - z.max()) / temperature)
-            p /= p.sum()
-            spread.append(float(t.max() - t.min()))
-            top_p.append(float(p.max() * len(t)))
-        result["teacher"] = rate_summary(tcases, n_boot)
-        variants = {}
-        for name in TEACHER_VARIANTS:
-            vcases = [
-                make_case(d["id"], d["valid"], [int(np.argmax(d[name]))]) for d in with_teacher if name in d
-            ]
-            if vcases:
-                variants[name] = rate_summary(vcases, n_boot)["rate"]
-        result["teacher_variants"] = variants
-        result["teacher_mass_mean"] = float(np.mean([np.mean(d["teacher"]) for d in with_teacher]))
-        result["teacher_spread_mean"] = float(np.mean(spread))
-        result["teacher_peak_over_uniform"] = float(np.mean(top_p))
-    return result
-
-
 # ------------------------------------------------------------------------------------- running
 
 
@@ -339,7 +173,6 @@ def build_data(opts: AblateOptions, cues: set[str], echo: Callable[[str], None])
     """SynthUS + instruction data for each needed site-cue variant, shared by all rows."""
     from ..data.instruct import run_instruct
     from ..data.synth import generate
-    from ..quickstart import quickstart_synth
 
     synthus = opts.out / "synthus"
     if not (synthus / "synth_config.json").is_file():
@@ -353,45 +186,12 @@ def build_data(opts: AblateOptions, cues: set[str], echo: Callable[[str], None])
     return dirs
 
 
-def evaluate_folder(
-    folder: Path,
-    samples: list[dict[str, Any]],
-    root: Path,
-    reports: Sequence[Any],
-    synthus: Path,
-    n_boot: int,
-) -> dict[str, Any]:
-    """Answers + per-question scores + frame diagnostics of one checkpoint folder."""
-    from ..model.lora import load_checkpoint
-    from ..quickstart import eval_device, generate_answers
-
-    model, tokenizer = load_checkpoint(folder, device=eval_device())
-    rows = generate_answers(model, tokenizer, samples, root)
-    scfg = model.config.selector
-    diag = frame_diagnostics(model, tokenizer, reports, synthus, with_teacher=scfg.mode != "none")
-    return {
-        "per_question": per_question(rows),
-        "selection": selection_summary(diag, scfg.teacher_temperature, n_boot, scfg.teacher_norm),
-        "frames": diag,
-        "answers": [
-            {
-                "id": r["sample"]["id"],
-                "question_type": r["sample"]["question_type"],
-                "language": r["sample"].get("language"),
-                "prediction": r["prediction"],
-                "selected": r["selected"],
-            }
-            for r in rows
-        ],
-    }
-
-
 def run_ablation(opts: AblateOptions, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Train and evaluate every (row, seed); write DIR/results.md and DIR/results.json."""
-    from ..data.collate import image_root_for, read_instructions
-    from ..quickstart import pick_eval_samples
-    from ..recipes.encoders import resolve_encoders
+    from ..eval.synthus import evaluate_folder, pick_eval_samples, selection_reports
+    from ..train.dataset import image_root_for, read_instructions
     from ..train.loop import train
+    from .encoders import resolve_encoders
 
     keys = check_rows(opts.rows)
     if not opts.seeds:
@@ -490,7 +290,7 @@ def add_hallucination(table: dict[str, Any], runs: dict[str, dict[int, dict[str,
                       samples: Sequence[dict[str, Any]], n_boot: int) -> None:  # fmt: skip
     """Invented / omitted / mis-sided / mis-sized findings per row over seeds (eval/hallucination.py),
     and the paired difference to the full row, from the answers each run kept."""
-    from .hallucination import hallucination_delta, hallucination_over_seeds
+    from ..eval.hallucination import hallucination_delta, hallucination_over_seeds
 
     ids = [s["id"] for s in samples]
     full = runs.get("full")
@@ -519,7 +319,7 @@ def aggregate(
     for key, by_seed in runs.items():
         seeds = sorted(by_seed)
         entry: dict[str, Any] = {"label": ROWS[key].label, "metrics": {}, "delta_vs_full": {}}
-        for part in (*TYPES, "overall"):
+        for part in (*EVAL_TYPES, "overall"):
             names = by_seed[seeds[0]]["per_question"].get(part, {})
             for metric in names:
                 vals = [by_seed[s]["per_question"][part][metric] for s in seeds]
@@ -556,36 +356,6 @@ def aggregate(
     if samples:
         add_hallucination(table, runs, samples, n_boot)
     return table
-
-
-def pooled_selection(
-    by_seed: dict[int, dict[str, Any]], seeds: Sequence[int], n_boot: int
-) -> dict[str, Any] | None:
-    """Valid-frame rate of the selector on informative reports, averaged over seeds per report, with
-    a 95% bootstrap CI over reports; the random-choice rate and the paired lift CI beside it."""
-    from ..eval.metrics import bootstrap_ci
-
-    frames = [by_seed[s].get("frames") for s in seeds]
-    if any(f is None for f in frames):
-        return None
-    info = [
-        i for i, d in enumerate(frames[0])
-        if len(d["valid"]) > 1 and any(d["valid"]) and not all(d["valid"]) and d.get("selected")
-    ]  # fmt: skip
-    if not info:
-        return None
-    hits = np.array(
-        [[100.0 * np.mean([f[i]["valid"][j] for j in f[i]["selected"]]) for i in info] for f in frames]
-    )
-    per_report = hits.mean(0)
-    chance = np.array([100.0 * np.mean(frames[0][i]["valid"]) for i in info])
-    return {
-        "rate": float(per_report.mean()),
-        "ci": list(bootstrap_ci(per_report.tolist(), n=n_boot)) if n_boot else None,
-        "random": float(chance.mean()),
-        "lift_ci": list(bootstrap_ci((per_report - chance).tolist(), n=n_boot)) if n_boot else None,
-        "n": len(info),
-    }
 
 
 def _over_seeds(values: Sequence[float]) -> dict[str, float]:
@@ -637,11 +407,11 @@ def render(payload: dict[str, Any]) -> str:
         )
     lines += ["", "Per question type (mean ± sd over seeds):", ""]
     lines += [
-        "| variant | " + " | ".join(f"{t} {m}" for t in TYPES for m in ("EM", "F1", "BLEU")) + " |",
-        "|---|" + "---|" * (3 * len(TYPES)),
+        "| variant | " + " | ".join(f"{t} {m}" for t in EVAL_TYPES for m in ("EM", "F1", "BLEU")) + " |",
+        "|---|" + "---|" * (3 * len(EVAL_TYPES)),
     ]
     for e in table.values():
-        cells = [_cell(e["metrics"].get(f"{t}.{m}"), ci=False) for t in TYPES for m in METRICS]
+        cells = [_cell(e["metrics"].get(f"{t}.{m}"), ci=False) for t in EVAL_TYPES for m in METRICS]
         lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 
 from llava_ultra.errors import ConfigError
-from llava_ultra.eval.ablate import (
+from llava_ultra.recipes.ablate import (
     ROWS,
     AblateOptions,
     check_rows,
-    paired_delta,
     row_config,
     run_ablation,
     split_list,
-    summarise,
 )
 
 
@@ -52,15 +50,6 @@ def test_bad_rows_and_seeds_are_named() -> None:
     assert split_list("0, 1 2", int) == [0, 1, 2]
     with pytest.raises(ConfigError, match="0,1,2"):
         split_list("0,x", int)
-
-
-def test_summaries() -> None:
-    s = summarise([[0.0, 100.0], [100.0, 100.0]], n_boot=200)
-    assert s["mean"] == 75.0 and s["per_seed"] == [50.0, 100.0] and s["n"] == 2
-    assert s["sd"] == pytest.approx(35.355, abs=1e-3)
-    d = paired_delta([[100.0, 100.0, 0.0]], [[0.0, 100.0, 0.0]], n_boot=200)
-    assert d["mean"] == pytest.approx(100 / 3)
-    assert d["ci"][0] <= d["mean"] <= d["ci"][1]
 
 
 def test_minimal_ablation_end_to_end(tmp_path: Path) -> None:

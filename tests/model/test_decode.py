@@ -118,6 +118,8 @@ def test_slot_decoder_rows_join_mid_decode_and_match_alone(model):
     shifted = False
     with torch.no_grad():
         while waiting or slot_of:
+            if len(slot_of) == 2 and not dec.waits:
+                assert not dec.room(60, 40)  # cannot fit beside the two live rows: it must wait
             if waiting and dec.free() is not None:
                 r = waiting[0]
                 t_before = dec.kv.t
@@ -139,3 +141,4 @@ def test_slot_decoder_rows_join_mid_decode_and_match_alone(model):
                     del slot_of[r]
     assert [got[r] for r in range(3)] == alone
     assert shifted  # the third request needed the columns shifted left
+    assert dec.waits == 1 and dec.shifts == 1

@@ -37,13 +37,13 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
 from ..errors import ConfigError
 
@@ -79,6 +79,34 @@ class DecodeStats:
         """Steady-state milliseconds per decode step (warm-up excluded)."""
         timed = self.steps - (1 if self.warmup_s else 0)
         return 1000 * self.decode_s / timed if timed > 0 else float("nan")
+
+
+def eos_ids(
+    eos: int | Sequence[int] | None, tokenizer: PreTrainedTokenizerBase | None, llm: nn.Module
+) -> set[int]:
+    """The end-of-sequence ids: as given, else the tokenizer's, else the LLM's generation config's."""
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
+
+
+def next_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: argmax, or a temperature / nucleus sample."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def check_cache(cache: str) -> None:
@@ -357,6 +385,8 @@ class SlotDecoder:
         self.left = [0] * slots  # decode steps a live row may still need
         self.position = torch.zeros(slots, dtype=torch.long)  # next position id per row
         self.warmup_s = 0.0
+        self.shifts = 0  # column shifts made (each copies the whole cache)
+        self.waits = 0  # times a request had to wait for room
 
     @property
     def live(self) -> list[int]:
@@ -380,12 +410,14 @@ class SlotDecoder:
         lowest = max(used, length)  # the smallest write column possible after a shift
         need = max([self.left[s] for s in live] + [steps])
         if lowest + need > self.max_len:
+            self.waits += 1
             return False
         if t + need > self.max_len or t < length:
             self._shift(lowest - t)
         return True
 
     def _shift(self, by: int) -> None:
+        self.shifts += 1
         self.kv.shift(by)
         for s in self.live:
             self.start[s] += by

@@ -56,7 +56,7 @@ from transformers.initialization import no_init_weights
 
 from ..config import LLMConfig, ModelConfig, model_config_from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, DataError
-from .decode import DecodeStats, check_cache, decode_loop
+from .decode import DecodeStats, check_cache, decode_loop, eos_ids, next_token
 from .fusion import Fusion
 from .selector import (
     Selection,
@@ -528,7 +528,7 @@ class UltraModel(nn.Module):
             embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
             if on_selection is not None:
                 on_selection(selection)
-            eos = _eos_ids(eos_token_id, tokenizer, self.llm)
+            eos = eos_ids(eos_token_id, tokenizer, self.llm)
             generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
             rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
             done = [False] * len(rows)
@@ -552,7 +552,7 @@ class UltraModel(nn.Module):
                 embeds,
                 attention_mask,
                 max_new_tokens=max_new_tokens,
-                next_token=lambda logits: _next_token(logits, do_sample, temperature, top_p, generator),
+                next_token=lambda logits: next_token(logits, do_sample, temperature, top_p, generator),
                 on_tokens=take,
                 cache=cache,
                 compile=compile,
@@ -1055,33 +1055,6 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[to
         ids[b, width - len(real) :] = real
         mask[b, width - len(real) :] = 1
     return ids, mask
-
-
-def _eos_ids(
-    eos: int | Sequence[int] | None, tokenizer: PreTrainedTokenizerBase | None, llm: nn.Module
-) -> set[int]:
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        eos = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-
-
-def _next_token(
-    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids: argmax, or a temperature / nucleus sample."""
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> str:

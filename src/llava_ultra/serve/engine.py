@@ -63,6 +63,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import TEMPLATES
 from ..errors import DataError
+from ..model.decode import SlotDecoder, eos_ids, model_prefill, next_token
 from ..model.selector import Selection
 from ..model.tokenizer import model_template, render_prompt
 from ..model.ultra import UltraModel, load_for_inference
@@ -304,6 +305,8 @@ class Handle:
         self.cancelled = False
         self.finished = False
         self.dropped = False  # generation stopped because the request was cancelled (client gone)
+        self.first_token_at: float | None = None
+        """time.monotonic() of this request's first sampled token (time to first token - arrived)."""
 
     @property
     def started(self) -> bool:
@@ -326,6 +329,8 @@ class Handle:
 
     def on_token(self, token: int, ended: bool) -> bool:
         """Take one sampled token; True when this request is done."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if self.finished:
             return True
         if self.cancelled:
@@ -412,8 +417,19 @@ class Engine:
         max_wait_ms: float = 5.0,
         template: str | None = None,
         system: str | None = None,
+        batching: str = "auto",
+        slot_tokens: int | None = None,
+        compile: bool | str = False,
     ) -> None:
-        """`template` None: the checkpoint's recorded one (see `tokenizer.default_template`)."""
+        """`template` None: the checkpoint's recorded one (see `tokenizer.default_template`).
+
+        `batching`: 'continuous' (requests join and leave a running batch of `max_batch_size` slots
+        token by token, on a static KV cache of `slot_tokens` columns per slot; `compile` compiles
+        its step), 'micro' (queued requests form one `generate` batch that runs to its end), or
+        'auto' (continuous on CUDA, micro elsewhere). `slot_tokens` None: the prompt + output limits,
+        capped by the LLM's context; a request that does not fit a slot runs alone."""
+        if batching not in ("auto", "continuous", "micro"):
+            raise DataError(f"batching={batching!r} is not a mode; use auto, continuous or micro")
         if max_batch_size < 1:
             raise DataError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_wait_ms < 0:
@@ -429,12 +445,31 @@ class Engine:
         self.system = system
         context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
         self.context_tokens: int | None = int(context) if context else None
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0, "cancelled": 0}
+        if batching == "auto":
+            batching = "continuous" if model.device.type == "cuda" else "micro"
+        self.batching = batching
+        room = self.limits.max_prompt_tokens + self.limits.max_output_tokens
+        self.slot_tokens = slot_tokens or min(room, self.context_tokens or room)
+        if self.slot_tokens < 2:
+            raise DataError(f"slot_tokens={slot_tokens} must be >= 2")
+        self.compile = compile
+        self.stats = {
+            "requests": 0,
+            "batches": 0,
+            "largest_batch": 0,
+            "tokens": 0,
+            "cancelled": 0,
+            "steps": 0,
+            "warmup_s": 0.0,
+            "shifts": 0,
+            "waits": 0,
+        }
         self._ids = itertools.count()
         self._pending: collections.deque[Handle] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="llava-ultra-engine", daemon=True)
+        loop = self._loop_continuous if batching == "continuous" else self._loop
+        self._worker = threading.Thread(target=loop, name="llava-ultra-engine", daemon=True)
         self._worker.start()
 
     @classmethod
@@ -714,10 +749,7 @@ class Engine:
 
         def on_selection(selection: Selection) -> None:
             for b, handle in enumerate(batch):
-                k = len(handle.prepared.images)
-                if k:
-                    scores = selection.scores[b, :k].tolist() if selection.scores is not None else None
-                    handle.selection = SelectionInfo(k, list(selection.indices[b]), scores)
+                _set_selection(handle, selection, b)
 
         def on_token(b: int, token: int, ended: bool) -> bool:
             handle = batch[b]
@@ -746,3 +778,134 @@ class Engine:
             )
         for handle in batch:  # rows the loop ended without telling us (cancelled ones)
             handle.finish("length")
+
+    # ---------------------------------------------------------------------- continuous batching
+
+    def _take_joiners(self, free: int, live: bool) -> list[Handle] | None:
+        """Up to `free` queued requests (blocking only while nothing runs); None when closed and idle."""
+        with self._cv:
+            while not self._pending and not live and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                for handle in self._pending:
+                    handle.fail(RequestError("the engine shut down", code="engine_closed", status=503))
+                self._pending.clear()
+                return None if not live else []
+            return [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+
+    def _loop_continuous(self) -> None:
+        """Requests join free slots between decode steps and leave as soon as they end. Each joiner is
+        prefilled alone (so its first token is one-at-a-time exact), then one step decodes a token for
+        every live slot (model/decode.py `SlotDecoder`)."""
+        eos = eos_ids(None, self.tokenizer, self.model.llm)
+        dec: SlotDecoder | None = None
+        rows: dict[int, tuple[Handle, int, torch.Generator | None]] = {}  # slot -> (handle, last token, rng)
+        while True:
+            if dec is None:
+                dec = SlotDecoder(self.model.llm, self.max_batch_size, self.slot_tokens, compile=self.compile)
+            joiners = self._take_joiners(self.max_batch_size - len(rows), bool(rows))
+            if joiners is None:
+                return
+            for n, handle in enumerate(joiners):
+                if handle.cancelled:
+                    continue
+                length = int(handle.prepared.inputs["input_ids"].shape[1])
+                steps = handle.prepared.params.max_tokens - 1
+                if not dec.fits(length, steps):  # longer than a slot: alone, on the dynamic cache
+                    self.stats["requests"] += 1
+                    self._run_isolated([handle])
+                    continue
+                if not dec.room(length, steps):  # wait for live rows to finish
+                    with self._cv:
+                        self._pending.extendleft(reversed(joiners[n:]))
+                    break
+                self.stats["requests"] += 1
+                self._join(dec, rows, handle, steps, eos)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+            for slot, (handle, _, _) in list(rows.items()):
+                if handle.cancelled or handle.finished:
+                    self._leave(dec, rows, slot)
+            if not rows:
+                continue
+            try:
+                with torch.inference_mode():
+                    logits = dec.step({slot: last for slot, (_, last, _) in rows.items()})
+            except Exception as exc:  # the shared step failed: every live row has started, so all fail
+                log.exception("decode step with %d live requests failed", len(rows))
+                for handle, _, _ in rows.values():
+                    handle.fail(exc)
+                rows.clear()
+                dec = None
+                continue
+            self.stats["steps"] += 1
+            self.stats["warmup_s"] = dec.warmup_s
+            self.stats["shifts"], self.stats["waits"] = dec.shifts, dec.waits
+            for slot, (handle, _, rng) in list(rows.items()):
+                token = self._sample(handle, logits[slot : slot + 1], rng)
+                if self._feed(handle, token, eos):
+                    self._leave(dec, rows, slot)
+                else:
+                    rows[slot] = (handle, token, rng)
+
+    def _join(
+        self,
+        dec: SlotDecoder,
+        rows: dict[int, tuple[Handle, int, torch.Generator | None]],
+        handle: Handle,
+        steps: int,
+        eos: set[int],
+    ) -> None:
+        """Prefill one request, hand it its first token, and give it a slot if it goes on."""
+        self.stats["batches"] += 1
+        params = handle.prepared.params
+        try:
+            with torch.inference_mode():
+                logits, cache, selection, mask = model_prefill(self.model, handle.prepared.inputs)
+            _set_selection(handle, selection, 0)
+            rng = None
+            if params.seed is not None:
+                rng = torch.Generator(device=self.model.device).manual_seed(params.seed)
+            token = self._sample(handle, logits, rng)
+        except Exception as exc:  # this request alone breaks the model: it fails alone
+            log.exception("request %d failed in prefill", handle.request_id)
+            handle.fail(exc)
+            return
+        if self._feed(handle, token, eos):
+            return
+        slot = dec.free()
+        dec.admit(slot, cache, mask, steps)
+        rows[slot] = (handle, token, rng)
+
+    def _leave(self, dec: SlotDecoder, rows: dict, slot: int) -> None:
+        handle, _, _ = rows.pop(slot)
+        dec.release(slot)
+        if handle.cancelled and not handle.finished:
+            handle.finished = handle.dropped = True
+            self.stats["cancelled"] += 1
+
+    @staticmethod
+    def _sample(handle: Handle, logits: torch.Tensor, rng: torch.Generator | None) -> int:
+        """(1, V) fp32 logits -> this request's next token, by its own decoding rule."""
+        p = handle.prepared.params
+        return int(next_token(logits, not p.greedy, p.temperature or 1.0, p.top_p, rng)[0])
+
+    def _feed(self, handle: Handle, token: int, eos: set[int]) -> bool:
+        """Give a sampled token to its handle; True when the request is done."""
+        self.stats["tokens"] += 1
+        try:
+            done = handle.on_token(token, token in eos)
+        except Exception as exc:  # this row's bookkeeping failed: end it alone
+            log.exception("request %d failed while decoding", handle.request_id)
+            handle.fail(exc)
+            return True
+        if handle.dropped:
+            self.stats["cancelled"] += 1
+        return done
+
+
+def _set_selection(handle: Handle, selection: Selection, b: int) -> None:
+    """Record row `b` of a selection as `handle`'s chosen images (text-only requests: none)."""
+    k = len(handle.prepared.images)
+    if k:
+        scores = selection.scores[b, :k].tolist() if selection.scores is not None else None
+        handle.selection = SelectionInfo(k, list(selection.indices[b]), scores)

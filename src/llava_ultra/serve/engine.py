@@ -1,13 +1,22 @@
-"""Inference engine: load a checkpoint once, micro-batch concurrent requests, stream tokens.
+"""Inference engine: load a checkpoint once, batch concurrent requests, stream tokens.
 
 One background worker thread owns the model (eval mode, `torch.inference_mode`). Callers `prepare`
 a request (validation and limits happen here, on the caller's thread, so a bad request fails at once
-with a `RequestError` naming the parameter) and `submit` it; the worker collects queued requests for
-up to `max_wait_ms` after the oldest arrived, or until `max_batch_size` are ready, and runs ONE
-left-padded `UltraModel.generate` with the KV cache for them.
+with a `RequestError` naming the parameter) and `submit` it. Two batching modes (`batching=`):
+
+- 'continuous' (the default on CUDA): `max_batch_size` slots on one static KV cache
+  (model/decode.py `SlotDecoder`). Between two decode steps, queued requests take free slots: each
+  is prefilled alone (so its first token is exactly the one-at-a-time one) and joins the running
+  batch; a request leaves its slot the step it ends (EOS, stop, length, cancel), and the next one
+  takes it. Every request samples with its own rule and its own seed, so no grouping is needed. A
+  prefill that fails fails its request alone; a request longer than a slot (`slot_tokens`) runs
+  alone on the dynamic cache.
+- 'micro' (the default elsewhere): the worker collects queued requests for up to `max_wait_ms`
+  after the oldest arrived, or until `max_batch_size` are ready, and runs ONE left-padded
+  `UltraModel.generate` for them; new requests wait for the whole batch to end.
 
 Notable choices:
-- Grouping by sampling parameters: a batch shares one decoding rule, so only requests with the same
+- Grouping by sampling parameters (micro mode): a batch shares one decoding rule, so only requests with the same
   key are batched. Every greedy request (temperature 0) shares one key, so greedy traffic batches
   fully and, thanks to left padding, batched output equals unbatched output in fp32 (bf16/fp16
   kernels reduce in batch-dependent orders, so there it need not: docs/serving.md). Sampling requests

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import platform
 import statistics
@@ -575,6 +576,13 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.inference_mode(name != "train"):
             result[name] = runners[name]()
         result["section_s"][name] = round(time.perf_counter() - t0, 1)
+        gc.collect()  # engines and their slot caches of this section are gone: give the memory back
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            result.setdefault("peak_gpu_gib", {})[name] = round(
+                torch.cuda.max_memory_allocated(dev) / 2**30, 1
+            )
+            torch.cuda.reset_peak_memory_stats(dev)
         print(f"[{name}] {result['section_s'][name]} s", file=sys.stderr, flush=True)
     result["total_s"] = round(time.perf_counter() - started, 1)
     table = render(result)

@@ -696,7 +696,7 @@ def render(r: dict) -> str:
         for label, c in t["steps"].items():
             mfu = f"{100 * c['mfu']:.1f} %" if c["mfu"] is not None else "n/a (no peak for this device)"
             lines.append(
-                f"| {label} | {c['step_ms']} | {c['tflops_per_step']} | {c['achieved_tflops']} | {mfu} |"
+                f"| {label} | {c['step_ms']} | {c['flops_per_step'] / 1e12:.3g} | {c['achieved_tflops']:.3g} | {mfu} |"
             )
         lines += ["", f"Feature cache speed-up: **{t['cache_speedup']}x**.", ""]
     return "\n".join(lines)

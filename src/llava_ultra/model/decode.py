@@ -149,11 +149,13 @@ class StaticKV:
         self.llm, self.batch, self.max_len = llm, batch, max_len
         self.device, self.dtype = weight.device, weight.dtype
         self.additive = impl == "eager"
-        self.cache = StaticCache(config=llm.config, max_cache_len=max_len)
         heads = text.num_key_value_heads or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        self.cache.early_initialization(batch, heads, head_dim, self.dtype, self.device)
-        self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
+        # normal tensors even under inference_mode, so a cache kept for reuse also works outside it
+        with torch.inference_mode(False):
+            self.cache = StaticCache(config=llm.config, max_cache_len=max_len)
+            self.cache.early_initialization(batch, heads, head_dim, self.dtype, self.device)
+            self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=self.device)
         self.t = 0
         self.backend = _backend(compile)
         self._step_fn: Callable[..., torch.Tensor] = self._eager_step

@@ -369,6 +369,15 @@ def decode_loop(
     return stats
 
 
+def kv_bytes_per_token(llm: nn.Module) -> int:
+    """Bytes of K/V one token takes in a static cache of this LLM (all layers)."""
+    text = llm.config.get_text_config()
+    heads = text.num_key_value_heads or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    element = llm.get_input_embeddings().weight.element_size()
+    return 2 * text.num_hidden_layers * heads * head_dim * element
+
+
 class SlotDecoder:
     """Continuous batching on one static cache: `slots` rows, each holding one request at a time.
 

@@ -72,7 +72,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import TEMPLATES
 from ..errors import DataError
-from ..model.decode import SlotDecoder, eos_ids, model_prefill, next_token
+from ..model.decode import SlotDecoder, eos_ids, kv_bytes_per_token, model_prefill, next_token
 from ..model.selector import Selection
 from ..model.tokenizer import model_template, render_prompt
 from ..model.ultra import UltraModel, load_for_inference
@@ -436,7 +436,8 @@ class Engine:
         token by token, on a static KV cache of `slot_tokens` columns per slot; `compile` compiles
         its step), 'micro' (queued requests form one `generate` batch that runs to its end), or
         'auto' (continuous on CUDA, micro elsewhere). `slot_tokens` None: the prompt + output limits,
-        capped by the LLM's context; a request that does not fit a slot runs alone."""
+        capped by the LLM's context and, on a GPU, by half its free memory; a request that does not
+        fit a slot runs alone. The slot cache is allocated here, once."""
         if batching not in ("auto", "continuous", "micro"):
             raise DataError(f"batching={batching!r} is not a mode; use auto, continuous or micro")
         if max_batch_size < 1:
@@ -454,14 +455,19 @@ class Engine:
         self.system = system
         context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
         self.context_tokens: int | None = int(context) if context else None
-        if batching == "auto":
-            batching = "continuous" if model.device.type == "cuda" else "micro"
-        self.batching = batching
         room = self.limits.max_prompt_tokens + self.limits.max_output_tokens
         self.slot_tokens = slot_tokens or min(room, self.context_tokens or room)
+        if slot_tokens is None and batching != "micro" and model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            fits = int(0.5 * free) // (max_batch_size * kv_bytes_per_token(model.llm))
+            self.slot_tokens = min(self.slot_tokens, fits)
         if self.slot_tokens < 2:
-            raise DataError(f"slot_tokens={slot_tokens} must be >= 2")
+            raise DataError(f"slot_tokens={self.slot_tokens} must be >= 2")
         self.compile = compile
+        self._decoder: SlotDecoder | None = None
+        if batching in ("auto", "continuous"):
+            batching = self._continuous_or_micro(batching, model)
+        self.batching = batching
         self.stats = {
             "requests": 0,
             "batches": 0,
@@ -480,6 +486,29 @@ class Engine:
         loop = self._loop_continuous if batching == "continuous" else self._loop
         self._worker = threading.Thread(target=loop, name="llava-ultra-engine", daemon=True)
         self._worker.start()
+
+    def _continuous_or_micro(self, batching: str, model: UltraModel) -> str:
+        """Allocate the slot cache for continuous batching; 'auto' falls back to micro-batching off
+        CUDA, or (with a warning) when the cache cannot be allocated or would hold < 256 tokens a slot."""
+        if batching == "auto" and model.device.type != "cuda":
+            return "micro"
+        why = None
+        if batching == "auto" and self.slot_tokens < 256:
+            why = f"only {self.slot_tokens} tokens per slot fit in memory"
+        else:
+            try:
+                self._decoder = SlotDecoder(
+                    model.llm, self.max_batch_size, self.slot_tokens, compile=self.compile
+                )
+            except torch.OutOfMemoryError as exc:
+                why = f"its {self.max_batch_size} x {self.slot_tokens}-token KV cache does not fit ({exc})"
+        if why is None:
+            return "continuous"
+        message = f"continuous batching: {why}; lower max_batch_size or slot_tokens, or use batching='micro'"
+        if batching == "continuous":
+            raise DataError(message)
+        log.warning("%s; serving with micro-batching", message)
+        return "micro"
 
     @classmethod
     def from_checkpoint(
@@ -807,29 +836,32 @@ class Engine:
         prefilled alone (so its first token is one-at-a-time exact), then one step decodes a token for
         every live slot (model/decode.py `SlotDecoder`)."""
         eos = eos_ids(None, self.tokenizer, self.model.llm)
-        dec: SlotDecoder | None = None
+        dec = self._decoder
+        assert dec is not None
         rows: dict[int, tuple[Handle, int, torch.Generator | None]] = {}  # slot -> (handle, last token, rng)
         while True:
-            if dec is None:
-                dec = SlotDecoder(self.model.llm, self.max_batch_size, self.slot_tokens, compile=self.compile)
             joiners = self._take_joiners(self.max_batch_size - len(rows), bool(rows))
             if joiners is None:
                 return
             for n, handle in enumerate(joiners):
                 if handle.cancelled:
                     continue
-                length = int(handle.prepared.inputs["input_ids"].shape[1])
-                steps = handle.prepared.params.max_tokens - 1
-                if not dec.fits(length, steps):  # longer than a slot: alone, on the dynamic cache
+                try:
+                    length = int(handle.prepared.inputs["input_ids"].shape[1])
+                    steps = handle.prepared.params.max_tokens - 1
+                    if not dec.fits(length, steps):  # longer than a slot: alone, on the dynamic cache
+                        self.stats["requests"] += 1
+                        self._run_isolated([handle])
+                        continue
+                    if not dec.room(length, steps):  # wait for live rows to finish
+                        with self._cv:
+                            self._pending.extendleft(reversed(joiners[n:]))
+                        break
                     self.stats["requests"] += 1
-                    self._run_isolated([handle])
-                    continue
-                if not dec.room(length, steps):  # wait for live rows to finish
-                    with self._cv:
-                        self._pending.extendleft(reversed(joiners[n:]))
-                    break
-                self.stats["requests"] += 1
-                self._join(dec, rows, handle, steps, eos)
+                    self._join(dec, rows, handle, steps, eos)
+                except Exception as exc:  # a bug in scheduling this request: it fails alone
+                    log.exception("request %d could not join the batch", handle.request_id)
+                    handle.fail(exc)
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
             for slot, (handle, _, _) in list(rows.items()):
                 if handle.cancelled or handle.finished:
@@ -841,10 +873,9 @@ class Engine:
                     logits = dec.step({slot: last for slot, (_, last, _) in rows.items()})
             except Exception as exc:  # the shared step failed: every live row has started, so all fail
                 log.exception("decode step with %d live requests failed", len(rows))
-                for handle, _, _ in rows.values():
+                for slot, (handle, _, _) in list(rows.items()):
                     handle.fail(exc)
-                rows.clear()
-                dec = None
+                    self._leave(dec, rows, slot)
                 continue
             self.stats["steps"] += 1
             self.stats["warmup_s"] = dec.warmup_s

@@ -241,7 +241,15 @@ def run_load(engine: Engine, requests: list[tuple[list[Message], SamplingParams]
     lock = threading.Lock()
     results: list[dict] = [{} for _ in requests]
 
+    errors: list[BaseException] = []
+
     def client() -> None:
+        try:
+            serve_some()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    def serve_some() -> None:
         while True:
             with lock:
                 if not todo:
@@ -265,6 +273,8 @@ def run_load(engine: Engine, requests: list[tuple[list[Message], SamplingParams]
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
     ttft = sorted(r["ttft"] for r in results)
     return {
         "requests": len(requests),

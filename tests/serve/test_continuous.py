@@ -161,3 +161,17 @@ def test_requests_longer_than_a_slot_or_without_room_still_match(checkpoint, alo
         got = [r.result() for r in recs]
         assert got == [alone.generate(request(i), p) for i, p in enumerate(params)]
         assert eng.stats["shifts"] >= 1
+
+
+def test_an_engine_built_under_inference_mode_serves(checkpoint, alone):
+    """The slot cache is allocated by the constructor, which may run under inference_mode (as in
+    benchmarks/gpu_suite.py); the worker thread, outside it, must still be able to write it."""
+    with torch.inference_mode():
+        engine = Engine.from_checkpoint(checkpoint, limits=LIMITS, max_batch_size=2, batching="continuous")
+    with engine:
+        recs = [Recorder() for _ in range(2)]
+        for i, rec in enumerate(recs):
+            engine.submit(engine.prepare(request(i), SamplingParams(max_tokens=8)), rec)
+        assert [r.result() for r in recs] == [
+            alone.generate(request(i), SamplingParams(max_tokens=8)) for i in range(2)
+        ]

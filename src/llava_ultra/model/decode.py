@@ -297,10 +297,7 @@ def _static_kv(llm: nn.Module, batch: int, length: int, compile: bool | str) -> 
     key = (batch, max_len, llm.get_input_embeddings().weight.dtype, _backend(compile))
     if key in per_model:
         kv = per_model[key]
-        for layer in kv.cache.layers:
-            layer.keys.zero_()
-            layer.values.zero_()
-        kv.mask.zero_()
+        kv.mask.zero_()  # stale K/V stay in the buffers, masked out
         kv._set_column(0)
         return kv, True
     kv = StaticKV(llm, batch, max_len, compile=compile)
@@ -314,13 +311,13 @@ def decode_loop(
     mask: torch.Tensor,
     *,
     max_new_tokens: int,
-    next_token: Callable[[torch.Tensor], torch.Tensor],
+    pick: Callable[[torch.Tensor], torch.Tensor],
     on_tokens: Callable[[list[int]], bool],
     cache: str = "dynamic",
     compile: bool | str = False,
 ) -> DecodeStats:
     """Prefill over left-padded `embeds` (B, T, D) with `mask` (B, T), then decode up to
-    `max_new_tokens` steps. `next_token((B, V) fp32 logits) -> (B,)` picks tokens; `on_tokens(list)`
+    `max_new_tokens` steps. `pick((B, V) fp32 logits) -> (B,)` chooses the tokens; `on_tokens(list)`
     takes each step's tokens and returns True when every row is done."""
     check_cache(cache)
     if compile and cache != "static":
@@ -342,7 +339,7 @@ def decode_loop(
         del dyn
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
-        token = next_token(logits)  # (B,)
+        token = pick(logits)  # (B,)
         if on_tokens(token.tolist()) or step == max_new_tokens - 1:
             break
         positions = positions[:, -1:] + 1
@@ -394,7 +391,7 @@ class SlotDecoder:
         self.slots, self.max_len = slots, max_len
         self.start: list[int | None] = [None] * slots  # first used column of each live row
         self.left = [0] * slots  # decode steps a live row may still need
-        self.position = torch.zeros(slots, dtype=torch.long)  # next position id per row
+        self.position = [0] * slots  # next position id per row
         self.warmup_s = 0.0
         self.shifts = 0  # column shifts made (each copies the whole cache)
         self.waits = 0  # times a request had to wait for room
@@ -450,7 +447,7 @@ class SlotDecoder:
         ids = torch.zeros(self.slots, dtype=torch.long)
         for s, tok in tokens.items():
             ids[s] = tok
-        logits, built_s = self.kv.step(ids, self.position)
+        logits, built_s = self.kv.step(ids, torch.tensor(self.position))
         self.warmup_s += built_s
         for s in tokens:
             self.position[s] += 1

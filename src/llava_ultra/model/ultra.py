@@ -552,7 +552,7 @@ class UltraModel(nn.Module):
                 embeds,
                 attention_mask,
                 max_new_tokens=max_new_tokens,
-                next_token=lambda logits: next_token(logits, do_sample, temperature, top_p, generator),
+                pick=lambda logits: next_token(logits, do_sample, temperature, top_p, generator),
                 on_tokens=take,
                 cache=cache,
                 compile=compile,

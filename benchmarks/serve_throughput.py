@@ -1,13 +1,19 @@
-"""Serving throughput: requests/s and p50/p95 latency over real HTTP, batched engine vs one at a time.
+"""Serving throughput: requests/s, time to first token and latency over real HTTP, for the engine's
+batching modes vs one request at a time.
 
-One random-init model (preset `configs/tiny.yaml`, tiny byte-level tokenizer) is served twice in
-the same run by the real app under uvicorn on 127.0.0.1: with dynamic micro-batching
-(`--max-batch-size`, default 16) and with `max_batch_size=1` (one request at a time, the baseline).
-For 1, 4 and 16 concurrent clients (threads with their own HTTP connection), each sends requests
+One random-init model (preset `configs/tiny.yaml`, tiny byte-level tokenizer) is served three times
+in the same run by the real app under uvicorn on 127.0.0.1: with continuous batching
+(`--max-batch-size` slots, default 16; requests join and leave between decode steps), with
+micro-batching (up to `--max-batch-size` requests that arrive within `--max-wait-ms` decode
+together to the end) and with `max_batch_size=1` (one request at a time, the baseline). For 1, 4
+and 16 concurrent clients (threads with their own HTTP connection), each sends streamed requests
 of `--frames` 224 px PNG frames (data URLs) + a Chinese question, greedy, `--max-tokens` new tokens,
-until `--requests` requests are done. Both modes answer the same requests and must give the same
-answers (checked). Prints JSON; `--write-docs` rewrites the `serve` section of docs/performance.md
-(only between `<!-- serve:begin -->` and `<!-- serve:end -->`).
+until `--requests` requests are done. Time to first token (TTFT) is measured in the engine, from
+a request's arrival to its first sampled token (the first streamed text chunk can come later: text
+that ends in an incomplete character, common with a random-init byte-level model, is held back). Every mode answers the same requests and must give the same answers (checked). Ratios
+are to the one-at-a-time server with the same number of clients. Prints JSON; `--write-docs`
+rewrites the `serve` section of docs/performance.md (only between `<!-- serve:begin -->` and
+`<!-- serve:end -->`).
 
     python benchmarks/serve_throughput.py [--requests 48] [--max-tokens 16] [--write-docs]
 """
@@ -89,19 +95,31 @@ def run_clients(url: str, bodies: list[dict], clients: int) -> dict:
     """Send every body with `clients` concurrent clients; latency per request and the wall time."""
     local = threading.local()
 
-    def send(body: dict) -> tuple[float, str]:
+    def send(body: dict) -> tuple[float, str, float]:
+        """Latency, answer and time to the first streamed text chunk of one request."""
         if not hasattr(local, "http"):
             local.http = httpx.Client(timeout=300)
         t0 = time.perf_counter()
-        resp = local.http.post(f"{url}/v1/chat/completions", json=body)
-        resp.raise_for_status()
-        return time.perf_counter() - t0, resp.json()["choices"][0]["message"]["content"]
+        ttft, text = None, []
+        with local.http.stream("POST", f"{url}/v1/chat/completions", json=body | {"stream": True}) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[len("data: ") :])["choices"]
+                delta = choices[0]["delta"].get("content") if choices else None
+                if delta:
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    text.append(delta)
+        latency = time.perf_counter() - t0
+        return latency, "".join(text), latency if ttft is None else ttft
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(send, bodies))
     wall = time.perf_counter() - t0
     latencies = sorted(r[0] for r in results)
+    ttfts = sorted(r[2] for r in results)
     return {
         "clients": clients,
         "requests": len(bodies),
@@ -109,6 +127,7 @@ def run_clients(url: str, bodies: list[dict], clients: int) -> dict:
         "requests_per_s": round(len(bodies) / wall, 2),
         "p50_ms": round(statistics.median(latencies) * 1000, 1),
         "p95_ms": round(latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] * 1000, 1),
+        "first_text_p50_ms": round(statistics.median(ttfts) * 1000, 1),
         "answers": [r[1] for r in results],
     }
 
@@ -146,33 +165,60 @@ def main(argv: list[str] | None = None) -> dict:
             }
         )
 
-    modes = {"batched": args.max_batch_size, "one_at_a_time": 1}
+    modes = {
+        "continuous": ("continuous", args.max_batch_size),
+        "micro": ("micro", args.max_batch_size),
+        "one_at_a_time": ("micro", 1),
+    }
     rows, answers = [], {}
-    for mode, batch_size in modes.items():
-        engine = Engine(model, tokenizer, max_batch_size=batch_size, max_wait_ms=args.max_wait_ms)
+    for mode, (batching, batch_size) in modes.items():
+        engine = Engine(
+            model, tokenizer, max_batch_size=batch_size, max_wait_ms=args.max_wait_ms, batching=batching
+        )
+        handles = []
+        submit = engine.submit
+
+        def recording_submit(prepared, listener, submit=submit, handles=handles):
+            handles.append(submit(prepared, listener))
+            return handles[-1]
+
+        engine.submit = recording_submit
         with engine, Server(create_app(engine, ServerSettings(model_name="bench"))) as server:
             run_clients(server.url, bodies[:4], 4)  # warm-up
             for clients in args.clients:
                 before = dict(engine.stats)
+                handles.clear()
                 cell = run_clients(server.url, bodies, clients)
+                ttft = sorted(h.first_token_at - h.arrived for h in handles)
+                cell |= {
+                    "ttft_p50_ms": round(statistics.median(ttft) * 1000, 1),
+                    "ttft_p95_ms": round(ttft[min(len(ttft) - 1, int(0.95 * len(ttft)))] * 1000, 1),
+                }
                 answers[(mode, clients)] = cell.pop("answers")
                 batches = engine.stats["batches"] - before["batches"]
+                steps = engine.stats["steps"] - before["steps"]
+                tokens = engine.stats["tokens"] - before["tokens"]
                 cell |= {
                     "mode": mode,
                     "max_batch_size": batch_size,
-                    "mean_batch": round(len(bodies) / batches, 2),
+                    # rows per decode step (continuous) or requests per generate call (micro)
+                    "mean_batch": round(tokens / steps if steps else len(bodies) / batches, 2),
                 }
                 rows.append(cell)
                 print(json.dumps(cell), flush=True)
     reference = answers[("one_at_a_time", args.clients[0])]
     same = all(a == reference for a in answers.values())
+
+    def cell(mode: str, clients: int) -> dict:
+        return next(r for r in rows if r["mode"] == mode and r["clients"] == clients)
+
+    for r in rows:  # ratios to one request at a time, same number of clients
+        base = cell("one_at_a_time", r["clients"])
+        r["throughput_vs_batch1"] = round(r["requests_per_s"] / base["requests_per_s"], 2)
+        r["ttft_vs_batch1"] = round(r["ttft_p50_ms"] / base["ttft_p50_ms"], 2)
     speedup = {
-        c: round(
-            next(r for r in rows if r["mode"] == "batched" and r["clients"] == c)["requests_per_s"]
-            / next(r for r in rows if r["mode"] == "one_at_a_time" and r["clients"] == c)["requests_per_s"],
-            2,
-        )
-        for c in args.clients
+        mode: {c: cell(mode, c)["throughput_vs_batch1"] for c in args.clients}
+        for mode in ("continuous", "micro")
     }
     result = {
         "preset": str(args.preset.relative_to(ROOT) if args.preset.is_relative_to(ROOT) else args.preset),
@@ -209,21 +255,29 @@ def write_docs(result: dict, argv: list[str] | None) -> None:
         f"{result['torch_threads']} torch thread(s), shared 2-core CPU; Python {result['python']}, "
         f"torch {result['torch']}. Baseline: the same server with `--max-batch-size 1`, same model, same run.",
         "",
-        "| clients | mode | requests/s | p50 latency (ms) | p95 latency (ms) | mean batch |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| clients | mode | requests/s | x batch-1 | TTFT p50 (ms) | TTFT / batch-1 | p50 latency (ms) | "
+        "p95 latency (ms) | mean batch |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(result["rows"], key=lambda r: (r["clients"], r["mode"])):
         lines.append(
-            f"| {r['clients']} | {r['mode'].replace('_', ' ')} | {r['requests_per_s']} | {r['p50_ms']} | "
+            f"| {r['clients']} | {r['mode'].replace('_', ' ')} | {r['requests_per_s']} | "
+            f"{r['throughput_vs_batch1']} | {r['ttft_p50_ms']} | {r['ttft_vs_batch1']} | {r['p50_ms']} | "
             f"{r['p95_ms']} | {r['mean_batch']} |"
         )
-    speedups = ", ".join(f"{c} clients {s}x" for c, s in result["speedup_requests_per_s"].items())
+    speedups = "; ".join(
+        f"{mode}: " + ", ".join(f"{c} clients {s}x" for c, s in by_clients.items())
+        for mode, by_clients in result["speedup_requests_per_s"].items()
+    )
     lines += [
         "",
-        f"Batched / one-at-a-time requests/s: {speedups}. Answers identical in both modes: "
-        f"{result['answers_identical_across_modes']}. With one client there is nothing to batch; with "
-        "more, requests arriving within `--max-wait-ms` share one prefill and one decoding loop, so "
-        "throughput grows while each step costs little more than a single request's step.",
+        f"Requests/s relative to one at a time: {speedups}. Answers identical in all modes: "
+        f"{result['answers_identical_across_modes']}. Mean batch: rows per decode step (continuous) or "
+        "requests per `generate` call (micro). With one client there is nothing to batch. On this CPU a "
+        "decode step's cost grows with its rows and continuous batching prefills each request alone, so "
+        "micro-batching is the CPU default; on a GPU a step costs about the same for 1 or 16 rows "
+        "(memory-bound) and continuous batching, the CUDA default, lets a request start at the next step "
+        "instead of after the running batch (GPU figures: `benchmarks/gpu_suite.py`).",
         END,
     ]
     doc = ROOT / "docs" / "performance.md"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel, SamVisionConfig, SamVisionModel
+from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
 
 from llava_ultra.config import SamConfig, VisionConfig
 from llava_ultra.model.vision import (
@@ -77,3 +79,23 @@ def test_processor_outputs_both_encoders_for_grayscale_frames():
     grey = ImageProcessor(vision, sam_cfg)([Image.new("RGB", (32, 32), (128, 128, 128))])["pixel_values_clip"]
     expected = (128 / 255 - torch.tensor(vision.image_mean)) / torch.tensor(vision.image_std)
     torch.testing.assert_close(grey[0, :, 5, 5], expected)
+
+
+def test_encoders_use_sdpa_and_match_eager_attention():
+    """Both towers run SDPA (set explicitly) and give the eager attention's outputs in fp32; SAM's
+    relative-position bias goes in as SDPA's mask."""
+    vision, sam_cfg = _configs()
+    torch.manual_seed(0)
+    clip, sam = build_clip(vision), build_sam(sam_cfg)
+    assert clip.config._attn_implementation == "sdpa" and sam.config._attn_implementation == "sdpa"
+    assert type(sam.vision_encoder.layers[0].attn) is SamVisionSdpaAttention
+    eager_clip = CLIPVisionModel(CLIPVisionConfig(**clip.config.to_dict(), attn_implementation="eager"))
+    eager_sam = SamVisionModel(SamVisionConfig(**sam.config.to_dict(), attn_implementation="eager"))
+    eager_clip.load_state_dict(clip.state_dict())
+    eager_sam.load_state_dict(sam.state_dict())
+    assert type(eager_sam.vision_encoder.layers[0].attn) is SamVisionAttention
+    pixels = torch.randn(2, 3, 32, 32)
+    fast = clip_tokens(clip, pixels, -2, "patch"), sam_grid(sam, pixels)
+    slow = clip_tokens(eager_clip.eval(), pixels, -2, "patch"), sam_grid(eager_sam.eval(), pixels)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

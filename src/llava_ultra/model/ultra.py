@@ -34,7 +34,6 @@ The LLM uses SDPA unless configured otherwise; the attention teacher switches to
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from transformers.initialization import no_init_weights
 from ..config import LLMConfig, ModelConfig, model_config_from_dict, to_dict
 from ..errors import CheckpointError, ConfigError, DataError
 from . import processor
+from .decode import DecodeStats, check_cache, decode_loop, eos_ids, next_token
 from .fusion import Fusion
 from .selector import (
     Selection,
@@ -148,6 +148,8 @@ class GenerationOutput:
     """Decoded answers cut before any stop string (when a tokenizer was given)."""
     selection: Selection
     """Which images were used."""
+    stats: DecodeStats | None = None
+    """Prefill / warm-up / decode timings and the decoding path taken."""
 
 
 class UltraModel(nn.Module):
@@ -492,6 +494,8 @@ class UltraModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase | None = None,
         on_selection: Callable[[Selection], None] | None = None,
         on_token: Callable[[int, int, bool], bool | None] | None = None,
+        cache: str = "dynamic",
+        compile: bool | str = False,
     ) -> GenerationOutput:
         """Decode answers with the LLM's KV cache: one prefill over the prompt embeddings, then one token
         per step. Greedy by default; sampling with temperature / top_p / seed. Rows are left-padded
@@ -501,7 +505,12 @@ class UltraModel(nn.Module):
         Streaming hooks (used by serve/engine.py): `on_selection(selection)` is called once, before
         decoding; `on_token(row, token_id, ended)` for every token a live row samples (EOS included;
         `ended` says this token ended the row by EOS or stop string); returning True ends that row.
+
+        `cache='static'` decodes on a preallocated KV cache with fixed shapes; `compile=True` also
+        compiles the step (inductor, CUDA graphs on a GPU; a string names another torch.compile
+        backend); see model/decode.py. Timings and the path taken are in `.stats`.
         """
+        check_cache(cache)
         if stop_strings and tokenizer is None:
             raise ConfigError("stop_strings need the tokenizer to decode; pass tokenizer=...")
         if do_sample and temperature <= 0:
@@ -521,24 +530,13 @@ class UltraModel(nn.Module):
             embeds = self.embed(input_ids, feats, selection)  # (B, T, D)
             if on_selection is not None:
                 on_selection(selection)
-            mask = attention_mask.to(self.device).long()
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            extra = (
-                {"logits_to_keep": 1}
-                if "logits_to_keep" in inspect.signature(self.llm.forward).parameters
-                else {}
-            )
-            out = self.llm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **extra
-            )
-            eos = _eos_ids(eos_token_id, tokenizer, self.llm)
+            eos = eos_ids(eos_token_id, tokenizer, self.llm)
             generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
             rows: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
             done = [False] * len(rows)
-            for _ in range(max_new_tokens):
-                logits = out.logits[:, -1].float()  # (B, V)
-                token = _next_token(logits, do_sample, temperature, top_p, generator)  # (B,)
-                for b, t in enumerate(token.tolist()):
+
+            def take(tokens: list[int]) -> bool:
+                for b, t in enumerate(tokens):
                     if done[b]:
                         continue
                     if t in eos:
@@ -549,23 +547,24 @@ class UltraModel(nn.Module):
                             done[b] = True
                     if on_token is not None and on_token(b, t, done[b]):
                         done[b] = True
-                if all(done):
-                    break
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-                positions = positions[:, -1:] + 1
-                out = self.llm(
-                    input_ids=token.view(-1, 1),
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=out.past_key_values,
-                    use_cache=True,
-                )
+                return all(done)
+
+            stats = decode_loop(
+                self.llm,
+                embeds,
+                attention_mask,
+                max_new_tokens=max_new_tokens,
+                pick=lambda logits: next_token(logits, do_sample, temperature, top_p, generator),
+                on_tokens=take,
+                cache=cache,
+                compile=compile,
+            )
         finally:
             self.train(was_training)
         texts = None
         if tokenizer is not None:
             texts = [_cut(tokenizer.decode(r, skip_special_tokens=True), stop_strings) for r in rows]
-        return GenerationOutput(sequences=rows, texts=texts, selection=selection)
+        return GenerationOutput(sequences=rows, texts=texts, selection=selection, stats=stats)
 
     def prepare_inputs(
         self,
@@ -1031,33 +1030,6 @@ def _left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[to
         ids[b, width - len(real) :] = real
         mask[b, width - len(real) :] = 1
     return ids, mask
-
-
-def _eos_ids(
-    eos: int | Sequence[int] | None, tokenizer: PreTrainedTokenizerBase | None, llm: nn.Module
-) -> set[int]:
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        eos = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return set()
-    return {int(eos)} if isinstance(eos, int) else {int(e) for e in eos}
-
-
-def _next_token(
-    logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids: argmax, or a temperature / nucleus sample."""
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _cut(text: str, stop_strings: Sequence[str]) -> str:

@@ -2,7 +2,10 @@
 
 Encoders are plain `transformers.CLIPVisionModel` / `SamVisionModel` instances, so real weights load
 with `from_pretrained` (a hub id or local folder at home) and tiny random-init ones come from inline
-config kwargs. Both are frozen: `requires_grad=False` and eval mode.
+config kwargs. Both are frozen: `requires_grad=False` and eval mode. Both run attention through
+PyTorch's fused `scaled_dot_product_attention` (`ENCODER_ATTENTION`, set explicitly rather than left
+to the transformers default; flash / memory-efficient kernels on a GPU). SAM's relative-position
+bias goes in as SDPA's additive mask. Outputs equal the eager attention's in fp32 (tested).
 
 Shapes (M = images in the batch, all k frames of all samples encoded in one call):
 - `clip_tokens`: pixels (M, 3, S, S) -> hidden_states[select_layer] -> (M, G*G, Dc) for 'patch'
@@ -38,9 +41,16 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SamVisionConfig, Sam
 from ..config import SamConfig, VisionConfig
 from ..errors import ConfigError, DataError
 
+ENCODER_ATTENTION = "sdpa"
+"""Attention backend of both encoders (transformers supports SDPA for CLIP and SAM)."""
+
 
 def _inline_kwargs(inline: dict) -> dict:
-    return {k: v for k, v in inline.items() if k != "model_type"}
+    """Config kwargs of an inline encoder (SDPA attention unless the inline dict names another)."""
+    return {
+        "attn_implementation": ENCODER_ATTENTION,
+        **{k: v for k, v in inline.items() if k != "model_type"},
+    }
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -55,7 +65,9 @@ def _from_pretrained(cls: type, path: str, what: str, cfg: VisionConfig | SamCon
     config's normalisation. Extra weights are fine: hub CLIP / SAM checkpoints also hold the text
     tower / the prompt encoder and mask decoder."""
     try:
-        model, info = cls.from_pretrained(path, output_loading_info=True)
+        model, info = cls.from_pretrained(
+            path, output_loading_info=True, attn_implementation=ENCODER_ATTENTION
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{what}.path={path!r} could not be loaded: {exc}") from exc
     wrong = {

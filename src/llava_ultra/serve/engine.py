@@ -1,13 +1,22 @@
-"""Inference engine: load a checkpoint once, micro-batch concurrent requests, stream tokens.
+"""Inference engine: load a checkpoint once, batch concurrent requests, stream tokens.
 
 One background worker thread owns the model (eval mode, `torch.inference_mode`). Callers `prepare`
 a request (validation and limits happen here, on the caller's thread, so a bad request fails at once
-with a `RequestError` naming the parameter) and `submit` it; the worker collects queued requests for
-up to `max_wait_ms` after the oldest arrived, or until `max_batch_size` are ready, and runs ONE
-left-padded `UltraModel.generate` with the KV cache for them.
+with a `RequestError` naming the parameter) and `submit` it. Two batching modes (`batching=`):
+
+- 'continuous' (the default on CUDA): `max_batch_size` slots on one static KV cache
+  (model/decode.py `SlotDecoder`). Between two decode steps, queued requests take free slots: each
+  is prefilled alone (so its first token is exactly the one-at-a-time one) and joins the running
+  batch; a request leaves its slot the step it ends (EOS, stop, length, cancel), and the next one
+  takes it. Every request samples with its own rule and its own seed, so no grouping is needed. A
+  prefill that fails fails its request alone; a request longer than a slot (`slot_tokens`) runs
+  alone on the dynamic cache.
+- 'micro' (the default elsewhere): the worker collects queued requests for up to `max_wait_ms`
+  after the oldest arrived, or until `max_batch_size` are ready, and runs ONE left-padded
+  `UltraModel.generate` for them; new requests wait for the whole batch to end.
 
 Notable choices:
-- Grouping by sampling parameters: a batch shares one decoding rule, so only requests with the same
+- Grouping by sampling parameters (micro mode): a batch shares one decoding rule, so only requests with the same
   key are batched. Every greedy request (temperature 0) shares one key, so greedy traffic batches
   fully and, thanks to left padding, batched output equals unbatched output in fp32 (bf16/fp16
   kernels reduce in batch-dependent orders, so there it need not: docs/serving.md). Sampling requests
@@ -63,6 +72,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import TEMPLATES
 from ..errors import DataError
+from ..model.decode import SlotDecoder, eos_ids, kv_bytes_per_token, model_prefill, next_token
 from ..model.selector import Selection
 from ..model.tokenizer import model_template, render_prompt
 from ..model.ultra import UltraModel, load_for_inference
@@ -304,6 +314,8 @@ class Handle:
         self.cancelled = False
         self.finished = False
         self.dropped = False  # generation stopped because the request was cancelled (client gone)
+        self.first_token_at: float | None = None
+        """time.monotonic() of this request's first sampled token (time to first token - arrived)."""
 
     @property
     def started(self) -> bool:
@@ -326,6 +338,8 @@ class Handle:
 
     def on_token(self, token: int, ended: bool) -> bool:
         """Take one sampled token; True when this request is done."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         if self.finished:
             return True
         if self.cancelled:
@@ -412,8 +426,20 @@ class Engine:
         max_wait_ms: float = 5.0,
         template: str | None = None,
         system: str | None = None,
+        batching: str = "auto",
+        slot_tokens: int | None = None,
+        compile: bool | str = False,
     ) -> None:
-        """`template` None: the checkpoint's recorded one (see `tokenizer.default_template`)."""
+        """`template` None: the checkpoint's recorded one (see `tokenizer.default_template`).
+
+        `batching`: 'continuous' (requests join and leave a running batch of `max_batch_size` slots
+        token by token, on a static KV cache of `slot_tokens` columns per slot; `compile` compiles
+        its step), 'micro' (queued requests form one `generate` batch that runs to its end), or
+        'auto' (continuous on CUDA, micro elsewhere). `slot_tokens` None: the prompt + output limits,
+        capped by the LLM's context and, on a GPU, by half its free memory; a request that does not
+        fit a slot runs alone. The slot cache is allocated here, once."""
+        if batching not in ("auto", "continuous", "micro"):
+            raise DataError(f"batching={batching!r} is not a mode; use auto, continuous or micro")
         if max_batch_size < 1:
             raise DataError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_wait_ms < 0:
@@ -429,13 +455,60 @@ class Engine:
         self.system = system
         context = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
         self.context_tokens: int | None = int(context) if context else None
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0, "tokens": 0, "cancelled": 0}
+        room = self.limits.max_prompt_tokens + self.limits.max_output_tokens
+        self.slot_tokens = slot_tokens or min(room, self.context_tokens or room)
+        if slot_tokens is None and batching != "micro" and model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(model.device)
+            fits = int(0.5 * free) // (max_batch_size * kv_bytes_per_token(model.llm))
+            self.slot_tokens = min(self.slot_tokens, fits)
+        if self.slot_tokens < 2:
+            raise DataError(f"slot_tokens={self.slot_tokens} must be >= 2")
+        self.compile = compile
+        self._decoder: SlotDecoder | None = None
+        if batching in ("auto", "continuous"):
+            batching = self._continuous_or_micro(batching, model)
+        self.batching = batching
+        self.stats = {
+            "requests": 0,
+            "batches": 0,
+            "largest_batch": 0,
+            "tokens": 0,
+            "cancelled": 0,
+            "steps": 0,
+            "warmup_s": 0.0,
+            "shifts": 0,
+            "waits": 0,
+        }
         self._ids = itertools.count()
         self._pending: collections.deque[Handle] = collections.deque()
         self._cv = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="llava-ultra-engine", daemon=True)
+        loop = self._loop_continuous if batching == "continuous" else self._loop
+        self._worker = threading.Thread(target=loop, name="llava-ultra-engine", daemon=True)
         self._worker.start()
+
+    def _continuous_or_micro(self, batching: str, model: UltraModel) -> str:
+        """Allocate the slot cache for continuous batching; 'auto' falls back to micro-batching off
+        CUDA, or (with a warning) when the cache cannot be allocated or would hold < 256 tokens a slot."""
+        if batching == "auto" and model.device.type != "cuda":
+            return "micro"
+        why = None
+        if batching == "auto" and self.slot_tokens < 256:
+            why = f"only {self.slot_tokens} tokens per slot fit in memory"
+        else:
+            try:
+                self._decoder = SlotDecoder(
+                    model.llm, self.max_batch_size, self.slot_tokens, compile=self.compile
+                )
+            except torch.OutOfMemoryError as exc:
+                why = f"its {self.max_batch_size} x {self.slot_tokens}-token KV cache does not fit ({exc})"
+        if why is None:
+            return "continuous"
+        message = f"continuous batching: {why}; lower max_batch_size or slot_tokens, or use batching='micro'"
+        if batching == "continuous":
+            raise DataError(message)
+        log.warning("%s; serving with micro-batching", message)
+        return "micro"
 
     @classmethod
     def from_checkpoint(
@@ -714,10 +787,7 @@ class Engine:
 
         def on_selection(selection: Selection) -> None:
             for b, handle in enumerate(batch):
-                k = len(handle.prepared.images)
-                if k:
-                    scores = selection.scores[b, :k].tolist() if selection.scores is not None else None
-                    handle.selection = SelectionInfo(k, list(selection.indices[b]), scores)
+                _set_selection(handle, selection, b)
 
         def on_token(b: int, token: int, ended: bool) -> bool:
             handle = batch[b]
@@ -746,3 +816,136 @@ class Engine:
             )
         for handle in batch:  # rows the loop ended without telling us (cancelled ones)
             handle.finish("length")
+
+    # ---------------------------------------------------------------------- continuous batching
+
+    def _take_joiners(self, free: int, live: bool) -> list[Handle] | None:
+        """Up to `free` queued requests (blocking only while nothing runs); None when closed and idle."""
+        with self._cv:
+            while not self._pending and not live and not self._closed:
+                self._cv.wait()
+            if self._closed:
+                for handle in self._pending:
+                    handle.fail(RequestError("the engine shut down", code="engine_closed", status=503))
+                self._pending.clear()
+                return None if not live else []
+            return [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+
+    def _loop_continuous(self) -> None:
+        """Requests join free slots between decode steps and leave as soon as they end. Each joiner is
+        prefilled alone (so its first token is one-at-a-time exact), then one step decodes a token for
+        every live slot (model/decode.py `SlotDecoder`)."""
+        eos = eos_ids(None, self.tokenizer, self.model.llm)
+        dec = self._decoder
+        assert dec is not None
+        rows: dict[int, tuple[Handle, int, torch.Generator | None]] = {}  # slot -> (handle, last token, rng)
+        while True:
+            joiners = self._take_joiners(self.max_batch_size - len(rows), bool(rows))
+            if joiners is None:
+                return
+            for n, handle in enumerate(joiners):
+                if handle.cancelled:
+                    continue
+                try:
+                    length = int(handle.prepared.inputs["input_ids"].shape[1])
+                    steps = handle.prepared.params.max_tokens - 1
+                    if not dec.fits(length, steps):  # longer than a slot: alone, on the dynamic cache
+                        self.stats["requests"] += 1
+                        self._run_isolated([handle])
+                        continue
+                    if not dec.room(length, steps):  # wait for live rows to finish
+                        with self._cv:
+                            self._pending.extendleft(reversed(joiners[n:]))
+                        break
+                    self.stats["requests"] += 1
+                    self._join(dec, rows, handle, steps, eos)
+                except Exception as exc:  # a bug in scheduling this request: it fails alone
+                    log.exception("request %d could not join the batch", handle.request_id)
+                    handle.fail(exc)
+            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+            for slot, (handle, _, _) in list(rows.items()):
+                if handle.cancelled or handle.finished:
+                    self._leave(dec, rows, slot)
+            if not rows:
+                continue
+            try:
+                with torch.inference_mode():
+                    logits = dec.step({slot: last for slot, (_, last, _) in rows.items()})
+            except Exception as exc:  # the shared step failed: every live row has started, so all fail
+                log.exception("decode step with %d live requests failed", len(rows))
+                for slot, (handle, _, _) in list(rows.items()):
+                    handle.fail(exc)
+                    self._leave(dec, rows, slot)
+                continue
+            self.stats["steps"] += 1
+            self.stats["warmup_s"] = dec.warmup_s
+            self.stats["shifts"], self.stats["waits"] = dec.shifts, dec.waits
+            for slot, (handle, _, rng) in list(rows.items()):
+                token = self._sample(handle, logits[slot : slot + 1], rng)
+                if self._feed(handle, token, eos):
+                    self._leave(dec, rows, slot)
+                else:
+                    rows[slot] = (handle, token, rng)
+
+    def _join(
+        self,
+        dec: SlotDecoder,
+        rows: dict[int, tuple[Handle, int, torch.Generator | None]],
+        handle: Handle,
+        steps: int,
+        eos: set[int],
+    ) -> None:
+        """Prefill one request, hand it its first token, and give it a slot if it goes on."""
+        self.stats["batches"] += 1
+        params = handle.prepared.params
+        try:
+            with torch.inference_mode():
+                logits, cache, selection, mask = model_prefill(self.model, handle.prepared.inputs)
+            _set_selection(handle, selection, 0)
+            rng = None
+            if params.seed is not None:
+                rng = torch.Generator(device=self.model.device).manual_seed(params.seed)
+            token = self._sample(handle, logits, rng)
+        except Exception as exc:  # this request alone breaks the model: it fails alone
+            log.exception("request %d failed in prefill", handle.request_id)
+            handle.fail(exc)
+            return
+        if self._feed(handle, token, eos):
+            return
+        slot = dec.free()
+        dec.admit(slot, cache, mask, steps)
+        rows[slot] = (handle, token, rng)
+
+    def _leave(self, dec: SlotDecoder, rows: dict, slot: int) -> None:
+        handle, _, _ = rows.pop(slot)
+        dec.release(slot)
+        if handle.cancelled and not handle.finished:
+            handle.finished = handle.dropped = True
+            self.stats["cancelled"] += 1
+
+    @staticmethod
+    def _sample(handle: Handle, logits: torch.Tensor, rng: torch.Generator | None) -> int:
+        """(1, V) fp32 logits -> this request's next token, by its own decoding rule."""
+        p = handle.prepared.params
+        return int(next_token(logits, not p.greedy, p.temperature or 1.0, p.top_p, rng)[0])
+
+    def _feed(self, handle: Handle, token: int, eos: set[int]) -> bool:
+        """Give a sampled token to its handle; True when the request is done."""
+        self.stats["tokens"] += 1
+        try:
+            done = handle.on_token(token, token in eos)
+        except Exception as exc:  # this row's bookkeeping failed: end it alone
+            log.exception("request %d failed while decoding", handle.request_id)
+            handle.fail(exc)
+            return True
+        if handle.dropped:
+            self.stats["cancelled"] += 1
+        return done
+
+
+def _set_selection(handle: Handle, selection: Selection, b: int) -> None:
+    """Record row `b` of a selection as `handle`'s chosen images (text-only requests: none)."""
+    k = len(handle.prepared.images)
+    if k:
+        scores = selection.scores[b, :k].tolist() if selection.scores is not None else None
+        handle.selection = SelectionInfo(k, list(selection.indices[b]), scores)

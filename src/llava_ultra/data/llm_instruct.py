@@ -3,7 +3,7 @@ plus extended answers for LoGra-Med; `llava-ultra instruct --generator llm`.
 
 What this file owns: the prompts (few-shot JSON files in `llm/prompts/`, zh and en, in the style
 of LLaVA-Med's instruction-generation prompts adapted to ultrasound reports), parsing and
-validating the LLM's JSON replies, and turning them into samples through `instruct.make_sample`,
+validating the LLM's JSON replies, and turning them into samples through `samples.make_sample`,
 so they have exactly the template generator's format.
 
 Per report: one request per task (`conversation`, `detailed_description`, `complex_reasoning`),
@@ -24,7 +24,7 @@ report. Medical wording is never rewritten: accepted text is kept as the LLM wro
 stray `<image>` tokens (make_sample places those).
 
 Variants: the LLM is asked never to name the site in questions; the `cue` variant prefixes the
-first question with a site cue (instruct.CUE_PREFIXES), the `nocue` variant uses the questions
+first question with a site cue (samples.CUE_PREFIXES), the `nocue` variant uses the questions
 as they are and is skipped (counted) when a question names the site anyway. Both variants share
 one LLM reply.
 
@@ -61,14 +61,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import ConfigError, DataError
-from ..eval.metrics import medical_terms
 from ..llm.batch import run_batch
 from ..llm.client import ChatClient, ClientConfig, LLMError, RequestRejected, parse_price
 from ..sites import FINDING_TYPES, SITES, site_name
+from ..vocab import PLACEHOLDER_TEXTS, medical_terms
 from .extend import MIN_EXTRA
-from .instruct import CUE_PREFIXES, cue_flags, find_measurements, make_sample
 from .reports import Report
-from .scrub import PLACEHOLDERS
+from .samples import CUE_PREFIXES, cue_flags, find_measurements, make_sample
 
 TASKS = ("conversation", "detailed_description", "complex_reasoning")
 SHORT = {"conversation": "conv", "detailed_description": "detail", "complex_reasoning": "complex"}
@@ -133,7 +132,6 @@ _SOURCE = {
         re.IGNORECASE,
     ),
 }
-_PLACEHOLDER_TEXTS = tuple(p for pair in PLACEHOLDERS.values() for p in pair)
 _GRADES = re.compile(r"\b(?:TI-?RADS|BI-?RADS|O-?RADS|LI-?RADS)\s*\d[a-c]?", re.IGNORECASE)
 
 
@@ -251,7 +249,7 @@ def turn_problem(question: str, answer: str, language: str, source: str) -> str 
         return "admits not seeing the image"
     if _SOURCE[language].search(both):
         return "talks about the report/caption"
-    if any(p in both for p in _PLACEHOLDER_TEXTS):
+    if any(p in both for p in PLACEHOLDER_TEXTS):
         return "carries a scrubbed placeholder"
     known = _norm_measure(source)
     for m in find_measurements(answer):

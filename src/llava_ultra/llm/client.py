@@ -56,8 +56,8 @@ from typing import Any, TextIO
 
 import httpx
 
-from ..data.scrub import scrub_text
 from ..errors import ConfigError, LlavaUltraError
+from ..scrub import scrub_text
 
 DEFAULT_KEY_ENVS = ("LLAVA_ULTRA_LLM_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUSES = frozenset({408, 409, 429})

@@ -144,39 +144,35 @@ def fitting_max_tokens(error: str) -> tuple[int | None, bool]:
 
 @dataclass
 class ClientConfig:
-    """Where and how to send chat requests.
-
-    Attributes:
-        base_url: endpoint root ending before `/chat/completions`, e.g. `https://api.openai.com/v1`,
-            `http://127.0.0.1:8000/v1`, `https://RES.openai.azure.com/openai/deployments/DEPLOYMENT`.
-        model: model name sent in every request and part of the cache key; pin a dated snapshot.
-        api_key_env: environment variables tried in order for the API key; none set = no auth
-            header (local servers).
-        api_version: Azure `api-version` query value; when set the key goes in an `api-key` header.
-        timeout: seconds per HTTP request (connect + read).
-        max_attempts: tries per request, the first one included (the SDK's max_retries + 1).
-        concurrency: most requests in flight at once.
-        cache: SQLite file for replies; None disables caching.
-        dry_run: print what would be sent, send nothing.
-        temperature: sampling temperature (0 for judging).
-        max_tokens: reply length cap sent with each request (None: the server's default).
-        json_mode: send `response_format: {"type": "json_object"}` (OpenAI, vLLM, SGLang).
-        price: (input, output) USD per 1M tokens; None looks the model up in `PRICES`.
-    """
+    """Where and how to send chat requests."""
 
     base_url: str
+    """Endpoint root ending before `/chat/completions`, e.g. `https://api.openai.com/v1`,
+    `http://127.0.0.1:8000/v1`, `https://RES.openai.azure.com/openai/deployments/DEPLOYMENT`."""
     model: str
+    """Model name sent in every request and part of the cache key; pin a dated snapshot."""
     api_key_env: tuple[str, ...] = DEFAULT_KEY_ENVS
+    """Environment variables tried in order for the API key; none set = no auth header (local servers)."""
     api_version: str | None = None
+    """Azure `api-version` query value; when set the key goes in an `api-key` header."""
     timeout: float = 60.0
+    """Seconds per HTTP request (connect + read)."""
     max_attempts: int = 5
+    """Tries per request, the first one included (the SDK's max_retries + 1)."""
     concurrency: int = 4
+    """Most requests in flight at once."""
     cache: Path | None = None
+    """SQLite file for replies; None disables caching."""
     dry_run: bool = False
+    """Print what would be sent, send nothing."""
     temperature: float = 0.0
+    """Sampling temperature (0 for judging)."""
     max_tokens: int | None = 1024
+    """Reply length cap sent with each request (None: the server's default)."""
     json_mode: bool = False
+    """Send `response_format: {"type": "json_object"}` (OpenAI, vLLM, SGLang)."""
     price: tuple[float, float] | None = None
+    """(input, output) USD per 1M tokens; None looks the model up in `PRICES`."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -196,6 +192,12 @@ class ClientConfig:
             )
         if self.cache is not None:
             self.cache = Path(self.cache)
+        if self.price is not None:
+            if len(self.price) != 2 or min(self.price) < 0:
+                raise ConfigError(
+                    f"price {self.price}: give USD per 1M input and output tokens, e.g. --price 0.15,0.60"
+                )
+            self.price = (float(self.price[0]), float(self.price[1]))
 
     def api_key(self) -> str | None:
         for name in self.api_key_env:

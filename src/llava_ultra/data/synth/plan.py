@@ -31,31 +31,28 @@ from .vocab import (
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to generate.
-
-    Attributes:
-        reports: number of reports (each gives one zh and one en record sharing its frames).
-        seed: non-negative random seed; the same config gives byte-identical files.
-        k_min: fewest frames per report (k is uniform in [k_min, k_max]).
-        k_max: most frames per report.
-        image_size: width and height of every frame in pixels.
-        hard: lower contrast, smaller findings and fewer valid frames per report.
-        train_frac: fraction of reports in the train split.
-        val_frac: fraction in val; test gets the rest.
-        contrast: scales the contrast of every finding (hard mode multiplies it by 0.5).
-        sites: examination sites to draw from (keys of `llava_ultra.sites.SITES`).
-    """
+    """What to generate."""
 
     reports: int = 1000
+    """Number of reports (each gives one zh and one en record sharing its frames)."""
     seed: int = 0
+    """Non-negative random seed; the same config gives byte-identical files."""
     k_min: int = 1
+    """Fewest frames per report (k is uniform in [k_min, k_max])."""
     k_max: int = 8
+    """Most frames per report."""
     image_size: int = 224
+    """Width and height of every frame in pixels."""
     hard: bool = False
+    """Lower contrast, smaller findings and fewer valid frames per report."""
     train_frac: float = 0.8
+    """Fraction of reports in the train split."""
     val_frac: float = 0.1
+    """Fraction in val; test gets the rest."""
     contrast: float = 1.0
+    """Scales the contrast of every finding (hard mode multiplies it by 0.5)."""
     sites: tuple[str, ...] = tuple(SITES)
+    """Examination sites to draw from (keys of `llava_ultra.sites.SITES`)."""
 
     def __post_init__(self) -> None:
         if self.reports < 1:

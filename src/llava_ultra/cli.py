@@ -19,10 +19,10 @@ from typing import Any
 
 import typer
 
-from .cli_args import HelpRequested, build, flat, parse_overrides, positional, render_help
+from .cli_args import HelpRequested, build, flat, positional, render_help
 from .errors import LlavaUltraError
 
-__all__ = ["COMMANDS", "app", "parse_overrides"]
+__all__ = ["COMMANDS", "app"]
 
 app = typer.Typer(
     name="llava-ultra",

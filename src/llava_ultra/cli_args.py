@@ -265,20 +265,6 @@ def _value(option: Option, words: list[str]) -> Any:
     return _scalar(words[0], option.type, where)
 
 
-def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
-
-
-def _has(tree: Mapping[str, Any], path: Sequence[str]) -> bool:
-    for part in path:
-        if not isinstance(tree, Mapping) or part not in tree:
-            return False
-        tree = tree[part]
-    return True
-
-
 def _check_training_key(key: str) -> None:
     """Raise ConfigError (closest valid key) unless `key` is a dotted field of the training Config."""
     from .config import apply_overrides
@@ -349,30 +335,6 @@ def split_args(args: Sequence[str], table: OptionTable, *, training: bool) -> Pa
         else:
             parsed.words[option.name] = [*parsed.words.get(option.name, []), raw]
     return parsed
-
-
-def parse_overrides(args: Sequence[str]) -> list[str]:
-    """`--a.b value`, `--a.b=value` and `a.b=value` -> ['a.b=value', ...] (training overrides)."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            key = arg[2:]
-            if "=" in key:
-                out.append(key)
-            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-                out.append(f"{key}={args[i + 1]}")
-                i += 1
-            else:
-                raise ConfigError(f"override {arg} has no value; write {arg} VALUE or {arg}=VALUE")
-        elif "=" in arg:
-            out.append(arg)
-        else:
-            raise ConfigError(
-                f"unexpected argument {arg!r}; overrides look like --train.lr 1e-4 or train.lr=1e-4"
-            )
-        i += 1
-    return out
 
 
 # ------------------------------------------------------------------------------------ building

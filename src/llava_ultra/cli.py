@@ -7,20 +7,19 @@ dataclasses, flattened or as dotted sections) and returns it with the function t
 validated instance; the syntax is the same for every command (see cli_args's docstring):
 `--name VALUE`, `--name=VALUE`, `name=VALUE`, `--section.field VALUE`, `--config FILE.yaml`.
 
-No logic lives here. A `LlavaUltraError` is printed as a one-line message and exits with status 2;
-any other exception is a bug and keeps its traceback.
+No logic lives here; registration, parsing and help are `cli_args`'s. A `LlavaUltraError` is
+printed as a one-line message and exits with status 2; any other exception is a bug and keeps its
+traceback.
 """
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from .cli_args import HelpRequested, build, flat, positional, render_help
-from .errors import LlavaUltraError
+from .cli_args import Commands, flat, positional
 
 __all__ = ["COMMANDS", "app"]
 
@@ -32,87 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Loader = Callable[[], tuple[type, Callable[[Any], None]]]
-
-
-@dataclass(frozen=True)
-class Command:
-    """A registered command: its loader and how its flags are read (see `cli_args.build`)."""
-
-    name: str
-    loader: Loader
-    aliases: dict[str, str] = field(default_factory=dict)
-    env: dict[str, str] = field(default_factory=dict)
-    defaults: dict[str, Any] = field(default_factory=dict)
-    training: str | None = None
-    """The option collecting training-config overrides (`--train.stage2.lr 1e-4`), if any."""
-
-    def options(self) -> type:
-        return self.loader()[0]
-
-    def help(self) -> str:
-        return render_help(
-            f"llava-ultra {self.name}",
-            self.loader.__doc__ or "",
-            self.options(),
-            aliases=self.aliases,
-            env=self.env,
-            defaults=self.defaults,
-            training=self.training,
-        )
-
-    def run(self, args: list[str]) -> None:
-        cls, run = self.loader()
-        try:
-            opts = build(
-                cls, args, aliases=self.aliases, env=self.env, defaults=self.defaults, training=self.training
-            )
-        except HelpRequested:
-            typer.echo(self.help(), nl=False)
-            return
-        run(opts)
-
-
-COMMANDS: dict[str, Command] = {}
-
-
-def command(
-    name: str | None = None,
-    *,
-    aliases: dict[str, str] | None = None,
-    env: dict[str, str] | None = None,
-    defaults: dict[str, Any] | None = None,
-    training: str | None = None,
-) -> Callable[[Loader], Loader]:
-    """Register a loader as `llava-ultra NAME`; its docstring is the command's help."""
-
-    def register(loader: Loader) -> Loader:
-        cmd = Command(
-            name or loader.__name__.removesuffix("_cmd").replace("_", "-"),
-            loader,
-            dict(aliases or {}),
-            dict(env or {}),
-            dict(defaults or {}),
-            training,
-        )
-        COMMANDS[cmd.name] = cmd
-
-        def callback(ctx: typer.Context) -> None:
-            try:
-                cmd.run(list(ctx.args))
-            except LlavaUltraError as exc:
-                typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-                sys.exit(2)
-
-        callback.__doc__ = loader.__doc__
-        app.command(
-            cmd.name,
-            add_help_option=False,
-            context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-        )(callback)
-        return loader
-
-    return register
+COMMANDS = Commands(app)
+command = COMMANDS.command
 
 
 def options(cls: type) -> type:

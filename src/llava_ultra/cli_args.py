@@ -42,14 +42,15 @@ import os
 import textwrap
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import typer
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, LlavaUltraError
 
 TRAINING_SECTIONS = ("model", "train", "data")
 _TRUE = {"true", "yes", "on", "1"}
@@ -532,3 +533,96 @@ def render_help(
         lines += ["", "  --config FILE", "      YAML with values for any option above; flags override it."]
     lines += ["  --help", "      Show this message and exit."]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------- commands
+
+Loader = Callable[[], tuple[type, Callable[[Any], None]]]
+"""A command: imports what it needs, returns (its options dataclass, the function running it)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A registered command: its loader and how its flags are read (see `build`)."""
+
+    name: str
+    loader: Loader
+    aliases: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    training: str | None = None
+    """The option collecting training-config overrides (`--train.stage2.lr 1e-4`), if any."""
+
+    def options(self) -> type:
+        return self.loader()[0]
+
+    def help(self) -> str:
+        return render_help(
+            f"llava-ultra {self.name}",
+            self.loader.__doc__ or "",
+            self.options(),
+            aliases=self.aliases,
+            env=self.env,
+            defaults=self.defaults,
+            training=self.training,
+        )
+
+    def run(self, args: list[str]) -> None:
+        cls, run = self.loader()
+        try:
+            opts = build(
+                cls, args, aliases=self.aliases, env=self.env, defaults=self.defaults, training=self.training
+            )
+        except HelpRequested:
+            typer.echo(self.help(), nl=False)
+            return
+        run(opts)
+
+
+class Commands(dict[str, Command]):
+    """The commands of a typer app by name; `command(...)` registers a loader as one.
+
+    Each is a typer command that hands its raw arguments to `build` (typer parses nothing but the
+    command name). A `LlavaUltraError` is printed as a one-line message and exits with status 2;
+    any other exception is a bug and keeps its traceback.
+    """
+
+    def __init__(self, app: typer.Typer) -> None:
+        super().__init__()
+        self.app = app
+
+    def command(
+        self,
+        name: str | None = None,
+        *,
+        aliases: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        defaults: dict[str, Any] | None = None,
+        training: str | None = None,
+    ) -> Callable[[Loader], Loader]:
+        """Register a loader as `llava-ultra NAME`; its docstring is the command's help."""
+
+        def register(loader: Loader) -> Loader:
+            cmd = Command(
+                name or loader.__name__.removesuffix("_cmd").replace("_", "-"),
+                loader,
+                dict(aliases or {}),
+                dict(env or {}),
+                dict(defaults or {}),
+                training,
+            )
+            self[cmd.name] = cmd
+
+            def callback(ctx: typer.Context) -> None:
+                try:
+                    cmd.run(list(ctx.args))
+                except LlavaUltraError as exc:
+                    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+                    raise typer.Exit(2) from None
+
+            callback.__doc__ = loader.__doc__
+            settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+            self.app.command(cmd.name, add_help_option=False, context_settings=settings)(callback)
+            return loader
+
+        return register

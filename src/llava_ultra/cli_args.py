@@ -314,18 +314,19 @@ def split_args(args: Sequence[str], table: OptionTable, *, training: bool) -> Pa
             base = table.find(key[3:])
             if base is not None and base.is_bool:
                 option, negated = base, True
-        needs_value = not (option is not None and option.is_bool)
-        if not eq and needs_value:
+        is_config = key == "config" and not own_config
+        is_training = option is None and training and _norm(key).split(".")[0] in TRAINING_SECTIONS
+        if option is None and not (is_config or is_training):
+            raise table.unknown(key)
+        if not eq and not (option is not None and option.is_bool):
             if i >= len(args) or (args[i].startswith("--") and len(args[i]) > 2):
                 raise ConfigError(f"option --{key} needs a value: write --{key} VALUE or --{key}=VALUE")
             raw, i = args[i], i + 1
-        if key == "config" and not own_config:
+        if is_config:
             parsed.config = Path(raw)
-        elif option is None and training and _norm(key).split(".")[0] in TRAINING_SECTIONS:
+        elif is_training:
             _check_training_key(_norm(key))
             parsed.training.append(f"{_norm(key)}={raw}")
-        elif option is None:
-            raise table.unknown(key)
         elif option.is_bool:
             if negated and eq:
                 raise ConfigError(f"--{key} takes no value; write --{key[3:]}={raw} instead")

@@ -13,7 +13,8 @@ from llava_ultra.data.extend import (
     sample_extended_caption,
     text_length,
 )
-from llava_ultra.data.instruct import TemplateGenerator, find_measurements
+from llava_ultra.data.instruct import TemplateGenerator
+from llava_ultra.data.samples import find_measurements
 from llava_ultra.data.synth import SynthConfig, plan_report, report_texts
 from llava_ultra.errors import DataError
 from llava_ultra.sites import FINDING_TYPES, SITES

@@ -12,19 +12,17 @@ from typer.testing import CliRunner
 
 from llava_ultra.cli import app
 from llava_ultra.data.instruct import (
-    IMAGE_TOKEN,
     TemplateGenerator,
     build_captions,
     build_eval,
     build_instructions,
-    check_sample,
-    find_measurements,
     image_root_of,
     make_generator,
     presence_facts,
     run_instruct,
 )
 from llava_ultra.data.reports import Report
+from llava_ultra.data.samples import IMAGE_TOKEN, check_sample, find_measurements
 from llava_ultra.errors import DataError
 from llava_ultra.sites import SITES
 

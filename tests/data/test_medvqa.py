@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_ultra.data.instruct import CLOSED, IMAGE_TOKEN, OPEN, check_sample, run_instruct
+from llava_ultra.data.instruct import CLOSED, OPEN, run_instruct
 from llava_ultra.data.medvqa import (
     OPENI_QUESTION,
     READERS,
@@ -26,6 +26,7 @@ from llava_ultra.data.medvqa import (
     to_eval_sample,
 )
 from llava_ultra.data.reports import Report, write_reports
+from llava_ultra.data.samples import IMAGE_TOKEN, check_sample
 from llava_ultra.errors import DataError
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -44,6 +45,25 @@ def _records(root: Path, lang: str) -> list[dict]:
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# Content hash (decoded pixels, report JSONL, config) of a small easy + hard dataset, recorded
+# before synth.py became a package. Any change to what a seed generates changes it: bump
+# SYNTH_VERSION and record the new hash only when the change is intended. Pixels rather than PNG
+# bytes, so a different zlib build cannot fail it.
+GOLDEN_SHA256 = "98c54fb1e9b1b11fa5aeedf9f9282e1d3e65e31748a879c9686dc3fdbf852e97"
+
+
+def test_generated_content_matches_the_golden_hash(tmp_path: Path) -> None:
+    digest = hashlib.sha256()
+    for hard in (False, True):
+        out = tmp_path / str(hard)
+        generate(out, SynthConfig(reports=12, seed=7, k_min=1, k_max=4, image_size=64, hard=hard))
+        for p in sorted(out.rglob("*")):
+            if p.is_file():
+                digest.update(p.relative_to(out).as_posix().encode())
+                digest.update(np.asarray(Image.open(p)).tobytes() if p.suffix == ".png" else p.read_bytes())
+    assert digest.hexdigest() == GOLDEN_SHA256
 
 
 def test_same_seed_gives_identical_bytes_for_any_worker_count(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """A scripted OpenAI-compatible endpoint on 127.0.0.1 for the LLM client, generator and judge tests.
 
-`ScriptedLLM` answers `POST /v1/chat/completions`, records every request it receives (path,
+`ScriptedLLM` answers `POST /v1/.../chat/completions` (Azure deployment paths too), records every request it receives (path,
 headers, query, JSON body) and replies according to a script: a queue of actions consumed one per
 request (an HTTP error status with headers, a delay longer than the client's timeout, a hold until
 the test releases it, or a fixed reply), falling back to a `responder(body) -> content` function.
@@ -86,7 +86,7 @@ class ScriptedLLM:
                 self.release.wait(30)
             if action.get("delay"):
                 threading.Event().wait(action["delay"])
-            if url.path != "/v1/chat/completions":
+            if not url.path.startswith("/v1/") or not url.path.endswith("/chat/completions"):
                 self._send(h, 404, {"error": {"message": f"no route {url.path}"}})
             elif self.max_tokens_limit is not None and (body.get("max_tokens") or 0) > self.max_tokens_limit:
                 message = (  # our server's wording (serve/engine.py)

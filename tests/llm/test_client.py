@@ -1,8 +1,11 @@
-"""Tests for the OpenAI-compatible client: retries, timeouts, cache, scrubbing, dry run, accounting."""
+"""Tests for the OpenAI-compatible client: retries, timeouts, cache, scrubbing, dry run, accounting.
+
+Retries and timeouts are the openai SDK's; these tests check their behaviour against a real local
+HTTP server (what is retried, how long the client waits, what is counted), not their internals.
+"""
 
 from __future__ import annotations
 
-import email.utils
 import io
 import threading
 import time
@@ -21,7 +24,6 @@ from llava_ultra.llm.client import (
     fitting_max_tokens,
     parse_price,
     price_for,
-    retry_after,
     scrub_messages,
 )
 
@@ -30,30 +32,37 @@ PLANTED = "患者张三，男，52岁，身份证号110101199003071234。Patient
 SECRETS = ("张三", "John Smith", "110101199003071234")
 
 
-def client(url: str, sleeps: list[float] | None = None, **kw) -> ChatClient:
-    cfg = ClientConfig(base_url=url, model="test-model", backoff_base=0.01, **kw)
-    recorder = sleeps.append if sleeps is not None else (lambda s: None)
-    return ChatClient(cfg, sleep=recorder)
+def client(url: str, **kw) -> ChatClient:
+    return ChatClient(ClientConfig(base_url=url, model="test-model", **kw))
 
 
 def test_429_then_success_honours_retry_after(llm_server):
-    llm_server.script.extend([{"status": 429, "headers": {"Retry-After": "2"}}, {"content": "fine"}])
-    sleeps: list[float] = []
-    with client(llm_server.url, sleeps) as c:
+    # Retry-After: 1 s, longer than the SDK's first backoff (at most 0.5 s): the wait shows which won
+    llm_server.script.extend([{"status": 429, "headers": {"Retry-After": "1"}}, {"content": "fine"}])
+    t0 = time.monotonic()
+    with client(llm_server.url) as c:
         result = c.chat(MSG)
-    assert result.content == "fine"
+    assert result.content == "fine" and time.monotonic() - t0 >= 1.0
     assert len(llm_server.requests) == 2
-    assert sleeps == [2.0]  # the server's Retry-After, not the 0.01 s backoff
     assert c.usage.retries == 1 and c.usage.sent == 1
 
 
-def test_500_then_success_backs_off_with_jitter(llm_server):
-    llm_server.script.extend([{"status": 500}, {"status": 502}, {"content": "fine"}])
-    sleeps: list[float] = []
-    with client(llm_server.url, sleeps) as c:
+def test_retry_after_ms_replaces_the_backoff(llm_server):
+    llm_server.script.extend([{"status": 503, "headers": {"retry-after-ms": "50"}}, {"content": "fine"}])
+    t0 = time.monotonic()
+    with client(llm_server.url) as c:
         assert c.chat(MSG).content == "fine"
-    assert len(llm_server.requests) == 3
-    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.01 and 0 <= sleeps[1] <= 0.02
+    assert time.monotonic() - t0 < 0.3  # 50 ms, not the SDK's 0.375-0.5 s first backoff
+    assert c.usage.retries == 1
+
+
+def test_500_then_success_backs_off(llm_server):
+    llm_server.script.extend([{"status": 500}, {"status": 502}, {"content": "fine"}])
+    t0 = time.monotonic()
+    with client(llm_server.url) as c:
+        assert c.chat(MSG).content == "fine"
+    assert len(llm_server.requests) == 3 and c.usage.retries == 2
+    assert time.monotonic() - t0 >= 0.375 + 0.75  # two exponential waits (0.5 s, 1 s, minus <= 25 % jitter)
 
 
 def test_timeout_then_success(llm_server):
@@ -80,11 +89,10 @@ def test_client_errors_are_not_retried(llm_server):
 
 
 def test_unreachable_endpoint_is_a_loud_error(dead_url):
-    sleeps: list[float] = []
-    with client(dead_url, sleeps, max_attempts=2) as c, pytest.raises(LLMError) as err:
+    with client(dead_url, max_attempts=2) as c, pytest.raises(LLMError, match="failed 2 time") as err:
         c.chat(MSG)
     assert dead_url in str(err.value) and "connection failed" in str(err.value)
-    assert len(sleeps) == 1
+    assert c.usage.retries == 1
 
 
 def test_cache_second_run_sends_nothing_and_ignores_base_url(llm_server, dead_url, tmp_path):
@@ -163,16 +171,31 @@ def test_dry_run_prints_scrubbed_request_and_sends_nothing(llm_server, monkeypat
 
 def test_auth_headers_bearer_and_azure(llm_server, monkeypatch):
     monkeypatch.setenv("MY_KEY", "k1")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("LLAVA_ULTRA_LLM_API_KEY", raising=False)
     with ChatClient(ClientConfig(base_url=llm_server.url, model="m", api_key_env="MY_KEY")) as c:
         c.chat(MSG)
-    with ChatClient(
-        ClientConfig(base_url=llm_server.url, model="m", api_key_env="MY_KEY", api_version="2024-10-21")
-    ) as c:
+    azure_cfg = {"api_key_env": "MY_KEY", "api_version": "2024-10-21"}
+    # Azure: a base URL naming the deployment is used as is; without one the model names it
+    with ChatClient(ClientConfig(base_url=f"{llm_server.url}/deployments/dep", model="m", **azure_cfg)) as c:
         c.chat(MSG)
-    plain, azure = llm_server.requests
-    assert plain["headers"]["Authorization"] == "Bearer k1" and "api-key" not in plain["headers"]
-    assert azure["headers"]["api-key"] == "k1" and "Authorization" not in azure["headers"]
-    assert azure["query"] == {"api-version": ["2024-10-21"]} and plain["query"] == {}
+        assert c.url == f"{llm_server.url}/deployments/dep/chat/completions"
+    with ChatClient(ClientConfig(base_url=llm_server.url, model="m", **azure_cfg)) as c:
+        c.chat(MSG)
+    with ChatClient(ClientConfig(base_url=llm_server.url, model="m")) as c:  # no key: no auth header
+        c.chat(MSG)
+    plain, azure, azure_model, keyless = llm_server.requests
+    headers = [{k.lower(): v for k, v in r["headers"].items()} for r in llm_server.requests]
+    assert headers[0]["authorization"] == "Bearer k1" and "api-key" not in headers[0]
+    assert plain["path"] == "/v1/chat/completions" and plain["query"] == {}
+    for request, h, path in (
+        (azure, headers[1], "/v1/deployments/dep"),
+        (azure_model, headers[2], "/v1/deployments/m"),
+    ):
+        assert h["api-key"] == "k1" and "authorization" not in h
+        assert request["query"] == {"api-version": ["2024-10-21"]}
+        assert request["path"] == path + "/chat/completions"
+    assert not {"authorization", "api-key"} & set(headers[3])
 
 
 def test_request_body_and_usage_accounting(llm_server):
@@ -200,14 +223,6 @@ def test_concurrency_limit(llm_server):
         for t in threads:
             t.join()
     assert len(llm_server.requests) == 6 and llm_server.max_inflight == 2
-
-
-def test_retry_after_forms():
-    assert retry_after({"retry-after": "3"}) == 3.0
-    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    date = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert 25 <= retry_after({"retry-after": date}) <= 31
-    assert retry_after({}) is None and retry_after({"retry-after": "soon"}) is None
 
 
 def test_prices_and_config_errors():
@@ -240,15 +255,14 @@ def test_cache_key_is_canonical_and_scrubbed():
 
 def test_a_400_about_the_request_is_a_request_rejection_not_a_retry(llm_server):
     llm_server.reject = lambda body: "the prompt is too long" if "long" in str(body["messages"]) else None
-    sleeps: list[float] = []
-    with client(llm_server.url, sleeps) as c:
+    with client(llm_server.url) as c:
         with pytest.raises(
             RequestRejected, match="refused the request \\(HTTP 400: .*the prompt is too long"
         ) as err:
             c.chat([{"role": "user", "content": "a long report"}])
         assert err.value.status == 400 and isinstance(err.value, LLMError)
         assert c.chat(MSG).content == "ok"  # the next request is unaffected
-    assert sleeps == [] and len(llm_server.requests) == 2
+    assert c.usage.retries == 0 and len(llm_server.requests) == 2
     llm_server.script.append({"status": 401})
     with client(llm_server.url) as c, pytest.raises(LLMError) as err:  # a setting: not per request
         c.chat(MSG)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from llava_ultra.cli import app
 from llava_ultra.data.extend import sample_extended_caption
-from llava_ultra.data.instruct import IMAGE_TOKEN, check_sample, make_generator
+from llava_ultra.data.instruct import make_generator
 from llava_ultra.data.llm_instruct import (
     DETAIL_QUESTIONS,
     TASKS,
@@ -24,6 +24,7 @@ from llava_ultra.data.llm_instruct import (
     task_turns,
     turn_problem,
 )
+from llava_ultra.data.samples import IMAGE_TOKEN, check_sample
 from llava_ultra.errors import ConfigError
 from llava_ultra.llm.client import estimate_tokens
 

@@ -8,19 +8,26 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from llava_ultra.cli import app, parse_overrides
+from llava_ultra.cli import COMMANDS, app
+from llava_ultra.cli_args import build
 from llava_ultra.config import to_dict
 from llava_ultra.errors import LlavaUltraError
 from tests.train.conftest import train_config
 
 
-def test_parse_overrides_accepts_three_spellings():
+def test_overrides_accept_three_spellings():
+    cmd = COMMANDS["train"]
+    cls, _ = cmd.loader()
+
+    def overrides(*args: str) -> list[str]:
+        return build(cls, ["--config", "c.yaml", *args], training=cmd.training).overrides
+
     args = ["--train.stage2.lr", "1e-4", "--train.seed=3", "data.num_workers=2"]
-    assert parse_overrides(args) == ["train.stage2.lr=1e-4", "train.seed=3", "data.num_workers=2"]
-    with pytest.raises(LlavaUltraError, match="has no value"):
-        parse_overrides(["--train.seed"])
+    assert overrides(*args) == ["train.stage2.lr=1e-4", "train.seed=3", "data.num_workers=2"]
+    with pytest.raises(LlavaUltraError, match="needs a value"):
+        overrides("--train.seed")
     with pytest.raises(LlavaUltraError, match="unexpected argument"):
-        parse_overrides(["oops"])
+        overrides("oops")
 
 
 def write(cfg, path: Path) -> Path:

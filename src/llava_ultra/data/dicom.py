@@ -60,7 +60,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from ..errors import ConfigError, DataError
 from ..sites import check_site
 from .deid_profile import action_for, simple_action
-from .pixels import Box, apply_plan, banner_height, blank_banner, plan_pixel_cleaning
+from .pixels import Box, apply_plan, banner_height, blank_banner, check_mask, plan_pixel_cleaning
 from .pseudonym import PseudonymKey, default_key_path
 from .reports import LANGUAGES
 
@@ -436,38 +436,39 @@ def deidentify_dataset(
 
 @dataclass(frozen=True)
 class IngestOptions:
-    """Settings of `ingest_dicom`.
-
-    Attributes:
-        site: examination site key for the report skeletons (one of `llava_ultra.sites.SITES`).
-        language: language the report text will be written in ('zh' or 'en').
-        banner_rows / banner_fraction: top band blanked when the file has no usable ultrasound
-            regions (at most one given; neither means 10% of the rows; 0 disables the band).
-        masks: extra pixel boxes (x0, y0, x1, y1, inclusive) blanked in every frame.
-        detect_text: blank burned-in text found by the detector (files without usable regions).
-        allow_burned_in: accept Burned In Annotation = YES files without regions or a mask.
-        every: keep every N-th frame of a cine loop.
-        max_frames: keep at most this many frames per file (after `every`).
-        write_dicom: also write de-identified DICOM copies holding the written frames.
-        key_file: pseudonym key file (created on first use); None: `pseudonym.default_key_path()`.
-        retain_dates: PS3.15 option Retain Longitudinal Temporal Information with Full Dates.
-    """
+    """Settings of `ingest_dicom`."""
 
     site: str
+    """Examination site key for the report skeletons (one of `llava_ultra.sites.SITES`)."""
     language: str = "zh"
+    """Language the report text will be written in ('zh' or 'en')."""
     banner_rows: int | None = None
+    """Files without usable ultrasound regions: blank this many top rows (0 disables; give this or
+    banner_fraction, not both)."""
     banner_fraction: float | None = None
+    """Files without usable ultrasound regions: blank this top fraction of the rows (neither given:
+    0.1)."""
     masks: tuple[Box, ...] = ()
+    """Extra pixel boxes x0,y0,x1,y1 (inclusive) blanked in every frame (--mask, repeatable)."""
     detect_text: bool = True
+    """Blank burned-in text found by the detector (files without usable regions)."""
     allow_burned_in: bool = False
+    """Accept Burned In Annotation = YES files without regions or a mask."""
     every: int = 1
+    """Keep every N-th frame of a cine loop."""
     max_frames: int | None = None
+    """Keep at most this many frames per file (after `every`)."""
     write_dicom: bool = False
+    """Also write de-identified DICOM copies holding the written frames."""
     key_file: str | None = None
+    """Pseudonym key file (created on first use); None: `pseudonym.default_key_path()`."""
     retain_dates: bool = False
+    """PS3.15 option Retain Longitudinal Temporal Information with Full Dates."""
 
     def __post_init__(self) -> None:
         check_site(self.site)
+        for box in self.masks:
+            check_mask(box)
         if self.language not in LANGUAGES:
             raise ConfigError(f"language {self.language!r} is not supported; use 'zh' or 'en'")
         banner_height(1000, self.banner_rows, self.banner_fraction)  # validates the pair

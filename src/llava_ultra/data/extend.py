@@ -26,8 +26,8 @@ from typing import Any
 
 from ..errors import DataError
 from ..sites import FINDING_TYPES, SITES, check_site
-from .instruct import find_measurements
 from .reports import LANGUAGES, Report
+from .samples import find_measurements
 
 MIN_EXTRA = {"zh": 24, "en": 16}
 """Length every answer may grow by whatever its own length (characters for zh, words for en)."""

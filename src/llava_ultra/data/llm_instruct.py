@@ -3,7 +3,7 @@ plus extended answers for LoGra-Med; `llava-ultra instruct --generator llm`.
 
 What this file owns: the prompts (few-shot JSON files in `llm/prompts/`, zh and en, in the style
 of LLaVA-Med's instruction-generation prompts adapted to ultrasound reports), parsing and
-validating the LLM's JSON replies, and turning them into samples through `instruct.make_sample`,
+validating the LLM's JSON replies, and turning them into samples through `samples.make_sample`,
 so they have exactly the template generator's format.
 
 Per report: one request per task (`conversation`, `detailed_description`, `complex_reasoning`),
@@ -24,7 +24,7 @@ report. Medical wording is never rewritten: accepted text is kept as the LLM wro
 stray `<image>` tokens (make_sample places those).
 
 Variants: the LLM is asked never to name the site in questions; the `cue` variant prefixes the
-first question with a site cue (instruct.CUE_PREFIXES), the `nocue` variant uses the questions
+first question with a site cue (samples.CUE_PREFIXES), the `nocue` variant uses the questions
 as they are and is skipped (counted) when a question names the site anyway. Both variants share
 one LLM reply.
 
@@ -56,19 +56,19 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import ConfigError, DataError
-from ..eval.metrics import medical_terms
 from ..llm.batch import run_batch
 from ..llm.client import ChatClient, ClientConfig, LLMError, RequestRejected, parse_price
 from ..sites import FINDING_TYPES, SITES, site_name
+from ..vocab import PLACEHOLDER_TEXTS, medical_terms
 from .extend import MIN_EXTRA
-from .instruct import CUE_PREFIXES, cue_flags, find_measurements, make_sample
 from .reports import Report
-from .scrub import PLACEHOLDERS
+from .samples import CUE_PREFIXES, cue_flags, find_measurements, make_sample
 
 TASKS = ("conversation", "detailed_description", "complex_reasoning")
 SHORT = {"conversation": "conv", "detailed_description": "detail", "complex_reasoning": "complex"}
@@ -133,7 +133,6 @@ _SOURCE = {
         re.IGNORECASE,
     ),
 }
-_PLACEHOLDER_TEXTS = tuple(p for pair in PLACEHOLDERS.values() for p in pair)
 _GRADES = re.compile(r"\b(?:TI-?RADS|BI-?RADS|O-?RADS|LI-?RADS)\s*\d[a-c]?", re.IGNORECASE)
 
 
@@ -251,7 +250,7 @@ def turn_problem(question: str, answer: str, language: str, source: str) -> str 
         return "admits not seeing the image"
     if _SOURCE[language].search(both):
         return "talks about the report/caption"
-    if any(p in both for p in _PLACEHOLDER_TEXTS):
+    if any(p in both for p in PLACEHOLDER_TEXTS):
         return "carries a scrubbed placeholder"
     known = _norm_measure(source)
     for m in find_measurements(answer):
@@ -349,36 +348,70 @@ def names_site(text: str, report: Report) -> bool:
 # ------------------------------------------------------------------------------- generator
 
 
-def cli_options(
-    out: Path,
-    *,
-    base_url: str | None,
-    model: str | None,
-    tasks: str,
-    cache: Path | None,
-    no_cache: bool,
-    journal: Path | None,
-    price: str | None,
-    **options: Any,
-) -> dict[str, Any]:
-    """`llava-ultra instruct --generator llm --llm-*` flags -> LLMGenerator keyword arguments.
+@dataclass
+class LLMInstructOptions:
+    """Settings of `llava-ultra instruct --generator llm` (the `--llm.*` options)."""
 
-    The reply cache and the resume journal default to files in the output folder.
-    """
-    if not base_url or not model:
-        raise ConfigError(
-            "--generator llm needs --llm-base-url and --llm-model (or LLAVA_ULTRA_LLM_BASE_URL and "
-            "LLAVA_ULTRA_LLM_MODEL), e.g. --llm-base-url https://api.openai.com/v1 --llm-model gpt-4o-mini-2024-07-18"
-        )
-    return {
-        "base_url": base_url,
-        "model": model,
-        "tasks": tuple(t.strip() for t in tasks.split(",") if t.strip()),
-        "cache": None if no_cache else (cache or Path(out) / "llm_cache.sqlite3"),
-        "journal": journal or Path(out) / "llm_journal.jsonl",
-        "price": parse_price(price),
-        **options,
-    }
+    base_url: str | None = None
+    """Endpoint, e.g. http://127.0.0.1:8000/v1."""
+    model: str | None = None
+    """Model name (pin a dated snapshot)."""
+    tasks: tuple[str, ...] = TASKS
+    """Tasks to request: conversation, detailed_description, complex_reasoning (comma list)."""
+    extended: bool = True
+    """Also write extended_answers (LoGra-Med extended captions)."""
+    api_key_env: str = "LLAVA_ULTRA_LLM_API_KEY,OPENAI_API_KEY"
+    """Env variables holding the API key, tried in order."""
+    api_version: str | None = None
+    """Azure OpenAI api-version."""
+    concurrency: int = 4
+    """Requests in flight."""
+    temperature: float = 0.7
+    """Sampling temperature."""
+    max_tokens: int = 1500
+    """Longest reply; sized down by the client when the endpoint says it does not fit."""
+    timeout: float = 120.0
+    """Seconds per request."""
+    max_attempts: int = 5
+    """Tries per request."""
+    json_mode: bool = False
+    """Send response_format json_object."""
+    cache: Path | None = None
+    """Reply cache (default OUT/llm_cache.sqlite3)."""
+    no_cache: bool = False
+    """Do not read or write the reply cache."""
+    journal: Path | None = None
+    """Resume journal (default OUT/llm_journal.jsonl)."""
+    dry_run: bool = False
+    """Print the requests, send nothing."""
+    price: str | None = None
+    """'IN,OUT' USD per 1M tokens (default: built-in table)."""
+
+    def generator_options(self, out: Path) -> dict[str, Any]:
+        """`LLMGenerator` keyword arguments; the reply cache and the journal default to files in `out`."""
+        if not self.base_url or not self.model:
+            raise ConfigError(
+                "--generator llm needs --llm-base-url and --llm-model (or LLAVA_ULTRA_LLM_BASE_URL and "
+                "LLAVA_ULTRA_LLM_MODEL), e.g. --llm-base-url https://api.openai.com/v1 --llm-model gpt-4o-mini-2024-07-18"
+            )
+        return {
+            "base_url": self.base_url,
+            "model": self.model,
+            "tasks": tuple(self.tasks),
+            "extended": self.extended,
+            "api_key_env": self.api_key_env,
+            "api_version": self.api_version,
+            "concurrency": self.concurrency,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "timeout": self.timeout,
+            "max_attempts": self.max_attempts,
+            "json_mode": self.json_mode,
+            "cache": None if self.no_cache else (self.cache or Path(out) / "llm_cache.sqlite3"),
+            "journal": self.journal or Path(out) / "llm_journal.jsonl",
+            "dry_run": self.dry_run,
+            "price": parse_price(self.price),
+        }
 
 
 class LLMGenerator:
@@ -404,7 +437,6 @@ class LLMGenerator:
         api_version: str | None = None,
         timeout: float = 120.0,
         max_attempts: int = 5,
-        backoff_base: float = 1.0,
         json_mode: bool = False,
         price: tuple[float, float] | None = None,
         out: TextIO | None = None,
@@ -424,7 +456,6 @@ class LLMGenerator:
             api_version=api_version,
             timeout=timeout,
             max_attempts=max_attempts,
-            backoff_base=backoff_base,
             concurrency=concurrency,
             cache=Path(cache) if cache else None,
             dry_run=dry_run,

@@ -46,20 +46,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from ..errors import DataError
-from .instruct import (
-    CLOSED,
-    IMAGE_TOKEN,
-    OPEN,
-    BadItem,
-    build_eval,
-    check_sample,
-    cue_flags,
-    image_prompt,
-    image_root_of,
-    report_rng,
-    split_of,
-)
+from .instruct import CLOSED, OPEN, BadItem, build_eval, image_root_of, report_rng, split_of
 from .reports import read_reports, read_reports_lenient, report_files, resolve_image
+from .samples import IMAGE_TOKEN, check_sample, cue_flags, image_prompt
 
 LANGUAGES = ("zh", "en")
 LANGUAGE_CHOICES = ("zh", "en", "all")
@@ -806,7 +795,7 @@ def to_eval_sample(sample: VQASample, image_root: str | os.PathLike[str] | None 
 
     Image paths are made relative to `image_root` when given, else absolute. `site`,
     `site_cue`, `findings` and `valid` come from meta (None, None, '', None for public sets);
-    other meta keys are kept under 'meta'. The result passes `instruct.check_sample`.
+    other meta keys are kept under 'meta'. The result passes `samples.check_sample`.
     """
     paths = [str(p) for p in sample.image_paths()]
     if image_root is not None:

@@ -30,6 +30,7 @@ regions nor a user mask is refused (the caller turns it into a per-file error) u
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,9 +50,17 @@ Box = tuple[int, int, int, int]  # x0, y0, x1, y1, inclusive pixel coordinates
 
 def parse_mask(text: str) -> Box:
     """'x0,y0,x1,y1' (inclusive pixel box) -> a tuple; ConfigError naming the format otherwise."""
+    return check_mask(tuple(v.strip() for v in text.split(",")))
+
+
+def check_mask(box: Sequence[Any]) -> Box:
+    """A pixel box (x0, y0, x1, y1, inclusive; integers or their text) checked and as ints."""
+    text = ",".join(str(v) for v in box)
     try:
-        x0, y0, x1, y1 = (int(v) for v in text.split(","))
-    except ValueError:
+        if len(box) != 4 or any(isinstance(v, bool | float) for v in box):
+            raise ValueError
+        x0, y0, x1, y1 = (int(v) for v in box)
+    except (TypeError, ValueError):
         raise ConfigError(
             f"mask {text!r} is not x0,y0,x1,y1; give four integers, e.g. --mask 0,0,799,59"
         ) from None

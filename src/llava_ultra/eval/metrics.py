@@ -47,12 +47,12 @@ import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from importlib import resources
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..vocab import medical_terms
 
 MODES = ("llava-med", "strict")
 TOKENIZERS = ("whitespace", "jieba", "char")
@@ -240,21 +240,6 @@ def _jieba_tokenizer() -> Any:
     finally:
         jieba.default_logger.setLevel(previous)
     return tk
-
-
-@functools.cache
-def medical_terms() -> tuple[tuple[str, int | None, str | None], ...]:
-    """(word, freq, tag) rows of `resources/medical_dict.txt` (jieba user-dictionary format)."""
-    text = resources.files("llava_ultra").joinpath("resources/medical_dict.txt").read_text("utf-8")
-    rows = []
-    for line in text.splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        freq = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
-        tag = parts[-1] if len(parts) > 1 and not parts[-1].isdigit() else None
-        rows.append((parts[0], freq, tag))
-    return tuple(rows)
 
 
 @functools.lru_cache(maxsize=_CACHE)

@@ -40,8 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data.instruct import ANSWERS, PRESENCE_TERMS, QUESTIONS, check_sample, image_prompt, image_root_of
+from ..data.instruct import ANSWERS, PRESENCE_TERMS, QUESTIONS, image_root_of
 from ..data.reports import Report, read_reports
+from ..data.samples import check_sample, image_prompt
 from ..errors import ConfigError, DataError
 from . import metrics
 from .findings import ANY, Vocabulary, default_vocabulary, extract_findings, truth_facts

@@ -4,19 +4,23 @@ What this file owns: turning chat messages into one HTTP request and a `ChatResu
 everything a reproducible, cheap and safe batch needs around that one request.
 
 Notable choices:
-- One send path. `ChatClient.chat` scrubs every message text with `data.scrub.scrub_text`, and
-  the request body, the cache key, the dry-run printout and the bytes on the wire are all built
-  from that scrubbed copy; nothing else in the package builds a request. Non-text content parts
-  (images) are refused: only text leaves the machine.
-- httpx directly (the `openai` package's own transport), so the exact body is known, Azure's
-  `api-version` query and `api-key` header are two lines, and retries are ours alone.
-- Retries: 429, 408, 409 and 5xx replies, timeouts and connection errors are retried with full-
-  jitter exponential backoff (`uniform(0, min(backoff_max, backoff_base * 2**n))`); a
-  `Retry-After` / `retry-after-ms` header replaces the backoff (capped at backoff_max). Other
-  4xx replies fail at once. Every failure that ends a request raises `LLMError` naming the URL:
-  an unreachable or misconfigured endpoint stops a batch loudly instead of being counted as bad
-  items. A 400 / 413 / 422 reply is about this one request (too long, filtered, malformed) and
-  raises its subclass `RequestRejected`, which batch callers may record as a failed item.
+- One send path. `ChatClient.chat` scrubs every message text with `llava_ultra.scrub.scrub_text`,
+  and the request body, the cache key, the dry-run printout and the body on the wire are all
+  built from that scrubbed copy; nothing else in the package builds a request. Non-text content
+  parts (images) are refused: only text leaves the machine.
+- Transport, retries, timeouts and Azure come from the official `openai` SDK
+  (`chat.completions.with_raw_response.create`, so the reply's exact JSON is what the cache
+  stores): `max_retries = max_attempts - 1`; the SDK retries 408, 409, 429 and 5xx replies,
+  timeouts and connection errors with exponential backoff and jitter (0.5 s doubling up to 8 s),
+  and a `Retry-After` / `retry-after-ms` header of up to 2 minutes replaces the backoff. Other
+  4xx replies fail at once. With `api_version` the client is `openai.AzureOpenAI` (`api-key`
+  header, `api-version` query; a base URL without `/deployments/NAME` gets `/deployments/MODEL`
+  added). Without an API key the auth header is omitted (local servers). Attempts are counted
+  with an httpx request hook, so `Usage.retries` is exact.
+- Every failure that ends a request raises `LLMError` naming the URL: an unreachable or
+  misconfigured endpoint stops a batch loudly instead of being counted as bad items. A 400 / 413 /
+  422 reply is about this one request (too long, filtered, malformed) and raises its subclass
+  `RequestRejected`, which batch callers may record as a failed item.
 - Reply length sized to the endpoint: when a 400 / 422 reply says `max_tokens` does not fit (our
   own server, vLLM, SGLang and OpenAI all say how much does), the request is re-sent once or twice
   with the largest `max_tokens` that fits, and a server-wide cap is remembered for later requests.
@@ -38,29 +42,28 @@ Notable choices:
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
 import json
 import os
-import random
 import re
 import sqlite3
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
+import openai
 
-from ..data.scrub import scrub_text
 from ..errors import ConfigError, LlavaUltraError
+from ..scrub import scrub_text
 
 DEFAULT_KEY_ENVS = ("LLAVA_ULTRA_LLM_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUSES = frozenset({408, 409, 429})
+"""Statuses the SDK retries (with every 5xx); after its last try they end in "failed N time(s)"."""
 # USD per 1M (input, output) tokens: public list prices (mid 2025); check your provider's page.
 # Matched by the longest prefix of the model name, so dated snapshots inherit their family's price.
 PRICES: dict[str, tuple[float, float]] = {
@@ -141,43 +144,35 @@ def fitting_max_tokens(error: str) -> tuple[int | None, bool]:
 
 @dataclass
 class ClientConfig:
-    """Where and how to send chat requests.
-
-    Attributes:
-        base_url: endpoint root ending before `/chat/completions`, e.g. `https://api.openai.com/v1`,
-            `http://127.0.0.1:8000/v1`, `https://RES.openai.azure.com/openai/deployments/DEPLOYMENT`.
-        model: model name sent in every request and part of the cache key; pin a dated snapshot.
-        api_key_env: environment variables tried in order for the API key; none set = no auth
-            header (local servers).
-        api_version: Azure `api-version` query value; when set the key goes in an `api-key` header.
-        timeout: seconds per HTTP request (connect + read).
-        max_attempts: tries per request, the first one included.
-        backoff_base: seconds; the n-th retry waits up to backoff_base * 2**n (full jitter).
-        backoff_max: longest wait between tries, Retry-After included.
-        concurrency: most requests in flight at once.
-        cache: SQLite file for replies; None disables caching.
-        dry_run: print what would be sent, send nothing.
-        temperature: sampling temperature (0 for judging).
-        max_tokens: reply length cap sent with each request (None: the server's default).
-        json_mode: send `response_format: {"type": "json_object"}` (OpenAI, vLLM, SGLang).
-        price: (input, output) USD per 1M tokens; None looks the model up in `PRICES`.
-    """
+    """Where and how to send chat requests."""
 
     base_url: str
+    """Endpoint root ending before `/chat/completions`, e.g. `https://api.openai.com/v1`,
+    `http://127.0.0.1:8000/v1`, `https://RES.openai.azure.com/openai/deployments/DEPLOYMENT`."""
     model: str
+    """Model name sent in every request and part of the cache key; pin a dated snapshot."""
     api_key_env: tuple[str, ...] = DEFAULT_KEY_ENVS
+    """Environment variables tried in order for the API key; none set = no auth header (local servers)."""
     api_version: str | None = None
+    """Azure `api-version` query value; when set the key goes in an `api-key` header."""
     timeout: float = 60.0
+    """Seconds per HTTP request (connect + read)."""
     max_attempts: int = 5
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
+    """Tries per request, the first one included (the SDK's max_retries + 1)."""
     concurrency: int = 4
+    """Most requests in flight at once."""
     cache: Path | None = None
+    """SQLite file for replies; None disables caching."""
     dry_run: bool = False
+    """Print what would be sent, send nothing."""
     temperature: float = 0.0
+    """Sampling temperature (0 for judging)."""
     max_tokens: int | None = 1024
+    """Reply length cap sent with each request (None: the server's default)."""
     json_mode: bool = False
+    """Send `response_format: {"type": "json_object"}` (OpenAI, vLLM, SGLang)."""
     price: tuple[float, float] | None = None
+    """(input, output) USD per 1M tokens; None looks the model up in `PRICES`."""
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -191,20 +186,18 @@ class ClientConfig:
             self.api_key_env = tuple(n.strip() for n in self.api_key_env.split(",") if n.strip())
         if self.timeout <= 0:
             raise ConfigError(f"LLM timeout must be positive seconds, got {self.timeout}")
-        if self.backoff_base < 0 or self.backoff_max < 0:
-            raise ConfigError(
-                f"LLM backoff_base ({self.backoff_base}) and backoff_max ({self.backoff_max}) must be >= 0"
-            )
         if self.max_attempts < 1 or self.concurrency < 1:
             raise ConfigError(
                 f"LLM max_attempts ({self.max_attempts}) and concurrency ({self.concurrency}) must be >= 1"
             )
         if self.cache is not None:
             self.cache = Path(self.cache)
-
-    @property
-    def url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
+        if self.price is not None:
+            if len(self.price) != 2 or min(self.price) < 0:
+                raise ConfigError(
+                    f"price {self.price}: give USD per 1M input and output tokens, e.g. --price 0.15,0.60"
+                )
+            self.price = (float(self.price[0]), float(self.price[1]))
 
     def api_key(self) -> str | None:
         for name in self.api_key_env:
@@ -446,43 +439,20 @@ class ChatResult:
 # ---------------------------------------------------------------------------------- client
 
 
-def retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds asked for by `retry-after-ms` or `Retry-After` (seconds or an HTTP date), else None."""
-    if headers.get("retry-after-ms"):
-        try:
-            return max(0.0, float(headers["retry-after-ms"]) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+class _Attempts(threading.local):
+    """HTTP requests sent by the current thread's `chat` call (an httpx request hook counts them)."""
+
+    n = 0
 
 
 class ChatClient:
-    """Chat completions with scrubbing, retries, caching, a concurrency cap and accounting."""
+    """Chat completions with scrubbing, caching, a concurrency cap and accounting, sent through the
+    `openai` SDK (which owns retries, timeouts and Azure)."""
 
-    def __init__(
-        self,
-        config: ClientConfig,
-        *,
-        out: TextIO | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        rng: random.Random | None = None,
-    ) -> None:
+    def __init__(self, config: ClientConfig, *, out: TextIO | None = None) -> None:
         self.config = config
         self.usage = Usage()
         self.out = out if out is not None else sys.stdout
-        self._sleep = sleep
-        self._rng = rng or random.Random()
         self._slots = threading.Semaphore(config.concurrency)
         self._print_lock = threading.Lock()
         self._cache: ReplyCache | None = None
@@ -492,7 +462,27 @@ class ChatClient:
             self._cache = ReplyCache(config.cache, read_only=True)
         self._max_tokens_cap: int | None = None
         """A reply-length limit the endpoint stated for every request (learned from a 4xx)."""
-        self._http = httpx.Client(timeout=httpx.Timeout(config.timeout))
+        self._attempts = _Attempts()
+        self._key = config.api_key()
+        self._sdk = self._make_sdk()
+
+    def _make_sdk(self) -> openai.OpenAI:
+        """The SDK client; no network until the first request (a dry run never sends one)."""
+
+        def count(_request: Any) -> None:
+            self._attempts.n += 1
+
+        common: dict[str, Any] = {
+            "base_url": self.config.base_url,
+            # The SDK insists on a key; without one the auth header is omitted per request.
+            "api_key": self._key or "no-key",
+            "timeout": self.config.timeout,
+            "max_retries": self.config.max_attempts - 1,
+            "http_client": openai.DefaultHttpxClient(event_hooks={"request": [count]}),
+        }
+        if self.config.api_version:
+            return openai.AzureOpenAI(api_version=self.config.api_version, **common)
+        return openai.OpenAI(**common)
 
     def __enter__(self) -> ChatClient:
         return self
@@ -501,7 +491,16 @@ class ChatClient:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        self._sdk.close()
+
+    @property
+    def url(self) -> str:
+        """Where requests go: the base URL's /chat/completions (Azure: under /deployments/MODEL
+        unless the base URL names a deployment), as the SDK builds it."""
+        base = self.config.base_url.rstrip("/")
+        if self.config.api_version and "/deployments" not in base:
+            base += f"/deployments/{self.config.model}"
+        return base + "/chat/completions"
 
     @property
     def price(self) -> tuple[float, float] | None:
@@ -565,9 +564,7 @@ class ChatClient:
                     cached_prompt_tokens=usage.get("prompt_tokens", 0),
                     cached_completion_tokens=usage.get("completion_tokens", 0),
                 )
-                return ChatResult(
-                    _content_of(hit, self.config.url), key, hit.get("model"), usage, cached=True
-                )
+                return ChatResult(_content_of(hit, self.url), key, hit.get("model"), usage, cached=True)
         if self.config.dry_run:
             self._print_request(body)
             limit = body.get("max_tokens")
@@ -581,7 +578,7 @@ class ChatClient:
         with self._slots:
             reply = self._send(body)
         usage = _usage_of(reply)
-        content = _content_of(reply, self.config.url)
+        content = _content_of(reply, self.url)
         self.usage.add(
             sent=1,
             prompt_tokens=usage.get("prompt_tokens", 0),
@@ -592,94 +589,82 @@ class ChatClient:
             self._cache.put(key, self.config.model, body, reply)
         return ChatResult(content, key, reply.get("model"), usage)
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = self.config.api_key()
-        if key:
-            if self.config.api_version:
-                headers["api-key"] = key
-            else:
-                headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _query(self) -> dict[str, str]:
-        return {"api-version": self.config.api_version} if self.config.api_version else {}
+    def _auth_header(self) -> str:
+        return "api-key" if self.config.api_version else "Authorization"
 
     def _print_request(self, body: Mapping[str, Any]) -> None:
-        query = "".join(f"?{k}={v}" for k, v in self._query().items())
-        headers = {k: ("***" if k in ("Authorization", "api-key") else v) for k, v in self._headers().items()}
+        query = f"?api-version={self.config.api_version}" if self.config.api_version else ""
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers[self._auth_header()] = "***"
         text = json.dumps(body, ensure_ascii=False, indent=2)
         with self._print_lock:
-            print(f"--- dry run: POST {self.config.url}{query}", file=self.out)
+            print(f"--- dry run: POST {self.url}{query}", file=self.out)
             print(f"headers: {json.dumps(headers)}", file=self.out)
             print(text, file=self.out, flush=True)
 
+    def _post(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """One SDK call (its own retries included); the single network call site."""
+        omit = {} if self._key else {self._auth_header(): openai.Omit()}
+        raw = self._sdk.chat.completions.with_raw_response.create(**body, extra_headers=omit)
+        try:
+            payload = raw.http_response.json()
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise LLMError(
+                f"{self.url} answered HTTP 200 with a body that is not a JSON object: "
+                f"{raw.http_response.text[:200]!r}; is this an OpenAI-compatible /chat/completions endpoint?"
+            )
+        return payload
+
     def _send(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """POST `body` (already scrubbed) with retries; the single network call site."""
-        url = self.config.url
+        """POST `body` (already scrubbed); sizes max_tokens down to what the endpoint accepts."""
         body = dict(body)
         cap = self._max_tokens_cap
         if cap is not None and body.get("max_tokens") is not None and body["max_tokens"] > cap:
             body["max_tokens"] = cap
             self.usage.add(resized=1)
-        resizes = 0
-        last = ""
-        attempt = 0
-        while attempt < self.config.max_attempts:
-            attempt += 1
-            wait: float | None = None
+        for resizes in range(3):
+            self._attempts.n = 0
             try:
-                response = self._http.post(url, json=body, headers=self._headers(), params=self._query())
-            except httpx.TimeoutException as exc:
-                last = f"timed out after {self.config.timeout}s ({type(exc).__name__})"
-            except httpx.TransportError as exc:
-                last = f"connection failed ({type(exc).__name__}: {exc})"
-            else:
-                if response.status_code == 200:
-                    try:
-                        payload = response.json()
-                    except ValueError:
-                        last = f"HTTP 200 with a body that is not JSON: {response.text[:200]!r}"
-                    else:
-                        if isinstance(payload, dict):
-                            return payload
-                        last = f"HTTP 200 with a JSON body that is not an object: {response.text[:200]!r}"
-                    raise LLMError(
-                        f"{url} answered {last}; is this an OpenAI-compatible /chat/completions endpoint?"
-                    )
-                last = f"HTTP {response.status_code}: {response.text[:300]}"
-                status = response.status_code
+                return self._post(body)
+            except openai.APIStatusError as exc:
+                status, message = exc.status_code, _error_message(exc.response)
+                last = f"HTTP {status}: {exc.response.text[:300]}"
                 if status in ITEM_STATUSES:
-                    fits, server_wide = fitting_max_tokens(_error_message(response))
+                    fits, server_wide = fitting_max_tokens(message)
                     asked = body.get("max_tokens")
                     if fits is not None and fits >= 1 and asked is not None and fits < asked and resizes < 2:
-                        resizes += 1
-                        attempt -= 1  # not a failure of the endpoint: the same try, sized to fit
-                        body["max_tokens"] = fits
+                        body["max_tokens"] = fits  # not a failure of the endpoint: sized to fit
                         if server_wide:
                             self._max_tokens_cap = fits
                         self.usage.add(resized=1)
                         continue
-                    raise RequestRejected(f"{url} refused the request ({last}); {_hint(status)}", status)
+                    raise RequestRejected(
+                        f"{self.url} refused the request ({last}); {_hint(status)}", status
+                    ) from None
                 if status not in RETRY_STATUSES and status < 500:
-                    raise LLMError(f"{url} refused the request ({last}); {_hint(status)}")
-                wait = retry_after(response.headers)
-            if attempt == self.config.max_attempts:
-                break
-            if wait is None:
-                wait = self._rng.uniform(
-                    0, min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
-                )
-            self.usage.add(retries=1)
-            self._sleep(min(wait, self.config.backoff_max))
-        raise LLMError(
-            f"LLM endpoint {url} failed {self.config.max_attempts} time(s); last error: {last}. "
+                    raise LLMError(f"{self.url} refused the request ({last}); {_hint(status)}") from None
+                raise self._exhausted(last) from None
+            except openai.APITimeoutError:
+                raise self._exhausted(f"timed out after {self.config.timeout}s") from None
+            except openai.APIConnectionError as exc:
+                cause = exc.__cause__ or exc
+                raise self._exhausted(f"connection failed ({type(cause).__name__}: {cause})") from None
+            finally:
+                self.usage.add(retries=max(0, self._attempts.n - 1))
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    def _exhausted(self, last: str) -> LLMError:
+        return LLMError(
+            f"LLM endpoint {self.url} failed {max(1, self._attempts.n)} time(s); last error: {last}. "
             "Check that the server is running and the URL is right (--base-url / --llm-base-url), "
             "or raise --max-attempts / --timeout"
         )
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: Any) -> str:
     """The `error.message` of an OpenAI-style error body, else the body's text."""
     try:
         payload = response.json()

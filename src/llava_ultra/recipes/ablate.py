@@ -114,17 +114,28 @@ DEFAULT_ROWS = ("full", "no_ve", "no_ra", "no_funcb", "no_stage2", "no_site")
 @dataclass
 class AblateOptions:
     out: Path
+    """Folder for the shared data, the runs and results.md/json."""
     rows: Sequence[str] = DEFAULT_ROWS
+    """Rows (default: the paper's six): full, no_ve, no_ra, no_funcb, no_stage2, no_site; extra:
+    no_ra_first, no_ra_all, full_raw_teacher, full_supervised."""
     seeds: Sequence[int] = (0, 1, 2)
+    """Training seeds."""
     reports: int = 600
+    """SynthUS reports (shared by all rows)."""
     steps1: int | None = None
+    """Stage-1 steps (None: the preset's)."""
     steps2: int | None = None
+    """Stage-2 steps (None: the preset's)."""
     eval_samples: int = 240
+    """Test questions to evaluate."""
     hard: bool = False
+    """Hard SynthUS: fewer valid frames, fainter findings."""
     config: Path | None = None
+    """Training preset (default configs/tiny.yaml)."""
     overrides: list[str] = field(default_factory=list)
     """Extra dotted overrides applied to every row (after the row's own)."""
     n_boot: int = 1000
+    """Bootstrap resamples of the confidence intervals."""
     encoders: str = "pretrained"
     """'pretrained' (cached SynthUS-pretrained tiny encoders; hard ones with --hard), 'random', or a
     `pretrain-encoders` folder."""

@@ -41,16 +41,25 @@ ARMS = {"plain": 0.0, "logra": 1.0}
 @dataclass
 class LograOptions:
     out: Path
+    """Folder for data, runs, results.md and results.json."""
     fractions: Sequence[float] = (0.1, 1.0)
+    """Shares of the training reports, e.g. 0.1,1."""
     seeds: Sequence[int] = (0, 1)
+    """Training seeds, e.g. 0,1,2."""
     reports: int = 300
+    """SynthUS reports to generate."""
     steps1: int | None = 40
+    """Stage-1 optimiser steps (every fraction)."""
     steps2: int | None = 100
+    """Stage-2 optimiser steps (every fraction)."""
     eval_samples: int = 120
+    """Test questions to evaluate."""
     config: Path | None = None
+    """Training preset (default configs/tiny.yaml)."""
     overrides: list[str] = field(default_factory=list)
     """Extra dotted overrides applied to every run (e.g. train.align.solver=ipfp)."""
     n_boot: int = 1000
+    """Bootstrap resamples of the confidence intervals."""
     encoders: str = "pretrained"
     """'pretrained' (cached SynthUS-pretrained tiny encoders), 'random', or a pretrain-encoders folder."""
 

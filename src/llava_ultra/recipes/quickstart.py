@@ -40,7 +40,9 @@ class QuickstartOptions:
     """What quickstart does; every field has a CLI flag."""
 
     out: Path
+    """Folder for the data, the run and the results."""
     reports: int = 300
+    """SynthUS reports to generate."""
     steps1: int | None = None
     """Stage-1 optimiser steps (None: the preset's)."""
     steps2: int | None = None
@@ -48,6 +50,7 @@ class QuickstartOptions:
     eval_samples: int = 240
     """At most this many test questions are evaluated (spread over the question types)."""
     seed: int = 0
+    """Seed for data, init and shuffling."""
     fast: bool = False
     """Tiny smoke-test setting: few reports, few steps, few questions."""
     config: Path | None = None

@@ -91,9 +91,13 @@ class PretrainConfig:
     steps: int = 500
     """Optimiser steps (each trains CLIP and SAM on one batch)."""
     batch_size: int = 64
+    """Frames per step."""
     lr: float = 3e-3
+    """Peak learning rate (cosine schedule with warm-up)."""
     weight_decay: float = 0.05
+    """AdamW weight decay."""
     warmup_steps: int = 30
+    """Linear warm-up steps before the cosine decay."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term next to cross-entropy in the mask loss."""
     lesion_weight: float = 30.0
@@ -105,10 +109,15 @@ class PretrainConfig:
     lobe ...") become each other's hard negatives and CLIP must encode the lesion, not only the site.
     Reports are read from each record's meta.report_id (a frame without one is its own report)."""
     seed: int = 0
+    """Corpus and training seed."""
     save_every: int = 200
+    """Write a resumable checkpoint every N steps."""
     keep_last: int = 2
+    """Checkpoints kept (older ones are deleted)."""
     log_every: int = 20
+    """Print the losses every N steps."""
     progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):

@@ -21,8 +21,8 @@ from llava_ultra.config import TEMPLATES, Stage2Config
 from llava_ultra.data.collate import IGNORE_INDEX, encode_sample
 from llava_ultra.errors import ConfigError
 from llava_ultra.eval.runner import EvalSettings
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.convert import convert
-from llava_ultra.model.lora import load_checkpoint
 from llava_ultra.model.tokenizer import default_template, render_conversation, render_prompt
 from llava_ultra.serve.engine import Engine, Message
 from tests.helpers import tiny_model_config, tiny_tokenizer

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from llava_ultra.data.collate import Collator, InstructDataset, PixelSource, encode_sample, image_root_for
 from llava_ultra.errors import ConfigError
-from llava_ultra.model.lora import load_checkpoint
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.train import logra, loop
 from llava_ultra.train.loop import initial_model, train
 from tests.train.conftest import launch_ddp, train_config

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from llava_ultra.config import load_config
 from llava_ultra.data.collate import Collator, InstructDataset, PixelSource, image_root_for
 from llava_ultra.errors import CheckpointError, ConfigError, DataError
-from llava_ultra.model.lora import load_checkpoint
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.tokenizer import load_tokenizer
 from llava_ultra.train import loop
 from llava_ultra.train.loop import TrainingError, initial_model, train

@@ -352,7 +352,7 @@ def evaluate_folder(
     n_boot: int,
 ) -> dict[str, Any]:
     """Answers + per-question scores + frame diagnostics of one checkpoint folder."""
-    from ..model.lora import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
     from ..quickstart import eval_device, generate_answers
 
     model, tokenizer = load_checkpoint(folder, device=eval_device())

@@ -287,7 +287,7 @@ def model_for_cache(cfg: Config, device: str | torch.device | None = None) -> An
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.init_from is not None:
-        from ..model.lora import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
 
         return load_checkpoint(cfg.train.init_from, device=device)[0]
     return initial_model(cfg, resolve_tokenizer(cfg, None), device).eval()

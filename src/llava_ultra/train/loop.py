@@ -117,7 +117,7 @@ def _data_path(cfg: Config, stage: int) -> str:
 
 
 def _check_checkpoint(folder: Path, what: str) -> None:
-    from ..model.ultra import read_model_config
+    from ..model.checkpoint import read_model_config
 
     if not folder.is_dir():
         raise CheckpointError(
@@ -191,7 +191,7 @@ def resolve_tokenizer(cfg: Config, init: Path | None) -> Any:
 
 
 def _model_config(cfg: Config, init: Path | None, tokenizer: Any) -> ModelConfig:
-    from ..model.ultra import read_model_config
+    from ..model.checkpoint import read_model_config
 
     mcfg = read_model_config(init) if init is not None else cfg.model
     if mcfg.image_token_id is None:
@@ -280,7 +280,7 @@ def initial_model(cfg: Config, tokenizer: Any, device: torch.device | str = "cpu
 
 
 def _load_stage_model(cfg: Config, init: Path | None, tokenizer: Any, device: torch.device) -> Any:
-    from ..model.lora import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
 
     if init is None:
         return initial_model(cfg, tokenizer, device)
@@ -366,7 +366,7 @@ class _Stage:
         """Write a resumable checkpoint (all processes must call; the main process writes)."""
         from accelerate.utils import gather_object
 
-        from ..model.lora import save_checkpoint
+        from ..model.checkpoint import save_checkpoint
 
         acc = self.acc
         folder = ck.step_dir(self.ckpt_root, self.step)
@@ -412,7 +412,7 @@ class _Stage:
         return folder
 
     def save_final(self, model: Any, tokenizer: Any) -> None:
-        from ..model.lora import save_checkpoint
+        from ..model.checkpoint import save_checkpoint
 
         state = self.acc.get_state_dict(model)  # collective: gathers FSDP / ZeRO-3 shards
         if self.acc.is_main_process:
@@ -482,7 +482,7 @@ class _Stage:
     ) -> None:
         """Load a resumable checkpoint into the (not yet prepared) model, optimiser and scheduler;
         `state` is what `ck.read_state_files` returned for it, when already read."""
-        from ..model.ultra import load_state_dict_strict
+        from ..model.checkpoint import load_state_dict_strict
 
         fsdp_worker = _fsdp(self.acc) and not self.acc.is_main_process  # gets the moments broadcast
         if state is None:

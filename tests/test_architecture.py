@@ -163,7 +163,6 @@ KNOWN_VIOLATIONS = {
 }
 KNOWN_CYCLES = {
     "llava_ultra.data.extend <-> llava_ultra.data.instruct <-> llava_ultra.data.llm_instruct",
-    "llava_ultra.train.feature_cache <-> llava_ultra.train.loop",
 }
 
 

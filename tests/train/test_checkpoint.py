@@ -1,10 +1,13 @@
-"""Atomic checkpoint folders, retention and the run-folder guard (RNG states: test_trainer.py)."""
+"""Atomic checkpoint folders, retention, RNG capture and the run-folder guard."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from llava_ultra.errors import ConfigError
 from llava_ultra.train import checkpoint as ck
@@ -29,10 +32,17 @@ def test_prune_keeps_the_newest_complete_checkpoints(tmp_path: Path):
     for step in (1, 2, 3, 4):
         folder = ck.step_dir(tmp_path, step)
         folder.mkdir()
-        (folder / "manifest.json").write_text("{}")
+        (folder / "trainer_state.json").write_text("{}")
     (tmp_path / ".step-00000005.tmp").mkdir()  # an interrupted write is not a checkpoint
     ck.prune_checkpoints(tmp_path, keep=2)
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_rng_capture_restores_every_generator():
+    state = ck.capture_rng()
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ck.restore_rng(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
 
 
 def test_run_dir_guard(tmp_path: Path):

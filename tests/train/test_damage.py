@@ -43,7 +43,7 @@ def runs(instruct_dir: Path, tmp_path_factory) -> dict[str, Path]:
     train(train_config(instruct_dir, root / "whole", **SETTINGS))
     first = train(train_config(instruct_dir, root / "cut", **SETTINGS), stop_after=2)
     assert not first.stages[0].completed
-    steps = [s for s, _ in ck.list_checkpoints(root / "cut" / "checkpoints" / "stage1")]
+    steps = [s for s, _ in ck.list_checkpoints(root / "cut" / "checkpoints" / "stage1", ck.MANIFEST)]
     assert steps == [1, 2]
     return {"whole": root / "whole", "cut": root / "cut"}
 

@@ -1,4 +1,5 @@
-"""Run folders and checkpoint folders: atomic writes, manifests, retention, seeding, run identity.
+"""Run folders and checkpoint folders: atomic writes, manifests, retention, RNG capture and seeding,
+run identity.
 
 Layout of a run folder (`train.output_dir`):
 
@@ -197,7 +198,25 @@ def verify_checkpoint(folder: str | Path, what: str = "checkpoint", *, expect_ma
     return problems is not None
 
 
-# ---------------------------------------------------------------------------------- seeding
+# ------------------------------------------------------------------------------- RNG states
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of every RNG training draws from (python, numpy, torch CPU, CUDA if present); the
+    encoder pretraining (pretrain.py) saves it. The two-stage trainer uses accelerate's save_state."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Undo `capture_rng`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -214,16 +233,17 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (with a manifest) under `root` as (step, folder), oldest first (temp
-    folders ignored)."""
+def list_checkpoints(root: str | Path, marker: str = "trainer_state.json") -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (`step-*` folders holding `marker`: the trainer's are
+    complete with their MANIFEST, the encoder pretraining's with trainer_state.json) as (step,
+    folder), oldest first (temp folders ignored)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / MANIFEST).is_file():
+        if m and p.is_dir() and (p / marker).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -236,9 +256,10 @@ def list_step_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
 
 
-def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted folders."""
-    ckpts = list_checkpoints(root)
+def prune_checkpoints(root: str | Path, keep: int, marker: str = "trainer_state.json") -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (see `list_checkpoints`); returns the
+    deleted folders."""
+    ckpts = list_checkpoints(root, marker)
     doomed = [p for _, p in ckpts[: max(0, len(ckpts) - keep)]]
     for p in doomed:
         shutil.rmtree(p)

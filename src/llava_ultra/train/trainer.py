@@ -170,6 +170,8 @@ class Trainer:
         self.names = set(trainable_parameter_names(model))
         self.head: Any = None
         """The LoGra-Med alignment head when this stage adds the loss."""
+        self.skipped_damaged = 0
+        """Newer checkpoints `--resume` skipped as damaged before the one it resumed from."""
 
     def say(self, message: str) -> None:
         if self.acc.is_main_process:
@@ -375,7 +377,7 @@ class Trainer:
             torch.tensor(float(torch.isfinite(loss.detach()).all()), device=acc.device), "min"
         )
         if finite.item() < 1.0:
-            found = ck.list_checkpoints(self.ckpt_root)
+            found = ck.list_checkpoints(self.ckpt_root, ck.MANIFEST)
             last = found[-1][1] if found else None
             raise TrainingError(
                 f"stage {self.n}: the loss became {loss.item()} at step {p.step + 1} (epoch {p.epoch}, "
@@ -443,7 +445,7 @@ class Trainer:
         if acc.is_main_process:
             ck.write_manifest(tmp)
             ck.commit_dir(tmp, folder)
-            ck.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last)
+            ck.prune_checkpoints(self.ckpt_root, self.cfg.train.keep_last, ck.MANIFEST)
             if self.log is not None:  # relative to the run folder, so the log stays true when it moves
                 rel = folder.relative_to(self.out).as_posix()
                 self.log.event("checkpoint", stage=self.n, step=self.progress.step, path=rel)
@@ -539,8 +541,7 @@ class Trainer:
                 f"  {shown}\nrestore the files from a backup, or delete {self.ckpt_root} and resume again "
                 f"to start stage {self.n} from its first step"
             )
-        if damaged:
-            self._skipped = len(damaged)
+        self.skipped_damaged = len(damaged)
         return chosen
 
     def _check_usable(self, folder: Path) -> None:
@@ -571,11 +572,10 @@ class Trainer:
                 f"{self.n} on {self.acc.num_processes}: resume with the run's own config and launcher"
             )
         self.say(f"stage {self.n}: resumed from {folder} (step {p.step}, epoch {p.epoch}, batch {p.batch})")
-        skipped = getattr(self, "_skipped", 0)
-        if skipped:
+        if self.skipped_damaged:
             self.say(
                 f"stage {self.n}: resumed from {folder.name}, the newest usable checkpoint; "
-                f"{skipped} newer one(s) skipped as damaged (left in place for inspection)"
+                f"{self.skipped_damaged} newer one(s) skipped as damaged (left in place for inspection)"
             )
 
     # --------------------------------------------------------------------------------- finish

@@ -269,6 +269,9 @@ def train(
         say(note)
     prepared = {n: prepare_stage_data(cfg, n, tokenizer, mcfg, log=say) for n in cfg.train.stages}
 
+    # every process has read the run folder (prepare_run_dir) before the main one writes to it; the
+    # process group may already exist (a second `train` call), so accelerator creation is no barrier
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process and not resuming:
         ck.start_run(out, config, overwrite=overwrite)
     elif accelerator.is_main_process:

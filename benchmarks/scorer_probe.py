@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from llava_ultra.data.reports import read_reports, resolve_image
-from llava_ultra.model.lora import load_checkpoint
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.selector import Selector, group, supervised_loss
 
 

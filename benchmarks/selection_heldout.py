@@ -24,7 +24,7 @@ import torch
 from llava_ultra.data.synth import generate
 from llava_ultra.eval.metrics import bootstrap_ci
 from llava_ultra.eval.synthus import TEACHER_VARIANTS, frame_diagnostics, selection_reports
-from llava_ultra.model.lora import load_checkpoint
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.recipes.quickstart import quickstart_synth
 
 

@@ -35,8 +35,10 @@ import torch
 from llava_ultra.config import apply_overrides, load_config, model_config_from_dict, to_dict
 from llava_ultra.data.instruct import run_instruct
 from llava_ultra.data.synth import SynthConfig, generate
+from llava_ultra.model.checkpoint import load_state_dict_strict
+from llava_ultra.model.convert import LLAVA_HF_KEY_MAP, map_keys
 from llava_ultra.model.tokenizer import build_tiny_tokenizer
-from llava_ultra.model.ultra import LLAVA_HF_KEY_MAP, build_model, load_state_dict_strict, map_keys
+from llava_ultra.model.ultra import build_model
 from llava_ultra.train.feature_cache import build_cache, model_for_cache
 from llava_ultra.train.loop import train
 

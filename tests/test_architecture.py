@@ -147,25 +147,14 @@ def test_every_module_has_a_layer():
         layer_of(name, layers)
 
 
-# Debts being paid in this round (issue #17). Each entry is removed when its import is fixed;
-# the round ends with both sets empty. A new violation fails at once.
-KNOWN_VIOLATIONS = {
-}
-KNOWN_CYCLES = {
-    "llava_ultra.model.lora <-> llava_ultra.model.ultra",
-    "llava_ultra.train.feature_cache <-> llava_ultra.train.loop",
-}
-
-
 def test_imports_only_point_down():
-    bad = [b for b in layer_violations() if b not in KNOWN_VIOLATIONS]
+    bad = layer_violations()
     assert not bad, "imports that point up or sideways:\n" + "\n".join(bad)
 
 
 def test_no_import_cycles():
     found = [" <-> ".join(c) for c in cycles()]
-    bad = [c for c in found if c not in KNOWN_CYCLES]
-    assert not bad, "import cycles:\n" + "\n".join(bad)
+    assert not found, "import cycles:\n" + "\n".join(found)
 
 
 def test_the_checker_sees_lazy_and_relative_imports(tmp_path):

@@ -399,7 +399,7 @@ def check_images():
 
     Several --image options are one study: all are replaced together, then each one alone, and the
     output says how many of them the model's selector passes to the LLM."""
-    from .model.ultra import check_checkpoint_images
+    from .eval.noise import check_checkpoint_images
     from .serve.engine import pick_device
 
     @options

@@ -35,7 +35,7 @@ from llava_ultra.eval.runner import (
     run_eval,
     shard_batches,
 )
-from llava_ultra.model.ultra import load_for_inference
+from llava_ultra.model.checkpoint import load_for_inference, save_pretrained
 from tests.helpers import tiny_model, tiny_tokenizer
 
 SETTINGS = {"batch_size": 4, "max_new_tokens": 4, "bootstrap": 100}
@@ -78,7 +78,7 @@ def work(tmp_path_factory) -> Path:
     assert len(chosen) == 16 and {s["language"] for s in chosen} == {"zh", "en"}
     assert len({len(s["images"]) for s in chosen}) > 1, "want several k values"
     (root / "inst" / "eval.mix.json").write_text(json.dumps(chosen, ensure_ascii=False), encoding="utf-8")
-    tiny_model().save_pretrained(root / "ckpt", tiny_tokenizer())
+    save_pretrained(tiny_model(), root / "ckpt", tiny_tokenizer())
     return root
 
 

@@ -33,8 +33,8 @@ from typer.testing import CliRunner
 
 from llava_ultra.cli import app
 from llava_ultra.errors import CheckpointError, ConfigError
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.convert import convert, read_sam
-from llava_ultra.model.lora import load_checkpoint
 from tests.helpers import TINY_TEXTS, tiny_model_dict, tiny_tokenizer
 
 CLIP = dict(

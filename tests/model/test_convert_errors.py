@@ -167,7 +167,7 @@ def test_check_images_with_several_images_says_what_it_does(parts, clip_folder, 
 
 def test_preprocessing_fields_validate_and_old_checkpoints_load(parts, clip_folder, tmp_path):
     from llava_ultra.config import VisionConfig
-    from llava_ultra.model.lora import load_checkpoint
+    from llava_ultra.model.checkpoint import load_checkpoint
 
     with pytest.raises(
         ConfigError, match=r"model.vision.resize='shortest_edge' is not supported \(did you mean"

@@ -38,8 +38,8 @@ from transformers import (
     LlavaProcessor,
 )
 
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.convert import convert
-from llava_ultra.model.lora import load_checkpoint
 from llava_ultra.model.tokenizer import load_tokenizer
 
 CLIP = dict(image_size=32, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)  # fmt: skip

@@ -20,8 +20,8 @@ from llava_ultra.cli import app
 from llava_ultra.config import TEMPLATES, Stage2Config
 from llava_ultra.errors import ConfigError
 from llava_ultra.eval.runner import EvalSettings
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.convert import convert
-from llava_ultra.model.lora import load_checkpoint
 from llava_ultra.model.processor import IGNORE_INDEX, encode_sample
 from llava_ultra.model.tokenizer import default_template, render_conversation, render_prompt
 from llava_ultra.serve.engine import Engine, Message

@@ -1,110 +1,17 @@
-"""The assembled model: parity with transformers' LLaVA, losses, placeholders, generation, checkpoints."""
+"""The assembled model: losses, placeholders, generation, dtype policy, building from folders.
+(Parity with transformers' LLaVA: test_convert_llava_hf.py; checkpoint folders: test_checkpoint.py.)"""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from llava_ultra.errors import CheckpointError, ConfigError, DataError
+from llava_ultra.errors import ConfigError, DataError
 from llava_ultra.model.ultra import (
-    UltraModel,
     build_model,
-    load_llava_hf_weights,
-    model_config_from_llava_hf,
-    noise_image_check,
     resolve_dtype,
 )
 from tests.helpers import tiny_batch, tiny_images, tiny_model, tiny_model_config, tiny_tokenizer
-
-IMAGE_ID = 100
-N_PATCHES = 25  # 30 px / patch 6 -> 5 x 5
-
-
-@pytest.fixture(scope="module")
-def llava_folder(tmp_path_factory):
-    """A tiny llava-hf LlavaForConditionalGeneration saved to disk, as transformers' own tests build it."""
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            image_size=30,
-            patch_size=6,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            projection_dim=32,
-        ),
-        text_config=LlamaConfig(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        image_token_index=IMAGE_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    folder = tmp_path_factory.mktemp("llava_hf")
-    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
-    return folder
-
-
-def _llava_inputs(batch: int = 1):
-    g = torch.Generator().manual_seed(1)
-    text = torch.randint(3, 90, (batch, 6), generator=g)
-    ids = torch.cat([text[:, :2], torch.full((batch, N_PATCHES), IMAGE_ID), text[:, 2:]], dim=1)
-    pixels = torch.randn(batch, 3, 30, 30, generator=g)
-    return ids, pixels
-
-
-def test_parity_with_transformers_llava(llava_folder):
-    reference = LlavaForConditionalGeneration.from_pretrained(llava_folder).eval()
-    ours = build_model(model_config_from_llava_hf(llava_folder)).eval()
-    load_llava_hf_weights(ours, llava_folder)
-    assert ours.sam is None and ours.config.selector.mode == "none"
-
-    ids, pixels = _llava_inputs(batch=2)
-    with torch.no_grad():
-        want = reference(input_ids=ids, pixel_values=pixels).logits
-        got = ours(input_ids=ids, pixel_values_clip=pixels, image_counts=[1, 1]).logits
-    assert (want - got).abs().max().item() <= 1e-5
-
-    ids, pixels = ids[:1], pixels[:1]
-    ref_tokens = reference.generate(
-        input_ids=ids,
-        pixel_values=pixels,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=8,
-        do_sample=False,
-    )[0, ids.shape[1] :].tolist()
-    ref_tokens = ref_tokens[: ref_tokens.index(2)] if 2 in ref_tokens else ref_tokens  # ours drops EOS
-    got_tokens = ours.generate(
-        ids, pixel_values_clip=pixels, image_counts=[1], max_new_tokens=8, eos_token_id=2
-    )
-    assert got_tokens.sequences[0] == ref_tokens
-    assert len(ref_tokens) > 0
-
-
-def test_llava_loader_is_strict(llava_folder, tmp_path):
-    state = load_file(str(llava_folder / "model.safetensors"))
-    del state["multi_modal_projector.linear_2.weight"]
-    state["extra.weight"] = torch.zeros(1)
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text((llava_folder / "config.json").read_text())
-    model = build_model(model_config_from_llava_hf(tmp_path))
-    with pytest.raises(CheckpointError, match=r"fusion\.clip_projector\.linear_2\.weight.*extra\.weight"):
-        load_llava_hf_weights(model, tmp_path)
 
 
 def test_forward_losses_and_selection_shapes():
@@ -315,43 +222,6 @@ def test_sampling_is_seeded_and_stop_strings_cut():
     assert len(cut.sequences[0]) < len(full.sequences[0])
     with pytest.raises(ConfigError, match="tokenizer"):
         model.generate(**batch, stop_strings=["x"])
-
-
-def test_save_load_round_trip_and_strict_load(tmp_path):
-    model = tiny_model(seed=2)
-    folder = model.save_pretrained(tmp_path / "ckpt", tokenizer=tiny_tokenizer())
-    saved = json.loads((folder / "config.json").read_text())
-    assert saved["format"] == "llava-ultra" and saved["model"]["llm"]["inline"]["model_type"] == "llama"
-    assert (folder / "tokenizer.json").is_file()
-    loaded = UltraModel.from_pretrained(folder)
-    batch = tiny_batch(model, [2, 1])
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
-
-    state = load_file(str(folder / "model.safetensors"))
-    del state["fusion.clip_projector.linear_1.weight"]
-    save_file(state, str(folder / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"1 missing: fusion\.clip_projector\.linear_1\.weight"):
-        UltraModel.from_pretrained(folder)
-
-
-def test_from_pretrained_rejects_foreign_folder(llava_folder):
-    with pytest.raises(CheckpointError, match="model_type='llava'.*llava-ultra convert"):
-        UltraModel.from_pretrained(llava_folder)
-
-
-def test_noise_check_detects_a_blind_model():
-    tok = tiny_tokenizer()
-    images = tiny_images(2, size=(40, 56), seed=4)
-    seeing = noise_image_check(tiny_model(), tok, images, "USER: <image> 肝脏? ASSISTANT:", max_new_tokens=4)
-    assert seeing.image_matters and seeing.max_logit_diff > 1e-4
-
-    blind = tiny_model(**{"sam.enabled": False})
-    with torch.no_grad():  # a zeroed projector: the LLM gets constant visual tokens
-        blind.fusion.clip_projector.linear_2.weight.zero_()
-        blind.fusion.clip_projector.linear_2.bias.zero_()
-    result = noise_image_check(blind, tok, images, "USER: <image> 肝脏? ASSISTANT:", max_new_tokens=4)
-    assert not result.image_matters and result.max_logit_diff == 0.0 and not result.answer_changed
 
 
 def test_dtype_policy():

@@ -20,6 +20,7 @@ import pytest
 import torch
 import uvicorn
 
+from llava_ultra.model.checkpoint import save_pretrained
 from llava_ultra.serve.app import ServerSettings, create_app, uvicorn_config
 from llava_ultra.serve.engine import Engine, Limits
 from tests.helpers import tiny_images, tiny_model, tiny_tokenizer
@@ -85,7 +86,7 @@ def one_torch_thread():
 def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt") / MODEL_NAME
     model = tiny_model(seed=3, **{"llm.inline.max_position_embeddings": 1024})
-    model.save_pretrained(folder, tiny_tokenizer())
+    save_pretrained(model, folder, tiny_tokenizer())
     return folder
 
 

@@ -129,7 +129,7 @@ def test_check_images_passes_a_seeing_checkpoint_and_fails_a_blind_one(checkpoin
     named) when a zeroed projector makes the model blind; an unreadable image is a clear error."""
     import torch
 
-    from llava_ultra.model.ultra import load_for_inference
+    from llava_ultra.model.checkpoint import load_for_inference, save_pretrained
     from tests.helpers import tiny_tokenizer
 
     paths = []
@@ -148,7 +148,7 @@ def test_check_images_passes_a_seeing_checkpoint_and_fails_a_blind_one(checkpoin
                 for p in projector.parameters():
                     p.zero_()
     blind_dir = tmp_path / "blind"
-    model.save_pretrained(blind_dir, tiny_tokenizer())
+    save_pretrained(model, blind_dir, tiny_tokenizer())
     blind = CliRunner().invoke(app, ["check-images", str(blind_dir), *args])
     assert blind.exit_code == 1, blind.output
     assert "does not change" in blind.output and "projector" in blind.output

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from llava_ultra.errors import CheckpointError
-from llava_ultra.model.lora import TrainabilityConfig, apply_trainability, save_checkpoint
-from llava_ultra.model.ultra import load_for_inference
+from llava_ultra.model.checkpoint import load_for_inference, save_checkpoint, save_pretrained
+from llava_ultra.model.lora import TrainabilityConfig, apply_trainability
 from llava_ultra.serve.engine import (
     ChatResult,
     Engine,
@@ -184,5 +184,5 @@ def test_load_checkpoint_reads_both_layouts(tmp_path, checkpoint):
         assert from_folder.generate(msgs, params) == live.generate(msgs, params)
     with pytest.raises(CheckpointError, match="tokenizer"):
         (tmp_path / "bare").mkdir()
-        tiny_model(seed=2).save_pretrained(tmp_path / "bare")
+        save_pretrained(tiny_model(seed=2), tmp_path / "bare")
         load_for_inference(tmp_path / "bare")

@@ -43,7 +43,7 @@ def runs(instruct_dir: Path, tmp_path_factory) -> dict[str, Path]:
     train(train_config(instruct_dir, root / "whole", **SETTINGS))
     first = train(train_config(instruct_dir, root / "cut", **SETTINGS), stop_after=2)
     assert not first.stages[0].completed
-    steps = [s for s, _ in ck.list_checkpoints(root / "cut" / "checkpoints" / "stage1")]
+    steps = [s for s, _ in ck.list_checkpoints(root / "cut" / "checkpoints" / "stage1", ck.MANIFEST)]
     assert steps == [1, 2]
     return {"whole": root / "whole", "cut": root / "cut"}
 
@@ -80,21 +80,25 @@ def truncate(path: Path) -> None:
 DAMAGE = {
     # name: (what is done to step 2, what the message says about it)
     "zeroed_tail": (
-        lambda f: zero_tail(f / "trainables.safetensors"),
-        "trainables.safetensors has the right size but its SHA-256 differs from the manifest "
+        lambda f: zero_tail(f / "model.safetensors"),
+        "model.safetensors has the right size but its SHA-256 differs from the manifest "
         "(its bytes were damaged)",
     ),
     "truncated_weights": (
-        lambda f: truncate(f / "trainables.safetensors"),
-        "trainables.safetensors is {size} bytes, the manifest says {full} (truncated or overwritten)",
+        lambda f: truncate(f / "model.safetensors"),
+        "model.safetensors is {size} bytes, the manifest says {full} (truncated or overwritten)",
     ),
     "truncated_model_file": (
         lambda f: truncate(f / "model" / "model.safetensors"),
         "model/model.safetensors is {size} bytes, the manifest says {full} (truncated or overwritten)",
     ),
-    "missing_optimizer": (lambda f: (f / "optimizer.pt").unlink(), "optimizer.pt is missing"),
+    "missing_optimizer": (lambda f: (f / "optimizer.bin").unlink(), "optimizer.bin is missing"),
     "missing_manifest": (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing"),
-    "missing_trainer_state": (lambda f: (f / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    # the trainer's counters (accelerate custom state 0)
+    "missing_trainer_state": (
+        lambda f: (f / "custom_checkpoint_0.pkl").unlink(),
+        "custom_checkpoint_0.pkl is missing",
+    ),
 }
 
 
@@ -106,8 +110,8 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(case, runs, tm
     manifest = json.loads((step2 / "manifest.json").read_text())["files"]
     damage(step2)
     if case == "zeroed_tail":  # the header is intact: the file still loads, into wrong weights
-        assert load_file(str(step2 / "trainables.safetensors"))
-    rel = "model/model.safetensors" if case == "truncated_model_file" else "trainables.safetensors"
+        assert load_file(str(step2 / "model.safetensors"))
+    rel = "model/model.safetensors" if case == "truncated_model_file" else "model.safetensors"
     message = message.format(
         size=(step2 / rel).stat().st_size if (step2 / rel).exists() else 0, full=manifest[rel]["size"]
     )
@@ -120,36 +124,41 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(case, runs, tm
     assert_reaches_the_uninterrupted_weights(run, runs)
 
 
-def test_checkpoint_from_before_manifests_still_resumes_and_a_read_error_falls_back(
+def test_unreadable_file_behind_a_valid_manifest_and_an_old_layout_fall_back(
     runs, tmp_path, instruct_dir, capsys
 ):
+    """A file written damaged (its manifest was taken after: sizes and hashes match) still falls back
+    when it cannot be read; a checkpoint in the hand-written layout of earlier versions is named."""
     run, cfg = moved_copy(runs, tmp_path, instruct_dir)
-    for step in (1, 2):  # as an older version wrote them: no manifest, no "manifest" flag
-        folder = ckpt(run, step)
-        (folder / "manifest.json").unlink()
-        state = json.loads((folder / "trainer_state.json").read_text())
-        del state["manifest"]
-        (folder / "trainer_state.json").write_text(json.dumps(state))
-    truncate(ckpt(run, 2) / "scheduler.pt")
-    size = (ckpt(run, 2) / "scheduler.pt").stat().st_size
+    truncate(ckpt(run, 2) / "scheduler.bin")
+    ck.write_manifest(ckpt(run, 2))
+    size = (ckpt(run, 2) / "scheduler.bin").stat().st_size
+    old = ckpt(
+        run, 3
+    )  # newest: trainables.safetensors, optimizer.pt, ... as versions before accelerate wrote
+    old.mkdir()
+    (old / "trainables.safetensors").write_bytes(b"old")
+    ck.write_manifest(old)
     train(cfg, resume=True)
     out = capsys.readouterr().out
-    assert f"checkpoint {ckpt(run, 2)} is damaged: scheduler.pt ({size} bytes) cannot be read" in out
+    assert f"checkpoint {old} was written by an earlier llava-ultra (its own resume format" in out
+    assert f"checkpoint {ckpt(run, 2)} is damaged: scheduler.bin ({size} bytes) cannot be read" in out
     assert f"stage 1: resumed from {ckpt(run, 1)}" in out
+    assert "2 newer one(s) skipped" in out
     assert_reaches_the_uninterrupted_weights(run, runs)
 
 
 def test_every_checkpoint_damaged_is_refused_with_the_files_named(runs, tmp_path, instruct_dir):
     run, cfg = moved_copy(runs, tmp_path, instruct_dir)
-    zero_tail(ckpt(run, 2) / "trainables.safetensors")
-    (ckpt(run, 1) / "rng_state.pt").unlink()
+    zero_tail(ckpt(run, 2) / "model.safetensors")
+    (ckpt(run, 1) / "random_states_0.pkl").unlink()
     root = run / "checkpoints" / "stage1"
     with pytest.raises(CheckpointError) as err:
         train(cfg, resume=True)
     text = str(err.value)
     assert text.startswith(f"stage 1: every checkpoint in {root} is damaged, none can be resumed:")
-    assert f"checkpoint {ckpt(run, 2)} is damaged: trainables.safetensors has the right size" in text
-    assert f"checkpoint {ckpt(run, 1)} is damaged: rng_state.pt is missing" in text
+    assert f"checkpoint {ckpt(run, 2)} is damaged: model.safetensors has the right size" in text
+    assert f"checkpoint {ckpt(run, 1)} is damaged: random_states_0.pkl is missing" in text
     assert text.endswith(
         f"restore the files from a backup, or delete {root} and resume again to start stage 1 from its first step"
     )

@@ -1,8 +1,10 @@
-"""The FSDP optimiser-state round trip used by resumable checkpoints, under real FSDP2 sharding on two
-CPU processes (torchrun, gloo). accelerate enables FSDP only on GPUs, so the training loop's FSDP
-launch cannot run here; these are the two functions the loop calls around `acc.prepare`: on save the
-sharded Adam moments are gathered whole and keyed by parameter name; on resume they are scattered
-into a fresh optimiser's shards, after which training continues exactly as if never interrupted."""
+"""The FSDP optimiser-state round trip that resumable checkpoints use, under real FSDP2 sharding on
+two CPU processes (torchrun, gloo). accelerate enables FSDP only on GPUs, so the trainer's FSDP
+launch cannot run here (docs/training.md gives the GPU check); under FSDP `accelerator.save_state` /
+`load_state` call accelerate's `save_fsdp_optimizer` / `load_fsdp_optimizer` with the plugin of
+configs/accelerate/fsdp.yaml (FSDP2, FULL_STATE_DICT), and these are run here: on save the sharded
+Adam moments are gathered whole and keyed by parameter name; on resume they are scattered into a
+fresh optimiser's shards, after which training continues exactly as if never interrupted."""
 
 from __future__ import annotations
 
@@ -19,75 +21,52 @@ import sys
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, set_model_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import load_fsdp_optimizer, save_fsdp_optimizer
 
-from llava_ultra.train.loop import _fsdp_optimizer_state, _load_fsdp_optimizer_state
-
-dist.init_process_group("gloo")
-rank, folder = dist.get_rank(), sys.argv[1]
+acc = Accelerator(cpu=True)
+rank, folder = acc.process_index, sys.argv[1]
 mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")
+assert acc.distributed_type == DistributedType.MULTI_CPU  # gloo; accelerate itself enables FSDP only on GPUs
 FULL = StateDictOptions(full_state_dict=True)
-
 
 def build():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 6))
-    head = nn.Linear(6, 3)  # like the LoGra-Med head: outside the model, in the same optimiser
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    groups = [{"params": list(model.parameters())}, {"params": list(head.parameters()), "lr": 5e-3}]
-    return model, head, torch.optim.AdamW(groups, lr=1e-2)
+    assert type(next(model.parameters())).__name__ == "DTensor"  # really sharded
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
-
-def step(model, head, opt, s):
+def step(model, opt, s):
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(10 * s + rank))
-    head(model(x)).pow(2).sum().backward()
-    for p in head.parameters():  # the head is not sharded: average its gradient like DDP would
-        dist.all_reduce(p.grad)
-        p.grad /= dist.get_world_size()
-    opt.step()
-    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    opt.step(); opt.zero_grad()
 
-
-def weights(model, head):
-    return [*get_model_state_dict(model, options=FULL).values(), *[p.detach().clone() for p in head.parameters()]]
-
-
-# the uninterrupted run, checkpointed after step 2
-model, head, opt = build()
-assert type(next(model.parameters())).__name__ == "DTensor"  # really sharded
-for s in range(2):
-    step(model, head, opt, s)
-optim_state = _fsdp_optimizer_state(model, head, opt)  # collective; whole on rank 0
-model_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+model, opt = build()
+for s in range(2): step(model, opt, s)
+save_fsdp_optimizer(plugin, acc, opt, model, folder)  # what acc.save_state runs under FSDP
 if rank == 0:
-    assert {"model.0.weight", "model.2.bias", "head.weight"} <= set(optim_state["state"]), sorted(optim_state["state"])
-    assert optim_state["state"]["model.0.weight"]["exp_avg"].shape == (16, 8)  # gathered whole
-    torch.save({"optim": optim_state, "model": model_state, "head": head.state_dict()}, folder + "/ckpt.pt")
+    state = torch.load(folder + "/optimizer.bin", weights_only=True)["state"]
+    assert state["0.weight"]["exp_avg"].shape == (16, 8), sorted(state)  # gathered whole, keyed by name
+ms = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0: torch.save(ms, folder + "/m.pt")
 dist.barrier()
-for s in range(2, 5):
-    step(model, head, opt, s)
-expected = weights(model, head)
-
-
-def resumed(load_moments):
-    model, head, opt = build()
-    ckpt = torch.load(folder + "/ckpt.pt", weights_only=False)
-    set_model_state_dict(model, ckpt["model"], options=FULL)
-    head.load_state_dict(ckpt["head"])
-    if load_moments:  # as the loop does: only rank 0 holds the moments, the others receive them
-        _load_fsdp_optimizer_state(model, head, opt, ckpt["optim"] if rank == 0 else {})
-    for s in range(2, 5):
-        step(model, head, opt, s)
-    return max(float((a - b).abs().max()) for a, b in zip(expected, weights(model, head)))
-
-
-same, restarted = resumed(True), resumed(False)
-print(f"rank {rank} resumed_diff {same:.3e} restarted_diff {restarted:.3e}", flush=True)
+for s in range(2, 5): step(model, opt, s)
+expected = list(get_model_state_dict(model, options=FULL).values())
+def resumed(load):
+    model, opt = build()
+    set_model_state_dict(model, torch.load(folder + "/m.pt"), options=FULL)
+    if load:  # what acc.load_state runs under FSDP: rank 0 reads, the shards are scattered
+        load_fsdp_optimizer(plugin, acc, opt, model, folder)
+    for s in range(2, 5): step(model, opt, s)
+    return max(float((a - b).abs().max()) for a, b in zip(expected, get_model_state_dict(model, options=FULL).values()))
+print(f"rank {rank} resumed_diff {resumed(True):.3e} restarted_diff {resumed(False):.3e}", flush=True)
 dist.destroy_process_group()
 """
 

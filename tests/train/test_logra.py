@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from llava_ultra.errors import ConfigError
-from llava_ultra.model.lora import load_checkpoint
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.processor import encode_sample
 from llava_ultra.train import logra, loop
 from llava_ultra.train.dataset import Collator, InstructDataset, PixelSource, image_root_for

@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 from llava_ultra.config import load_config
 from llava_ultra.errors import CheckpointError, ConfigError, DataError
-from llava_ultra.model.lora import load_checkpoint
+from llava_ultra.model.checkpoint import load_checkpoint
 from llava_ultra.model.tokenizer import load_tokenizer
 from llava_ultra.train import loop
 from llava_ultra.train.dataset import Collator, InstructDataset, PixelSource, image_root_for
-from llava_ultra.train.loop import TrainingError, initial_model, train
+from llava_ultra.train.loop import initial_model, train
 from llava_ultra.train.schedule import build_optimizer
+from llava_ultra.train.trainer import TrainingError
 from tests.train.conftest import train_config, with_corrupt_image
 
 WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "non_lora_trainables.safetensors")

@@ -438,7 +438,7 @@ def run_eval(
     ground_truth, bad = load_ground_truth(data, max_bad_fraction=settings.max_bad_fraction)
     if settings.limit is not None:
         ground_truth = ground_truth[: settings.limit]
-    from ..model.ultra import load_for_inference  # torch only when generating; scoring stays light
+    from ..model.checkpoint import load_for_inference  # torch only when generating; scoring stays light
 
     model, tokenizer = load_for_inference(model_dir, device=device, dtype=settings.dtype)
     template_source = (

@@ -335,7 +335,7 @@ def evaluate_folder(
     n_boot: int,
 ) -> dict[str, Any]:
     """Answers + per-question scores + frame diagnostics of one checkpoint folder."""
-    from ..model.lora import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
 
     model, tokenizer = load_checkpoint(folder, device=eval_device())
     rows = generate_answers(model, tokenizer, samples, root)

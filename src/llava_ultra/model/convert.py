@@ -10,8 +10,8 @@ Sources:
   `mm_vision_select_feature`, `mm_use_im_start_end`, `image_aspect_ratio`. The CLIP tower's weights
   are taken from the checkpoint when present (`model.vision_tower.vision_tower.vision_model.*`),
   else from `mm_vision_tower` (a hub id; `--vision-tower` gives a local folder instead).
-- `llava-hf`: transformers' `LlavaForConditionalGeneration` folders (ultra.py's loader, generalised
-  to .bin weights).
+- `llava-hf`: transformers' `LlavaForConditionalGeneration` folders (`model_config_from_llava_hf` +
+  `LLAVA_HF_KEY_MAP`; `load_llava_hf_weights` loads one into a built model in memory).
 - `sam`: a SAM checkpoint in HF format (`vision_encoder.*`, from `SamModel` or `SamVisionModel`) or
   the original format (`image_encoder.*`), written as an HF `SamVisionModel` folder usable as
   `model.sam.path`. `--sam` injects the same into a LLaVA conversion (the paper's initialisation:
@@ -59,11 +59,12 @@ from transformers import (
 
 from ..config import ModelConfig, apply_overrides, model_config_from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
+from .checkpoint import CONFIG_NAME, check_state_dict, load_state_dict_strict, write_checkpoint
 from .fusion import Fusion
-from .lora import TrainabilityConfig, write_checkpoint
+from .lora import TrainabilityConfig
 from .selector import Selector
 from .tokenizer import load_tokenizer, prefix_scheme, set_prefix_scheme, tokenizer_image_token_ids
-from .ultra import LLAVA_HF_KEY_MAP, UltraModel, check_state_dict, map_keys, model_config_from_llava_hf
+from .ultra import UltraModel
 from .weights import read_safetensors_file
 
 SOURCES = ("llava", "llava-med", "llava-hf", "sam")
@@ -245,6 +246,77 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(
         f"{folder} has no model weights (model.safetensors, pytorch_model.bin or their .index.json shards)"
     )
+
+
+# ------------------------------------------------------------------------------- llava-hf
+
+LLAVA_HF_KEY_MAP = {
+    # source prefix -> our prefix; the longest matching prefix wins. Covers transformers 5.x in-memory
+    # names (model.vision_tower.*), its saved names (vision_tower.*, language_model.model.*) and the
+    # hub's llava-hf files (vision_tower.vision_model.*).
+    "model.vision_tower.vision_model.": "clip.",
+    "model.vision_tower.": "clip.",
+    "vision_tower.vision_model.": "clip.",
+    "vision_tower.": "clip.",
+    "model.multi_modal_projector.": "fusion.clip_projector.",
+    "multi_modal_projector.": "fusion.clip_projector.",
+    "model.language_model.": "llm.model.",
+    "language_model.model.": "llm.model.",
+    "language_model.lm_head.": "llm.lm_head.",
+    "lm_head.": "llm.lm_head.",
+}
+
+
+def map_keys(state_dict: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename keys by longest matching prefix; keys with no match are kept (and reported by a strict load)."""
+    prefixes = sorted(key_map, key=len, reverse=True)
+    out = {}
+    for key, tensor in state_dict.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        out[key_map[prefix] + key[len(prefix) :] if prefix else key] = tensor
+    return out
+
+
+def model_config_from_llava_hf(folder: str | Path) -> ModelConfig:
+    """A plain-LLaVA `ModelConfig` (SAM off, selection off) equivalent to a llava-hf config.json."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("model_type") != "llava":
+        raise CheckpointError(
+            f"{path} has model_type={data.get('model_type')!r}, expected 'llava' (llava-hf format)"
+        )
+    layer = data.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ConfigError(
+            f"{path}: vision_feature_layer={layer} (several layers) is not supported; use one layer"
+        )
+    if data.get("projector_hidden_act", "gelu") != "gelu" or not data.get("multimodal_projector_bias", True):
+        raise ConfigError(f"{path}: only a biased Linear-GELU-Linear projector (mlp2x_gelu) is supported")
+    strategy = data.get("vision_feature_select_strategy", "default")
+    vision = CLIPVisionConfig(**{k: v for k, v in data["vision_config"].items() if k != "model_type"})
+    cfg = {
+        "vision": {
+            "inline": data["vision_config"],
+            "select_layer": layer,
+            "select_feature": {"default": "patch", "full": "cls_patch"}[strategy],
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+        },
+        "sam": {"enabled": False},
+        "fusion": {"projector_type": "mlp2x_gelu"},
+        "selector": {"mode": "none", "none_strategy": "first"},
+        "llm": {"inline": data["text_config"]},
+        "image_token_id": data.get("image_token_id", data.get("image_token_index")),
+    }
+    return model_config_from_dict(cfg)
+
+
+def load_llava_hf_weights(model: UltraModel, folder: str | Path, allow_missing: Sequence[str] = ()) -> None:
+    """Copy a llava-hf checkpoint's weights into `model` (strictly, via LLAVA_HF_KEY_MAP)."""
+    state = map_keys(read_weights(folder), LLAVA_HF_KEY_MAP)
+    load_state_dict_strict(model, state, source=str(folder), allow_missing=allow_missing)
 
 
 def _clean(config: dict[str, Any]) -> dict[str, Any]:

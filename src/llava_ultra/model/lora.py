@@ -1,4 +1,4 @@
-"""What is frozen, LoRA-adapted or fully trained, per component; merging; the checkpoint folder.
+"""What is frozen, LoRA-adapted or fully trained, per component; LoRA injection and merging.
 
 Components and the state-dict prefixes they own (`UltraModel`'s module-name contract):
 
@@ -14,61 +14,25 @@ into ONE regex rooted at each component (`llm\\.(?:.*\\.)?(?:q_proj|v_proj)`), s
 `q_proj` for the LLM can never land in CLIP, which also has `q_proj`. Injection uses peft's
 `inject_adapter_in_model` on our own model (no `PeftModel` wrapper), so state-dict names stay ours.
 
-The checkpoint folder (see docs/checkpoints.md), safetensors only:
-
-    config.json                       {"format": "llava-ultra", "model": ModelConfig}
-    trainability.json                 TrainabilityConfig (modes, LoRA settings, targets)
-    model.safetensors                 frozen weights that cannot be rebuilt from a hub id
-    adapter_model.safetensors         LoRA A/B weights (full names, no adapter name)
-    non_lora_trainables.safetensors   every other weight of a 'full' component
-    tokenizer files
-
-Rule for base weights: a tower (clip, sam, llm) whose config names a hub id / folder (`path`) and
-whose weights are unchanged (mode 'frozen' or 'lora', not merged) is NOT saved; it is reloaded from
-that `path`. Everything else is saved - random-init (`inline`) towers such as the tiny preset,
-fused/selector modules (never on a hub), fully trained towers (their config is written `inline`),
-and, with a hub LLM, its input/output embeddings (they grow when `<image>` is added). So a folder is
-loadable alone, given the hub ids it names. Loading is strict: the files together with the hub
-weights must cover the model exactly; missing, unexpected or mis-shaped keys raise `CheckpointError`.
+The checkpoint folder these settings are saved in (trainability.json beside the adapters and the
+non-LoRA trainables) is written and read by `checkpoint.py`; this module never touches files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import save_file
 from torch import nn
-from transformers import PreTrainedTokenizerBase
-from transformers.initialization import no_init_weights
 
-from ..config import COMPONENT_MODES, LoraSettings, ModelConfig, from_dict, to_dict
-from ..errors import CheckpointError, ConfigError
-from .tokenizer import load_tokenizer
-from .ultra import (
-    CONFIG_NAME,
-    FORMAT,
-    FORMAT_VERSION,
-    WEIGHTS_NAME,
-    UltraModel,
-    build_model,
-    load_state_dict_strict,
-    read_model_config,
-    resolve_dtype,
-)
-from .weights import read_safetensors_file
-
-TRAINABILITY_NAME = "trainability.json"
-ADAPTER_NAME = "adapter_model.safetensors"
-NON_LORA_NAME = "non_lora_trainables.safetensors"
+from ..config import COMPONENT_MODES, LoraSettings
+from ..errors import ConfigError
+from .ultra import UltraModel
 
 COMPONENTS = ("clip", "sam", "projectors", "fusion", "selector", "llm")
 COMPONENT_PREFIXES = {
@@ -279,153 +243,3 @@ def merge_lora(model: UltraModel) -> UltraModel:
     changed = {TOWERS[c]: getattr(resolved, TOWERS[c]) for c in merged if c in TOWERS}
     model.config = dataclasses.replace(model.config, **changed)
     return model
-
-
-# ------------------------------------------------------------------------------ checkpoints
-
-
-def hub_backed(config: ModelConfig, cfg: TrainabilityConfig) -> set[str]:
-    """Towers whose weights are reloaded from their `path` instead of being saved."""
-    return {
-        c for c, attr in TOWERS.items() if getattr(config, attr).path is not None and cfg.mode(c) != "full"
-    }
-
-
-def _embedding_names(model: UltraModel) -> set[str]:
-    wanted = {id(model.llm.get_input_embeddings()), id(model.llm.get_output_embeddings())}
-    return {plain_name(f"{name}.weight") for name, m in model.named_modules() if id(m) in wanted}
-
-
-def _owning(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors that own their storage, one per shared storage (tied weights keep one name)."""
-    out, seen = {}, set()
-    for key, t in tensors.items():
-        if t.data_ptr() in seen and t.numel():
-            continue
-        seen.add(t.data_ptr())
-        t = t.detach().contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()  # a view into a larger storage (e.g. a torch.load'ed shard)
-        out[key] = t
-    return out
-
-
-def write_checkpoint(
-    folder: str | Path,
-    config: ModelConfig,
-    trainability: TrainabilityConfig,
-    base: dict[str, torch.Tensor],
-    adapter: dict[str, torch.Tensor],
-    non_lora: dict[str, torch.Tensor],
-    tokenizer: PreTrainedTokenizerBase | None,
-) -> Path:
-    """Write the folder layout from already-partitioned tensors (plain names). Used by save and convert."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(config)}
-    (folder / CONFIG_NAME).write_text(
-        json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    (folder / TRAINABILITY_NAME).write_text(
-        json.dumps(to_dict(trainability), indent=2) + "\n", encoding="utf-8"
-    )
-    for name, tensors in ((WEIGHTS_NAME, base), (ADAPTER_NAME, adapter), (NON_LORA_NAME, non_lora)):
-        save_file(_owning(tensors), str(folder / name), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder
-
-
-def save_checkpoint(
-    model: UltraModel, folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None
-) -> Path:
-    """Write `model` as one checkpoint folder (layout and base-weight rule in the module docstring)."""
-    cfg = getattr(model, "trainability", None) or TrainabilityConfig()
-    hub = hub_backed(model.config, cfg)
-    keep = _embedding_names(model) if "llm" in hub else set()
-    base, adapter, non_lora = {}, {}, {}
-    for key, tensor in model.state_dict().items():
-        name = plain_name(key)
-        comp = component_of(name)
-        if is_lora_key(key):
-            adapter[name] = tensor
-        elif cfg.mode(comp) == "full":
-            non_lora[name] = tensor
-        elif comp not in hub or name in keep:
-            base[name] = tensor
-    resolved = model.resolved_config()
-    parts = {attr: getattr(resolved, attr) for c, attr in TOWERS.items() if c not in hub}
-    config = dataclasses.replace(model.config, **parts)
-    return write_checkpoint(folder, config, cfg, base, adapter, non_lora, tokenizer)
-
-
-def read_trainability(folder: str | Path) -> TrainabilityConfig:
-    """The folder's trainability.json; all-frozen for folders without one (UltraModel.save_pretrained)."""
-    path = Path(folder) / TRAINABILITY_NAME
-    if not path.is_file():
-        return TrainabilityConfig()
-    try:
-        return from_dict(TrainabilityConfig, json.loads(path.read_text(encoding="utf-8")), "trainability")
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def _read_tensors(folder: Path, name: str, required: bool) -> dict[str, torch.Tensor]:
-    path = folder / name
-    if path.is_file():
-        return read_safetensors_file(path)
-    if path.with_suffix(".bin").is_file():
-        raise CheckpointError(
-            f"{folder} holds {path.with_suffix('.bin').name}, not {name}: llava-ultra checkpoints are "
-            f"safetensors only; convert foreign checkpoints with `llava-ultra convert`"
-        )
-    if required:
-        raise CheckpointError(
-            f"{folder} has no {name}; it is needed by its {TRAINABILITY_NAME} / config.json"
-        )
-    return {}
-
-
-def load_checkpoint(
-    folder: str | Path, device: str | torch.device | None = None, dtype: str | None = None
-) -> tuple[UltraModel, PreTrainedTokenizerBase | None]:
-    """Rebuild (model, tokenizer) from a checkpoint folder alone, strictly; the model is in eval mode.
-
-    The tokenizer is None when the folder holds none. `dtype` overrides the saved `model.dtype`.
-    """
-    folder = Path(folder)
-    config = read_model_config(folder)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype)
-    cfg = read_trainability(folder)
-    tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
-    hub = hub_backed(config, cfg)
-    with no_init_weights():  # every weight is overwritten below; skip the random init
-        model = build_model(dataclasses.replace(config, dtype="float32"), tokenizer)
-    base = _read_tensors(folder, WEIGHTS_NAME, required=not hub)
-    apply_trainability(model, cfg)
-    adapter = _read_tensors(folder, ADAPTER_NAME, required=any(cfg.mode(c) == "lora" for c in COMPONENTS))
-    non_lora = _read_tensors(folder, NON_LORA_NAME, required=any(cfg.mode(c) == "full" for c in COMPONENTS))
-    files = {WEIGHTS_NAME: base, ADAPTER_NAME: adapter, NON_LORA_NAME: non_lora}
-    state: dict[str, torch.Tensor] = {}
-    for name, tensors in files.items():
-        twice = sorted(set(state) & set(tensors))
-        if twice:
-            raise CheckpointError(
-                f"{folder}: {name} repeats keys saved in another file: {', '.join(twice[:10])}"
-            )
-        state.update(tensors)
-    current = model.state_dict()
-    actual = {plain_name(k): k for k in current}
-    saved_anyway = _embedding_names(model) if "llm" in hub else set()
-    for name, key in actual.items():  # hub weights, already loaded by build_model
-        if (
-            component_of(name) in hub
-            and name not in state
-            and not is_lora_key(key)
-            and name not in saved_anyway
-        ):
-            state[name] = current[key]
-    state = {actual.get(k, k): v for k, v in state.items()}
-    load_state_dict_strict(model, state, source=str(folder))
-    return model.to(device=device or "cpu", dtype=resolve_dtype(config.dtype, device)).eval(), tokenizer

@@ -18,7 +18,7 @@ frame wins; only the selected images ever reach the LLM. A mismatch raises `Data
 counts (as transformers' modeling_llava does). In mode 'none' only the images that will be used
 are encoded.
 
-Module names are a contract (state-dict prefixes that lora.py and convert.py rely on):
+Module names are a contract (state-dict prefixes that lora.py, checkpoint.py and convert.py rely on):
     clip      transformers CLIPVisionModel    -> clip.embeddings.*, clip.encoder.*, clip.pre_layrnorm.*,
               clip.post_layernorm.*  (transformers 5.x has no `vision_model.` level in CLIPVisionModel)
     sam       transformers SamVisionModel | None -> sam.vision_encoder.*
@@ -34,29 +34,24 @@ The LLM uses SDPA unless configured otherwise; the attention teacher switches to
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_model
 from torch import nn
 from transformers import (
     CONFIG_MAPPING,
     AutoModelForCausalLM,
-    CLIPVisionConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.initialization import no_init_weights
 
-from ..config import LLMConfig, ModelConfig, model_config_from_dict, to_dict
-from ..errors import CheckpointError, ConfigError, DataError
+from ..config import LLMConfig, ModelConfig
+from ..errors import ConfigError, DataError
 from . import processor
 from .decode import DecodeStats, check_cache, decode_loop, eos_ids, next_token
 from .fusion import Fusion
@@ -74,12 +69,7 @@ from .selector import (
     supervised_loss,
 )
 from .vision import ImageProcessor, build_clip, build_sam, clip_tokens, sam_grid
-from .weights import read_safetensors_file
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-FORMAT = "llava-ultra"
-FORMAT_VERSION = 1
 IGNORE_INDEX = -100
 
 
@@ -153,7 +143,8 @@ class GenerationOutput:
 
 
 class UltraModel(nn.Module):
-    """CLIP (+ SAM) -> fusion -> selector -> LLM. Build with `build_model` or `from_pretrained`."""
+    """CLIP (+ SAM) -> fusion -> selector -> LLM. Build with `build_model`, or from a folder with
+    `checkpoint.load_for_inference` / `checkpoint.from_pretrained`."""
 
     def __init__(
         self, config: ModelConfig, clip: nn.Module, sam: nn.Module | None, llm: PreTrainedModel
@@ -577,7 +568,7 @@ class UltraModel(nn.Module):
         The input processor (model/processor.py) does it, the same code training collate uses."""
         return processor.prepare_inputs(tokenizer, self.config, prompts, images)
 
-    # --------------------------------------------------------------------------- save and load
+    # -------------------------------------------------------------------------------- config
 
     def resolved_config(self) -> ModelConfig:
         """This model's config with every pretrained part described inline (rebuildable offline)."""
@@ -605,109 +596,6 @@ class UltraModel(nn.Module):
             sam=part(c.sam, self.sam),
             llm=part(c.llm, self.llm, keep_type=True),
         )
-
-    def save_pretrained(self, folder: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-        """Write config.json (resolved, inline), model.safetensors and, if given, the tokenizer files."""
-        if getattr(self, "trainability", None) is not None:  # set by lora.apply_trainability
-            from .lora import save_checkpoint
-
-            return save_checkpoint(self, folder, tokenizer)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": to_dict(self.resolved_config()),
-        }
-        (folder / CONFIG_NAME).write_text(
-            json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(folder))
-        return folder
-
-    @classmethod
-    def from_pretrained(
-        cls, folder: str | Path, device: str | torch.device | None = None, dtype: str | None = None
-    ) -> UltraModel:
-        """Rebuild from a folder written by `save_pretrained`; strict: missing/unexpected keys raise."""
-        folder = Path(folder)
-        if (folder / "trainability.json").is_file():  # a lora.save_checkpoint folder (adapters, hub parts)
-            from .lora import load_checkpoint
-
-            return load_checkpoint(folder, device, dtype)[0]
-        cfg = read_model_config(folder)
-        if dtype is not None:
-            cfg = dataclasses.replace(cfg, dtype=dtype)
-        weights = folder / WEIGHTS_NAME
-        if not weights.is_file():
-            raise CheckpointError(
-                f"{folder} has no {WEIGHTS_NAME}; save the model there with save_pretrained"
-            )
-        with no_init_weights():  # every weight is overwritten below; skip the random init
-            model = build_model(dataclasses.replace(cfg, dtype="float32"))
-        load_state_dict_strict(model, read_safetensors_file(weights), source=str(weights))
-        return model.to(device=device or "cpu", dtype=resolve_dtype(cfg.dtype, device))
-
-
-def load_for_inference(
-    folder: str | Path, device: str | torch.device | None = None, dtype: str | None = None
-) -> tuple[UltraModel, Any]:
-    """(model in eval mode, tokenizer) from any checkpoint folder: the one loader eval, serve, chat
-    and predict share. The kind is chosen by the files in it (never by its name): a training
-    checkpoint (trainability.json, LoRA adapters or non-LoRA trainables beside config.json) loads with
-    `lora.load_checkpoint`; a `save_pretrained` folder (config.json + model.safetensors) with
-    `UltraModel.from_pretrained`. Both load strictly; the tokenizer must be saved in the folder, and
-    it must map the image token to the id the model expects."""
-    from . import lora
-    from .tokenizer import load_tokenizer
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"checkpoint folder {folder} does not exist; pass a folder written by training "
-            "(e.g. <run>/stage2) or by UltraModel.save_pretrained"
-        )
-    if not (folder / CONFIG_NAME).is_file():
-        stages = [s for s in ("stage2", "stage1") if (folder / s / CONFIG_NAME).is_file()]
-        if stages:
-            raise CheckpointError(
-                f"{folder} has no {CONFIG_NAME}; it looks like a training run: pass {folder / stages[0]}"
-            )
-    read_model_config(folder)  # a clear error for folders that are not ours
-    training_files = (lora.TRAINABILITY_NAME, lora.ADAPTER_NAME, lora.NON_LORA_NAME)
-    if any((folder / name).is_file() for name in training_files):
-        model, tokenizer = lora.load_checkpoint(folder, device=device, dtype=dtype)
-    else:
-        model = UltraModel.from_pretrained(folder, device=device, dtype=dtype)
-        tokenizer = load_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
-    if tokenizer is None:
-        raise CheckpointError(
-            f"{folder} holds no tokenizer; save the training tokenizer there (tokenizer.save_pretrained)"
-        )
-    token_id = tokenizer.convert_tokens_to_ids(model.config.image_token)
-    if token_id != model.config.image_token_id:
-        raise CheckpointError(
-            f"{folder}: the tokenizer maps {model.config.image_token!r} to {token_id} but the model expects "
-            f"{model.config.image_token_id}; save the tokenizer the model was trained with beside it"
-        )
-    return model.eval(), tokenizer
-
-
-def read_model_config(folder: str | Path) -> ModelConfig:
-    """The `ModelConfig` saved in a checkpoint folder, with a clear error for foreign folders."""
-    path = Path(folder) / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; is it a llava-ultra checkpoint folder?")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("format") != FORMAT:
-        kind = data.get("model_type", "unknown")
-        raise CheckpointError(
-            f"{folder} is not a llava-ultra checkpoint (its config.json has model_type={kind!r}); "
-            f"convert it first with `llava-ultra convert`"
-        )
-    return model_config_from_dict(data["model"])
 
 
 def build_model(
@@ -739,258 +627,6 @@ def build_model(
         llm.resize_token_embeddings(len(tokenizer))
     model = UltraModel(cfg, build_clip(cfg.vision), build_sam(cfg.sam), llm)
     return model.to(device=device or "cpu", dtype=dtype)
-
-
-def check_state_dict(
-    model: nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    source: str = "checkpoint",
-    allow_missing: Sequence[str] = (),
-    hint: str = "",
-) -> None:
-    """Compare `state_dict` with `model`'s keys and shapes (works on meta-device models too); any
-    missing, unexpected or mis-shaped key is a `CheckpointError` listing them. A parameter tied to
-    others (one tensor under several names, e.g. tied embeddings) needs only one of its names. Keys
-    starting with a prefix in `allow_missing` may be absent (modules the source does not have)."""
-    expected = model.state_dict()
-    aliases: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
-    twins = {name: names for names in aliases.values() for name in names}
-    missing = [
-        k
-        for k in expected
-        if not any(n in state_dict for n in twins.get(k, [k])) and not k.startswith(tuple(allow_missing))
-    ]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-        for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-
-    def listing(name: str, keys: list[str]) -> str:
-        shown = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-        return f"{len(keys)} {name}: {shown}" if keys else ""
-
-    parts = [listing("missing", missing), listing("unexpected", unexpected), listing("wrong shape", shapes)]
-    raise CheckpointError(f"{source} does not match the model ({'; '.join(p for p in parts if p)}){hint}")
-
-
-def load_state_dict_strict(
-    model: nn.Module,
-    state_dict: dict[str, torch.Tensor],
-    source: str = "checkpoint",
-    allow_missing: Sequence[str] = (),
-) -> None:
-    """Load `state_dict` into `model` after `check_state_dict` found nothing missing or unexpected."""
-    check_state_dict(
-        model,
-        state_dict,
-        source,
-        allow_missing,
-        hint=". Check that the config beside the weights is the one they were trained with, "
-        "or convert the checkpoint.",
-    )
-    model.load_state_dict(state_dict, strict=False)
-
-
-# ------------------------------------------------------------------------------- llava-hf weights
-
-LLAVA_HF_KEY_MAP = {
-    # source prefix -> our prefix; the longest matching prefix wins. Covers transformers 5.x in-memory
-    # names (model.vision_tower.*), its saved names (vision_tower.*, language_model.model.*) and the
-    # hub's llava-hf files (vision_tower.vision_model.*).
-    "model.vision_tower.vision_model.": "clip.",
-    "model.vision_tower.": "clip.",
-    "vision_tower.vision_model.": "clip.",
-    "vision_tower.": "clip.",
-    "model.multi_modal_projector.": "fusion.clip_projector.",
-    "multi_modal_projector.": "fusion.clip_projector.",
-    "model.language_model.": "llm.model.",
-    "language_model.model.": "llm.model.",
-    "language_model.lm_head.": "llm.lm_head.",
-    "lm_head.": "llm.lm_head.",
-}
-
-
-def map_keys(state_dict: dict[str, torch.Tensor], key_map: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Rename keys by longest matching prefix; keys with no match are kept (and reported by a strict load)."""
-    prefixes = sorted(key_map, key=len, reverse=True)
-    out = {}
-    for key, tensor in state_dict.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        out[key_map[prefix] + key[len(prefix) :] if prefix else key] = tensor
-    return out
-
-
-def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a transformers folder: model.safetensors or a sharded index."""
-    folder = Path(folder)
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return read_safetensors_file(single)
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors_file(folder / shard).items()}
-    raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json")
-
-
-def model_config_from_llava_hf(folder: str | Path) -> ModelConfig:
-    """A plain-LLaVA `ModelConfig` (SAM off, selection off) equivalent to a llava-hf config.json."""
-    path = Path(folder) / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("model_type") != "llava":
-        raise CheckpointError(
-            f"{path} has model_type={data.get('model_type')!r}, expected 'llava' (llava-hf format)"
-        )
-    layer = data.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise ConfigError(
-            f"{path}: vision_feature_layer={layer} (several layers) is not supported; use one layer"
-        )
-    if data.get("projector_hidden_act", "gelu") != "gelu" or not data.get("multimodal_projector_bias", True):
-        raise ConfigError(f"{path}: only a biased Linear-GELU-Linear projector (mlp2x_gelu) is supported")
-    strategy = data.get("vision_feature_select_strategy", "default")
-    vision = CLIPVisionConfig(**{k: v for k, v in data["vision_config"].items() if k != "model_type"})
-    cfg = {
-        "vision": {
-            "inline": data["vision_config"],
-            "select_layer": layer,
-            "select_feature": {"default": "patch", "full": "cls_patch"}[strategy],
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-        },
-        "sam": {"enabled": False},
-        "fusion": {"projector_type": "mlp2x_gelu"},
-        "selector": {"mode": "none", "none_strategy": "first"},
-        "llm": {"inline": data["text_config"]},
-        "image_token_id": data.get("image_token_id", data.get("image_token_index")),
-    }
-    return model_config_from_dict(cfg)
-
-
-def load_llava_hf_weights(model: UltraModel, folder: str | Path, allow_missing: Sequence[str] = ()) -> None:
-    """Copy a llava-hf checkpoint's weights into `model` (strictly, via LLAVA_HF_KEY_MAP)."""
-    state = map_keys(read_safetensors(folder), LLAVA_HF_KEY_MAP)
-    load_state_dict_strict(model, state, source=str(folder), allow_missing=allow_missing)
-
-
-# ------------------------------------------------------------------------------ sanity check
-
-
-@dataclass
-class NoiseCheck:
-    """Does the model look at the image? Compare its output on real images with noise images."""
-
-    image_matters: bool
-    """True when the next-token logits move by more than the tolerance."""
-    max_logit_diff: float
-    """Largest absolute change of the first answer token's logits."""
-    answer_changed: bool
-    """Whether the greedy answers differ."""
-    answer_real: str
-    """Greedy answer with the real images."""
-    answer_noise: str
-    """Greedy answer with noise images."""
-    per_image_diffs: list[float] = field(default_factory=list)
-    """With several images: the largest logit change when only image i is replaced by noise."""
-    images_into_llm: int = 1
-    """How many of the images the model feeds to its LLM (its selector's choice; the others are
-    scored, or skipped, but never seen by the LLM)."""
-    selector: str = ""
-    """The selector setting that decides which images reach the LLM, in words."""
-
-
-def noise_image_check(
-    model: UltraModel,
-    tokenizer: PreTrainedTokenizerBase,
-    images: Sequence[Image.Image],
-    prompt: str,
-    *,
-    max_new_tokens: int = 16,
-    seed: int = 0,
-    atol: float = 1e-4,
-) -> NoiseCheck:
-    """Replace `images` by uniform noise of the same sizes and report whether the output changes.
-
-    `prompt` is the text the model continues (e.g. `render_prompt(...)`) with one image placeholder;
-    if it has none, one is put in front. All images are one study (one sample of k images). A
-    model whose logits do not move ignores its images (a re-initialised or zeroed projector, a
-    vision tower that did not load): `image_matters` is False. With several images each one is
-    also replaced alone (`per_image_diffs`), and `images_into_llm` says how many of them the
-    model's selector passes to the LLM: an image the selector leaves out changes nothing.
-    """
-    if not images:
-        raise DataError("noise_image_check needs at least one image")
-    if model.config.image_token not in prompt:
-        prompt = f"{model.config.image_token}\n{prompt}"
-    rng = np.random.default_rng(seed)
-    noise = [Image.fromarray(rng.integers(0, 256, (im.height, im.width, 3), dtype=np.uint8)) for im in images]
-    was_training = model.training
-    model.eval()
-
-    def last_logits(imgs: list[Image.Image]) -> tuple[dict[str, Any], torch.Tensor]:
-        batch = model.prepare_inputs(tokenizer, [prompt], [imgs])
-        with torch.no_grad():
-            return batch, model(**batch).logits[0, -1].float()
-
-    answers, logits = [], []
-    for imgs in (list(images), noise):
-        batch, last = last_logits(imgs)
-        logits.append(last)
-        answers.append(model.generate(**batch, max_new_tokens=max_new_tokens, tokenizer=tokenizer).texts[0])
-    per_image = []
-    if len(images) > 1:
-        for i in range(len(images)):
-            one_noised = [noise[j] if j == i else im for j, im in enumerate(images)]
-            per_image.append(float((logits[0] - last_logits(one_noised)[1]).abs().max()))
-    model.train(was_training)
-    diff = float((logits[0] - logits[1]).abs().max())
-    sel = model.config.selector
-    how = f"selector mode {sel.mode!r}" + (f", strategy {sel.none_strategy!r}" if sel.mode == "none" else "")
-    return NoiseCheck(
-        image_matters=diff > atol,
-        max_logit_diff=diff,
-        answer_changed=answers[0] != answers[1],
-        answer_real=answers[0],
-        answer_noise=answers[1],
-        per_image_diffs=per_image,
-        images_into_llm=sel.images_into_llm(len(images)),
-        selector=how,
-    )
-
-
-def check_checkpoint_images(
-    folder: str | Path,
-    image_paths: Sequence[str | Path],
-    question: str = "Describe the findings. 请描述超声所见。",
-    *,
-    template: str | None = None,
-    device: str | None = None,
-    max_new_tokens: int = 16,
-) -> NoiseCheck:
-    """`noise_image_check` on a checkpoint folder (what `llava-ultra check-images` runs): load it,
-    prompt it with `question` in its own conversation format, and compare real images with noise."""
-    from .tokenizer import model_template, render_prompt
-
-    if not image_paths:
-        raise DataError("check-images needs at least one image: pass --image PATH")
-    images = []
-    for path in image_paths:
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read image {path}: {err}; pass a PNG or JPEG file") from err
-    model, tokenizer = load_for_inference(folder, device=device)
-    messages = [{"role": "user", "content": f"{model.config.image_token}\n{question}"}]  # one for all k
-    prompt = render_prompt(messages, template or model_template(model), image_token=model.config.image_token)
-    return noise_image_check(model, tokenizer, images, prompt, max_new_tokens=max_new_tokens)
 
 
 # ------------------------------------------------------------------------------------- helpers

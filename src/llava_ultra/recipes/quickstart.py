@@ -157,7 +157,7 @@ def run_quickstart(opts: QuickstartOptions, echo=print) -> QuickstartResult:
     from ..data.instruct import run_instruct
     from ..data.synth import generate
     from ..eval.synthus import eval_device, generate_answers, pick_eval_samples, score_answers
-    from ..model.lora import load_checkpoint
+    from ..model.checkpoint import load_checkpoint
     from ..model.tokenizer import load_tokenizer
     from ..train.dataset import image_root_for, read_instructions
     from ..train.loop import initial_model, train
@@ -254,7 +254,7 @@ def usage_hint(checkpoint: Path, commands: set[str]) -> str:
         lines.append(f"  llava-ultra serve {checkpoint}    # OpenAI-compatible API and web page")
     lines += [
         "  or from Python:",
-        "    from llava_ultra.model.lora import load_checkpoint",
+        "    from llava_ultra.model.checkpoint import load_checkpoint",
         f"    model, tok = load_checkpoint('{checkpoint}')",
         "    batch = model.prepare_inputs(tok, [prompt_with_one_<image>], [[PIL images]])",
         "    print(model.generate(**batch, tokenizer=tok).texts[0])",

@@ -72,10 +72,11 @@ from transformers import PreTrainedTokenizerBase
 
 from ..config import TEMPLATES
 from ..errors import DataError
+from ..model.checkpoint import load_for_inference
 from ..model.decode import SlotDecoder, eos_ids, kv_bytes_per_token, model_prefill, next_token
 from ..model.selector import Selection
 from ..model.tokenizer import model_template, render_prompt
-from ..model.ultra import UltraModel, load_for_inference
+from ..model.ultra import UltraModel
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +515,7 @@ class Engine:
     def from_checkpoint(
         cls, folder: str | Path, device: str | None = None, dtype: str | None = None, **kwargs: Any
     ) -> Engine:
-        """Load `folder` once (`model.ultra.load_for_inference`) and start the worker."""
+        """Load `folder` once (`model.checkpoint.load_for_inference`) and start the worker."""
         model, tokenizer = load_for_inference(folder, device=device, dtype=dtype)
         return cls(model, tokenizer, **kwargs)
 

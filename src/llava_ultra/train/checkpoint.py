@@ -1,4 +1,5 @@
-"""Run folders and resumable checkpoints: atomic writes, retention, RNG capture, run identity.
+"""Run folders and checkpoint folders: atomic writes, manifests, retention, RNG capture and seeding,
+run identity.
 
 Layout of a run folder (`train.output_dir`):
 
@@ -6,25 +7,24 @@ Layout of a run folder (`train.output_dir`):
     config.yaml               the full resolved config
     metrics.jsonl             one JSON line per logged step (see progress.py)
     stage1/, stage2/          final checkpoint of each stage: what the next stage, eval and serve load
-    checkpoints/stage{N}/step-00000040/
+    checkpoints/stage{N}/step-00000040/    written by trainer.py through accelerate's save_state:
+        model.safetensors     every trainable parameter (LoRA included), for an exact resume
+        optimizer.bin, scheduler.bin, random_states_{rank}.pkl (one per process)
+        custom_checkpoint_0.pkl   the trainer's counters (stage, step, epoch, batch, samples seen)
+        custom_checkpoint_1.pkl   the bad samples met so far
+        align_head.safetensors    the LoGra-Med head, when the stage trains it
         model/                a loadable model checkpoint (same format as stage{N}/)
-        trainables.safetensors  every trainable parameter (LoRA included), for an exact resume
-        optimizer.pt, scheduler.pt, trainer_state.json, rng_state.pt, config.yaml
+        config.yaml
         manifest.json         size and SHA-256 of every other file (also in stage{N}/)
 
 Notable choices:
 - Every checkpoint folder is written to `.<name>.tmp` beside its final place and renamed when
   complete, so a crash leaves either the previous checkpoint or the new one, never half of one.
-- The trainables are saved by name from a state dict the caller gathered with
-  `accelerator.get_state_dict` (a collective that assembles FSDP / ZeRO-3 shards), so this file
-  never touches sharded parameters.
-- RNG states (python, numpy, torch CPU and CUDA) are captured per process and stored together.
 - Every checkpoint folder the trainer writes carries `manifest.json`: the size and SHA-256 of each
   file in it, written last (inside the temporary folder, so it exists only when every file does).
   Resume verifies it before reading anything, so a truncated file, a missing file, or a file whose
   bytes changed while its size and header stayed (a zeroed tail) is found and named; the trainer
-  then falls back to the previous checkpoint and says so. Folders without a manifest (written by
-  older versions) are read unverified, and a read error there also falls back.
+  then falls back to the previous checkpoint and says so.
 - A run folder belongs to one config: starting again without `--resume` or `--overwrite` is
   refused, and resuming with a different config names the keys that differ. The run folder's own
   location is not part of that identity: `run.json` stores `train.output_dir` as "." and any path
@@ -71,8 +71,17 @@ RESUMABLE_KEYS = (
 # ---------------------------------------------------------------------------------- atomicity
 
 
-def _tmp_of(final: Path) -> Path:
+def tmp_of(final: Path) -> Path:
+    """Where `final` is written before it is renamed into place."""
     return final.parent / f".{final.name}.tmp"
+
+
+def fresh_dir(folder: Path) -> Path:
+    """`folder`, emptied (a leftover of an interrupted write is removed) and created."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
 
 
 @contextmanager
@@ -82,10 +91,7 @@ def atomic_dir(final: str | Path, *, manifest: bool = False) -> Iterator[Path]:
     With `manifest=True` the folder's `manifest.json` (sizes and SHA-256 of every file) is written
     after the caller's files and before the rename."""
     final = Path(final)
-    tmp = _tmp_of(final)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(tmp_of(final))
     try:
         yield tmp
         if manifest:
@@ -196,7 +202,8 @@ def verify_checkpoint(folder: str | Path, what: str = "checkpoint", *, expect_ma
 
 
 def capture_rng() -> dict[str, Any]:
-    """The state of every RNG training draws from (python, numpy, torch CPU, CUDA if present)."""
+    """The state of every RNG training draws from (python, numpy, torch CPU, CUDA if present); the
+    encoder pretraining (pretrain.py) saves it. The two-stage trainer uses accelerate's save_state."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -226,15 +233,17 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root` as (step, folder), oldest first (temp folders ignored)."""
+def list_checkpoints(root: str | Path, marker: str = "trainer_state.json") -> list[tuple[int, Path]]:
+    """Complete checkpoints under `root` (`step-*` folders holding `marker`: the trainer's are
+    complete with their MANIFEST, the encoder pretraining's with trainer_state.json) as (step,
+    folder), oldest first (temp folders ignored)."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+        if m and p.is_dir() and (p / marker).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -247,68 +256,30 @@ def list_step_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
 
 
-def prune_checkpoints(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints; returns the deleted folders."""
-    ckpts = list_checkpoints(root)
+def prune_checkpoints(root: str | Path, keep: int, marker: str = "trainer_state.json") -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (see `list_checkpoints`); returns the
+    deleted folders."""
+    ckpts = list_checkpoints(root, marker)
     doomed = [p for _, p in ckpts[: max(0, len(ckpts) - keep)]]
     for p in doomed:
         shutil.rmtree(p)
     return doomed
 
 
-def write_state_files(
-    folder: Path,
-    *,
-    trainables: dict[str, torch.Tensor],
-    optimizer_state: dict | None,
-    scheduler_state: dict,
-    trainer_state: dict[str, Any],
-    rng_states: list[dict[str, Any]],
-) -> None:
-    """Write the resumable part of a checkpoint into `folder` (main process only)."""
-    from safetensors.torch import save_file
-
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in trainables.items()}, folder / "trainables.safetensors"
-    )
-    if optimizer_state is not None:
-        torch.save(optimizer_state, folder / "optimizer.pt")
-    torch.save(scheduler_state, folder / "scheduler.pt")
-    torch.save(rng_states, folder / "rng_state.pt")
-    (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n", encoding="utf-8")
-
-
-def read_state_files(folder: Path, with_optimizer: bool = True) -> dict[str, Any]:
-    """Everything `write_state_files` wrote (tensors on CPU). `with_optimizer=False` leaves the
-    optimiser state unread (None): FSDP processes other than the main one get it broadcast."""
-    from safetensors.torch import load_file
-
-    needed = ["trainables.safetensors", "scheduler.pt", "rng_state.pt", "trainer_state.json"]
-    missing = [n for n in needed if not (folder / n).is_file()]
-    if missing:
-        raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {', '.join(missing)} missing")
-    opt = folder / "optimizer.pt"
-
-    def read(name: str, how):
+def check_readable(folder: Path, names: list[str]) -> None:
+    """Read each named pickle of `folder` (small state files) and raise DamagedCheckpoint naming
+    the first that is missing or cannot be read (a file written damaged, which its manifest matches)."""
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"checkpoint {folder} is damaged: {name} is missing")
         try:
-            return how(folder / name)
-        except Exception as exc:  # truncated / damaged: torch, safetensors and json raise their own kinds
-            size = (folder / name).stat().st_size
+            torch.load(path, weights_only=False)
+        except Exception as exc:  # truncated / damaged: pickle and torch raise their own kinds
             raise DamagedCheckpoint(
-                f"checkpoint {folder} is damaged: {name} ({size} bytes) cannot be read ({type(exc).__name__}: "
-                f"{str(exc)[:200]}); it is truncated or damaged"
+                f"checkpoint {folder} is damaged: {name} ({path.stat().st_size} bytes) cannot be read "
+                f"({type(exc).__name__}: {str(exc)[:200]}); it is truncated or damaged"
             ) from None
-
-    def torch_file(path: Path) -> Any:
-        return torch.load(path, weights_only=False)
-
-    return {
-        "trainables": read("trainables.safetensors", lambda p: load_file(str(p))),
-        "optimizer": read("optimizer.pt", torch_file) if with_optimizer and opt.is_file() else None,
-        "scheduler": read("scheduler.pt", torch_file),
-        "rng": read("rng_state.pt", torch_file),
-        "trainer": read("trainer_state.json", lambda p: json.loads(p.read_text(encoding="utf-8"))),
-    }
 
 
 def write_config(folder: Path, config: dict[str, Any]) -> None:

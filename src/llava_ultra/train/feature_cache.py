@@ -50,6 +50,7 @@ from ..data.reports import resolve_image
 from ..errors import CheckpointError, ConfigError, DataError
 from . import checkpoint as ck
 from .dataset import PixelSource, Prepared, image_root_for, read_instructions
+from .setup import initial_model, resolve_tokenizer
 
 INDEX_NAME = "cache.json"
 FORMAT = "llava-ultra-feature-cache"
@@ -283,11 +284,9 @@ def build_cache(
 def model_for_cache(cfg: Config, device: str | torch.device | None = None) -> Any:
     """The model whose encoders training will use: `train.init_from`'s, else the fresh stage-1 model
     (`build_model` seeded with train.seed, with the run's tokenizer), built exactly as training does."""
-    from .loop import initial_model, resolve_tokenizer
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.train.init_from is not None:
-        from ..model.lora import load_checkpoint
+        from ..model.checkpoint import load_checkpoint
 
         return load_checkpoint(cfg.train.init_from, device=device)[0]
     return initial_model(cfg, resolve_tokenizer(cfg, None), device).eval()

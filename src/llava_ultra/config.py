@@ -238,6 +238,14 @@ class SelectorConfig:
     """What the teacher reads from the attention of the findings text on an image's tokens: 'mass'
     (total attention on the image, the paper's reading of Attn(H_v, H_t)) or 'peak' (the largest
     attention on any single image token)."""
+    teacher: str = "attention"
+    """Who gives the KD target in mode 'feature+attention': 'attention' (the paper: the LLM's attention
+    of the findings text on each image) or 'lesion' (an alternative that is not the paper's: the
+    lesion probability mass that the SAM mask decoder of `llava-ultra pretrain-encoders` predicts on
+    each frame; frozen, used in training only, never saved in the checkpoint). See docs/results.md."""
+    teacher_decoder: str | None = None
+    """teacher 'lesion' only: folder of a `pretrain-encoders` run (holding sam_decoder.safetensors);
+    default: the folder above `model.sam.path`."""
     straight_through: bool = True
     """Give the scorer a gradient from the LM loss via a straight-through estimator while training."""
     supervised_weight: float = 0.0
@@ -258,6 +266,7 @@ class SelectorConfig:
         _one_of("model.selector.teacher_norm", self.teacher_norm, ("none", "zscore"))
         _one_of("model.selector.teacher_relevance", self.teacher_relevance, ("mass", "peak"))
         _one_of("model.selector.score_features", self.score_features, ("fused", "clip"))
+        _one_of("model.selector.teacher", self.teacher, ("attention", "lesion"))
         if self.supervised_weight < 0:
             raise ConfigError(f"model.selector.supervised_weight={self.supervised_weight} must be >= 0")
 
@@ -320,6 +329,11 @@ class ModelConfig:
             raise ConfigError(
                 "model.vision.select_feature='cls_patch' cannot be fused with SAM (SAM has no CLS token); "
                 "use select_feature='patch' or set model.sam.enabled=false"
+            )
+        if self.selector.teacher == "lesion" and not self.sam.enabled:
+            raise ConfigError(
+                "model.selector.teacher='lesion' reads SAM's lesion masks but model.sam.enabled=false; "
+                "use teacher='attention' or enable SAM"
             )
         inline = self.llm.inline or {}
         layers, vocab = inline.get("num_hidden_layers"), inline.get("vocab_size")

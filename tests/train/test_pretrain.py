@@ -4,6 +4,7 @@ and the pretrained CLIP classifies sites zero-shot better than chance on held-ou
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 from llava_ultra.config import SamConfig, VisionConfig, from_dict
 from llava_ultra.data.frames import build_synth_frames, read_frames
 from llava_ultra.data.synth import SynthConfig
-from llava_ultra.errors import ConfigError
+from llava_ultra.errors import CheckpointError, ConfigError
 from llava_ultra.eval.encoders import frame_features, zero_shot_sites
 from llava_ultra.model.vision import build_clip, build_sam
 from llava_ultra.train.pretrain import (
@@ -193,3 +194,55 @@ def test_cli_builds_a_corpus_pretrains_and_refuses_to_overwrite(tmp_path):
         app, ["pretrain-encoders", "--out", str(tmp_path / "x"), "--corpus", str(bad)]
     )
     assert missing.exit_code == 2 and "line 1: has neither 'caption' nor 'mask'" in missing.output
+
+
+def _lesion_model(trained, **selector):
+    from llava_ultra.config import load_config
+    from llava_ultra.model.tokenizer import build_tiny_tokenizer
+    from llava_ultra.model.ultra import build_model
+
+    root, _, _ = trained
+    overrides = encoder_overrides(root / "enc") + [f"model.selector.{k}={v}" for k, v in selector.items()]
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml", overrides)
+    tok = build_tiny_tokenizer(["liver ultrasound findings"], vocab_size=300)
+    return build_model(cfg.model, tok), root
+
+
+def test_lesion_teacher_reads_the_pretrained_mask_decoder_and_is_never_saved(trained):
+    from PIL import Image
+
+    from llava_ultra.model.pretrain_heads import load_mask_decoder
+    from llava_ultra.model.vision import sam_grid
+
+    model, root = _lesion_model(trained, teacher="lesion")
+    model.train()
+    recs = [json.loads(line) for line in (root / "corpus" / "frames.jsonl").read_text().splitlines()][:5]
+    images = [Image.open(root / "corpus" / r["image"]).convert("RGB") for r in recs]
+    px = model.image_processor(images)
+    _, selection, kd, _ = model._select(px["pixel_values_clip"], px["pixel_values_sam"], [3, 2], None, None)
+    # reference: the decoder saved by pretrain-encoders, applied by hand to SAM's grid
+    decoder = load_mask_decoder(root / "enc")
+    with torch.no_grad():
+        mass = decoder(sam_grid(model.sam, px["pixel_values_sam"])).softmax(1)[:, 2:].sum((1, 2, 3))
+    want = torch.full((2, 3), float("-inf"))
+    want[0, :3], want[1, :2] = mass[:3], mass[3:]
+    assert torch.allclose(selection.teacher, want, rtol=1e-5, atol=1e-4)
+    assert kd is not None and torch.isfinite(kd) and kd.requires_grad  # it trains the scorer
+    # frozen, out of the module tree: not a parameter, not in the checkpoint's state dict
+    assert not any("lesion" in k or "decoder" in k for k in model.state_dict())
+    assert all(not p.requires_grad for p in model._lesion_decoder.parameters())
+
+
+def _no_sam(trained):
+    from llava_ultra.config import load_config
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
+    load_config(tiny, ["model.selector.teacher=lesion", "model.sam.enabled=false"])
+
+
+def test_lesion_teacher_needs_sam_and_a_decoder_and_says_how(trained):
+    with pytest.raises(ConfigError, match="teacher='lesion' reads SAM"):
+        _no_sam(trained)
+    model, _ = _lesion_model(trained, teacher="lesion", teacher_decoder="/nonexistent")
+    with pytest.raises(CheckpointError, match="/nonexistent holds no SAM mask decoder"):
+        model._lesion_relevance(torch.zeros(2, 3, 128, 128), None)

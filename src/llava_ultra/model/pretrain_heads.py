@@ -120,6 +120,11 @@ def load_text_tower(folder: Path) -> tuple[Any, TextTower, torch.Tensor, torch.T
 def load_mask_decoder(folder: Path) -> MaskDecoder:
     from safetensors.torch import load_file
 
+    if not (Path(folder) / "sam_decoder.json").is_file():
+        raise CheckpointError(
+            f"{folder} holds no SAM mask decoder (sam_decoder.json); give the output folder of "
+            "`llava-ultra pretrain-encoders`"
+        )
     meta = json.loads((Path(folder) / "sam_decoder.json").read_text(encoding="utf-8"))
     dec = MaskDecoder(meta["channels"], meta["labels"])
     dec.load_state_dict(load_file(str(Path(folder) / "sam_decoder.safetensors")))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -162,6 +163,9 @@ class UltraModel(nn.Module):
         )
         self.selector = Selector(config.selector, llm_dim)
         self.llm = llm
+        # teacher 'lesion' (not the paper's): a frozen SAM mask decoder, kept out of the module tree
+        # so that it is neither trained nor saved; loaded on first use (see _lesion_relevance).
+        object.__setattr__(self, "_lesion_decoder", None)
 
     # ------------------------------------------------------------------------------- basics
 
@@ -216,16 +220,47 @@ class UltraModel(nn.Module):
         self, tokens: torch.Tensor, pixel_values_sam: torch.Tensor | None, sam_features: torch.Tensor | None
     ) -> torch.Tensor:
         """CLIP tokens (M, N, Dc) + SAM (pixels or cached grid, same M images) -> H_v (M, N, D)."""
-        grid = None
-        if self.sam is not None and sam_features is not None:
-            grid = sam_features.to(self.device)  # (M, C, Gs, Gs)
-        elif self.sam is not None:
-            if pixel_values_sam is None:
-                raise DataError(
-                    "this model fuses SAM features: pass pixel_values_sam (ImageProcessor makes both)"
-                )
-            grid = sam_grid(self.sam, pixel_values_sam.to(self.device))  # (M, C, Gs, Gs)
+        grid = self._sam_grid(pixel_values_sam, sam_features)  # (M, C, Gs, Gs) or None
         return self.fusion(tokens.to(self.dtype), grid)  # (M, N, D)
+
+    def _sam_grid(
+        self, pixel_values_sam: torch.Tensor | None, sam_features: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """SAM's neck grid (M, C, Gs, Gs) from pixels or the cache; None without SAM."""
+        if self.sam is None:
+            return None
+        if sam_features is not None:
+            return sam_features.to(self.device)
+        if pixel_values_sam is None:
+            raise DataError(
+                "this model fuses SAM features: pass pixel_values_sam (ImageProcessor makes both)"
+            )
+        return sam_grid(self.sam, pixel_values_sam.to(self.device))
+
+    @torch.no_grad()
+    def _lesion_relevance(
+        self, pixel_values_sam: torch.Tensor | None, sam_features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Teacher 'lesion': the predicted lesion probability mass of each image (M,), from the frozen
+        SAM mask decoder of the `pretrain-encoders` run (labels after 'organ' are lesions)."""
+        if self._lesion_decoder is None:
+            from .pretrain_heads import load_mask_decoder
+
+            scfg = self.config.selector
+            folder = scfg.teacher_decoder or (
+                str(Path(self.config.sam.path).parent) if self.config.sam.path else None
+            )
+            if folder is None:
+                raise ConfigError(
+                    "model.selector.teacher='lesion' needs the SAM mask decoder of a pretrain-encoders "
+                    "run: set model.selector.teacher_decoder=DIR (or load SAM from DIR/sam)"
+                )
+            decoder = load_mask_decoder(Path(folder)).eval().requires_grad_(False)
+            object.__setattr__(self, "_lesion_decoder", decoder)
+        decoder = self._lesion_decoder.to(self.device)
+        grid = self._sam_grid(pixel_values_sam, sam_features).float()  # (M, C, Gs, Gs)
+        probs = decoder(grid).softmax(1)  # (M, L, 4Gs, 4Gs)
+        return probs[:, 2:].sum((1, 2, 3))  # (M,)
 
     # -------------------------------------------------------------------------------- 3. select
 
@@ -287,7 +322,10 @@ class UltraModel(nn.Module):
             selected = select_features(feats, counts, chosen, multipliers)  # (S, N, D)
 
         kd, teacher = None, None
-        if scfg.mode == "feature+attention" and findings_ids is not None:
+        if scfg.mode == "feature+attention" and scfg.teacher == "lesion":
+            teacher, _ = group(self._lesion_relevance(pixel_values_sam, sam_features), counts)  # (B, K)
+            kd = kd_loss(teacher, scores, valid, scfg.teacher_temperature, scfg.teacher_norm)
+        elif scfg.mode == "feature+attention" and findings_ids is not None:
             if findings_mask is None:
                 findings_mask = torch.ones_like(findings_ids)
             repeat = torch.tensor(counts, device=self.device)

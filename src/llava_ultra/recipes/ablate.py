@@ -94,6 +94,11 @@ ROWS: dict[str, Row] = {
             "full model, teacher relevance = most-attended image token (peak)",
             {"model.selector.teacher_relevance": "peak"},
         ),
+        Row(
+            "full_lesion",
+            "(extra) full model, KD from SAM's lesion masks instead of the attention teacher",
+            {"model.selector.teacher": "lesion"},
+        ),
         Row("no_stage2", "w/o stage 2 tuning", {"train.stages": [1]}, stage1_only=True),
         Row("no_site", "w/o site prompt in instruction", site_cue="without"),
         Row(

@@ -219,7 +219,10 @@ def test_lesion_teacher_reads_the_pretrained_mask_decoder_and_is_never_saved(tra
     recs = [json.loads(line) for line in (root / "corpus" / "frames.jsonl").read_text().splitlines()][:5]
     images = [Image.open(root / "corpus" / r["image"]).convert("RGB") for r in recs]
     px = model.image_processor(images)
-    _, selection, kd, _ = model._select(px["pixel_values_clip"], px["pixel_values_sam"], [3, 2], None, None)
+    findings = torch.ones(2, 4, dtype=torch.long)  # KD applies to samples that carry findings text
+    _, selection, kd, _ = model._select(
+        px["pixel_values_clip"], px["pixel_values_sam"], [3, 2], findings, None
+    )
     # reference: the decoder saved by pretrain-encoders, applied by hand to SAM's grid
     decoder = load_mask_decoder(root / "enc")
     with torch.no_grad():

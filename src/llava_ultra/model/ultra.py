@@ -322,7 +322,8 @@ class UltraModel(nn.Module):
             selected = select_features(feats, counts, chosen, multipliers)  # (S, N, D)
 
         kd, teacher = None, None
-        if scfg.mode == "feature+attention" and scfg.teacher == "lesion":
+        # KD applies to the samples that carry findings text, whichever teacher gives the target
+        if scfg.mode == "feature+attention" and findings_ids is not None and scfg.teacher == "lesion":
             teacher, _ = group(self._lesion_relevance(pixel_values_sam, sam_features), counts)  # (B, K)
             kd = kd_loss(teacher, scores, valid, scfg.teacher_temperature, scfg.teacher_norm)
         elif scfg.mode == "feature+attention" and findings_ids is not None:

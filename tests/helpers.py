@@ -119,3 +119,19 @@ def tiny_batch(model: UltraModel, counts: list[int], prompt: str = "<image>\n肝
         start += k
     prompts = [prompt if k else prompt.replace(model.config.image_token, "") for k in counts]
     return model.prepare_inputs(tiny_tokenizer(), prompts, groups)
+
+
+def instruct_sample(k: int = 2, answer: str = "肝脏超声。", sid: str = "s1") -> dict:
+    """One instruction sample with k image placeholders (a zh site answer, an en findings turn)."""
+    return {
+        "id": sid,
+        "images": [f"img{i}.png" for i in range(k)],
+        "conversations": [
+            {"from": "human", "value": "\n".join(["<image>"] * k + ["What is the examination site?"])},
+            {"from": "gpt", "value": answer},
+            {"from": "human", "value": "Describe it."},
+            {"from": "gpt", "value": "The liver is normal."},
+        ],
+        "findings": "The liver is normal in size.",
+        "valid": [True] * k,
+    }

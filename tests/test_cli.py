@@ -189,6 +189,8 @@ def test_errors_name_the_option_and_the_fix() -> None:
         parse("synth", "--out", "x", "--reports")
     with pytest.raises(ConfigError, match="must be int"):
         parse("synth", "--out", "x", "--reports", "many")
+    with pytest.raises(ConfigError, match="seeds must be int, got 'x'"):
+        parse("ablate", "--out", "o", "--seeds", "0,x")
     with pytest.raises(HelpRequested):
         parse("synth", "--help")
 

@@ -16,22 +16,8 @@ from llava_ultra.train.dataset import (
     ShardedBatchSampler,
     prepare_samples,
 )
+from tests.helpers import instruct_sample as sample
 from tests.helpers import tiny_images, tiny_model_config, tiny_tokenizer
-
-
-def sample(k: int = 2, answer: str = "肝脏超声。", sid: str = "s1") -> dict:
-    return {
-        "id": sid,
-        "images": [f"img{i}.png" for i in range(k)],
-        "conversations": [
-            {"from": "human", "value": "\n".join(["<image>"] * k + ["What is the examination site?"])},
-            {"from": "gpt", "value": answer},
-            {"from": "human", "value": "Describe it."},
-            {"from": "gpt", "value": "The liver is normal."},
-        ],
-        "findings": "The liver is normal in size.",
-        "valid": [True] * k,
-    }
 
 
 @pytest.fixture

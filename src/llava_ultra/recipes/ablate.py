@@ -122,7 +122,8 @@ class AblateOptions:
     """Folder for the shared data, the runs and results.md/json."""
     rows: Sequence[str] = DEFAULT_ROWS
     """Rows (default: the paper's six): full, no_ve, no_ra, no_funcb, no_stage2, no_site; extra:
-    no_ra_first, no_ra_all, full_raw_teacher, full_supervised."""
+    no_ra_first, no_ra_all, full_raw_teacher, full_supervised, full_cheap (CLIP-only scoring),
+    full_peak (peak teacher reading), full_lesion (KD from SAM's lesion masks)."""
     seeds: Sequence[int] = (0, 1, 2)
     """Training seeds."""
     reports: int = 600
@@ -155,15 +156,6 @@ def check_rows(keys: Sequence[str]) -> list[str]:
         raise ConfigError(f"no rows given; choose from: {', '.join(ROWS)}")
     keys = list(dict.fromkeys(keys))
     return sorted(keys, key=lambda k: k != "full")
-
-
-def split_list(text: str, kind: type) -> list[Any]:
-    """'0,1 2' -> [0, 1, 2] (commas or spaces); a bad item raises naming it."""
-    items = [x for x in text.replace(",", " ").split() if x]
-    try:
-        return [kind(x) for x in items]
-    except ValueError as exc:
-        raise ConfigError(f"{text!r}: {exc}; give a comma-separated list such as 0,1,2") from exc
 
 
 def row_config(

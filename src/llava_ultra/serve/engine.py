@@ -791,17 +791,7 @@ class Engine:
                 _set_selection(handle, selection, b)
 
         def on_token(b: int, token: int, ended: bool) -> bool:
-            handle = batch[b]
-            self.stats["tokens"] += 1
-            try:
-                done = handle.on_token(token, ended)
-            except Exception as exc:  # this row's bookkeeping failed: end it alone
-                log.exception("request %d failed while decoding", handle.request_id)
-                handle.fail(exc)
-                return True
-            if handle.dropped:
-                self.stats["cancelled"] += 1
-            return done
+            return self._feed(batch[b], token, ended)
 
         with torch.inference_mode():
             self.model.generate(
@@ -883,7 +873,7 @@ class Engine:
             self.stats["shifts"], self.stats["waits"] = dec.shifts, dec.waits
             for slot, (handle, _, rng) in list(rows.items()):
                 token = self._sample(handle, logits[slot : slot + 1], rng)
-                if self._feed(handle, token, eos):
+                if self._feed(handle, token, token in eos):
                     self._leave(dec, rows, slot)
                 else:
                     rows[slot] = (handle, token, rng)
@@ -911,7 +901,7 @@ class Engine:
             log.exception("request %d failed in prefill", handle.request_id)
             handle.fail(exc)
             return
-        if self._feed(handle, token, eos):
+        if self._feed(handle, token, token in eos):
             return
         slot = dec.free()
         dec.admit(slot, cache, mask, steps)
@@ -930,11 +920,11 @@ class Engine:
         p = handle.prepared.params
         return int(next_token(logits, not p.greedy, p.temperature or 1.0, p.top_p, rng)[0])
 
-    def _feed(self, handle: Handle, token: int, eos: set[int]) -> bool:
-        """Give a sampled token to its handle; True when the request is done."""
+    def _feed(self, handle: Handle, token: int, ended: bool) -> bool:
+        """Give a sampled token to its handle (both batching modes); True when the request is done."""
         self.stats["tokens"] += 1
         try:
-            done = handle.on_token(token, token in eos)
+            done = handle.on_token(token, ended)
         except Exception as exc:  # this row's bookkeeping failed: end it alone
             log.exception("request %d failed while decoding", handle.request_id)
             handle.fail(exc)

@@ -89,7 +89,9 @@ def test_validation_names_field_and_fix(override, message):
 
 
 def test_missing_file_and_bad_override_syntax(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(
+        ConfigError, match="nope.yaml: no such file; pass a YAML file such as configs/tiny.yaml"
+    ):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="no '='"):
         load_config(next(p for p in CONFIGS if p.stem == "tiny"), ["model.dtype"])

@@ -50,6 +50,7 @@ from typing import Any
 import typer
 import yaml
 
+from .config import read_yaml_mapping
 from .errors import ConfigError, LlavaUltraError
 
 TRAINING_SECTIONS = ("model", "train", "data")
@@ -343,15 +344,9 @@ def split_args(args: Sequence[str], table: OptionTable, *, training: bool) -> Pa
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file; pass a YAML file of this command's options")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold a mapping of option names to values")
-    return data
+    return read_yaml_mapping(
+        path, "pass a YAML file of this command's options", "must hold a mapping of option names to values"
+    )
 
 
 def _from_yaml(data: Mapping[str, Any], table: OptionTable, where: str) -> dict[str, Any]:

@@ -802,17 +802,28 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any],
 # ------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """Read a YAML preset, apply dotted overrides, and return the validated `Config`."""
+def read_yaml_mapping(path: str | Path, missing: str, not_mapping: str) -> dict[str, Any]:
+    """The mapping in a YAML file; `missing` / `not_mapping` end the error messages with the fix."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+        raise ConfigError(f"{path}: no such file; {missing}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping with a 'model:' section at the top level")
+        raise ConfigError(f"{path} {not_mapping}")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a YAML preset, apply dotted overrides, and return the validated `Config`."""
+    path = Path(path)
+    data = read_yaml_mapping(
+        path,
+        "pass a YAML file such as configs/tiny.yaml",
+        "must hold a mapping with a 'model:' section at the top level",
+    )
     apply_overrides(data, overrides or [])
     try:
         return from_dict(Config, data)

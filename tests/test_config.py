@@ -95,3 +95,13 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="no '='"):
         load_config(next(p for p in CONFIGS if p.stem == "tiny"), ["model.dtype"])
+
+
+def test_a_yaml_file_that_is_broken_or_not_a_mapping_is_named(tmp_path):
+    broken, listed = tmp_path / "broken.yaml", tmp_path / "list.yaml"
+    broken.write_text("model: [unclosed\n", encoding="utf-8")
+    listed.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="list.yaml must hold a mapping with a 'model:' section"):
+        load_config(listed)

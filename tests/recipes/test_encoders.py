@@ -32,6 +32,10 @@ def test_built_once_and_reused_by_content_hash(tmp_path):
     quality = json.loads((first / "encoder_quality.json").read_text())
     assert {"pretrained", "random_init"} <= set(quality)
     assert json.loads((first / "recipe.json").read_text())["steps"] == 2
+    # the default recipe's token head and whole-report batches reach the pretraining config
+    saved = json.loads((first / "pretrain_config.json").read_text())
+    assert saved["token_lesion_weight"] == 1.0 and saved["report_batches"] is True
+    assert json.loads((first / "sam_decoder.json").read_text())["token_head"] is True
     assert not list(tmp_path.glob(".*"))  # no temporary folder or corpus left behind
 
 

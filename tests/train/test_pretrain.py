@@ -249,3 +249,57 @@ def test_lesion_teacher_needs_sam_and_a_decoder_and_says_how(trained):
     model, _ = _lesion_model(trained, teacher="lesion", teacher_decoder="/nonexistent")
     with pytest.raises(CheckpointError, match="/nonexistent holds no SAM mask decoder"):
         model._lesion_relevance(torch.zeros(2, 3, 128, 128), None)
+
+
+def test_token_lesion_loss_marks_a_token_positive_when_any_pixel_of_its_block_is_a_lesion():
+    from llava_ultra.model.pretrain_heads import token_lesion_loss
+
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 5, 6] = 2  # one lesion pixel: token (1, 1) of a 2x2 grid over 4x4 blocks
+    perfect = torch.full((1, 2, 2), -20.0)
+    perfect[0, 1, 1] = 20.0
+    wrong = -perfect
+    assert float(token_lesion_loss(perfect, target)) < 1e-6
+    assert float(token_lesion_loss(wrong, target)) > 10
+    # balanced: the lone positive token weighs as much as the three negatives together
+    only_pos_wrong = torch.full((1, 2, 2), -20.0)
+    only_neg_wrong = perfect.clone()
+    only_neg_wrong[0, 0, 0] = 20.0
+    assert float(token_lesion_loss(only_pos_wrong, target)) == pytest.approx(10.0, rel=1e-3)
+    assert float(token_lesion_loss(only_neg_wrong, target)) == pytest.approx(20.0 / 3 / 2, rel=1e-3)
+    # frames without a mask (-1) are ignored; a batch of them gives an exact, differentiable 0
+    none = torch.full((1, 8, 8), -1, dtype=torch.long)
+    logits = torch.zeros(1, 2, 2, requires_grad=True)
+    loss = token_lesion_loss(logits, none)
+    loss.backward()
+    assert float(loss) == 0.0 and logits.grad is not None
+
+
+def test_token_head_trains_saves_and_loads_with_the_decoder(tmp_path):
+    from llava_ultra.model.pretrain_heads import load_mask_decoder
+
+    build_synth_frames(tmp_path / "corpus", corpus_config(3, reports=24), val_frac=0.0)
+    cfg = PretrainConfig(steps=40, batch_size=24, lr=3e-3, warmup_steps=3, save_every=40,
+                         token_lesion_weight=1.0, progress=False)  # fmt: skip
+    pretrain(tmp_path / "corpus", tmp_path / "enc", cfg, echo=lambda *a: None)
+    meta = json.loads((tmp_path / "enc" / "sam_decoder.json").read_text())
+    assert meta["token_head"] is True
+    dec = load_mask_decoder(tmp_path / "enc")
+    sam = build_sam(
+        from_dict(SamConfig, {"path": str(tmp_path / "enc" / "sam"), "image_size": cfg.sam.image_size}, "sam")
+    )
+    grid = sam(pixel_values=torch.zeros(2, 3, cfg.sam.image_size, cfg.sam.image_size)).last_hidden_state
+    side = cfg.sam.image_size // cfg.sam.inline["patch_size"]
+    assert dec.token_logits(grid).shape == (2, side, side)
+    with pytest.raises(ConfigError, match="token_lesion_weight"):
+        PretrainConfig(token_lesion_weight=-1.0)
+
+
+def test_a_decoder_without_token_head_loads_and_names_the_setting_when_asked_for_it(trained):
+    from llava_ultra.model.pretrain_heads import load_mask_decoder
+
+    root, cfg, _ = trained  # token_lesion_weight = 0 (the default)
+    assert json.loads((root / "enc" / "sam_decoder.json").read_text())["token_head"] is False
+    dec = load_mask_decoder(root / "enc")
+    with pytest.raises(CheckpointError, match="token_lesion_weight"):
+        dec.token_logits(torch.zeros(1, cfg.sam.inline["output_channels"], 4, 4))

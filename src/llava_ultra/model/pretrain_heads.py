@@ -53,16 +53,48 @@ def mask_loss(
 
 
 class MaskDecoder(nn.Module):
-    """Light mask head on SAM's neck: (B, C, G, G) -> (B, L, 4G, 4G) label logits."""
+    """Light mask head on SAM's neck: (B, C, G, G) -> (B, L, 4G, 4G) label logits.
 
-    def __init__(self, channels: int, labels: int) -> None:
+    With `token_head`, also a linear (1x1) lesion-presence head on the neck itself:
+    (B, C, G, G) -> (B, G, G) logits that a token's patch holds a lesion pixel (`token_logits`).
+    Being linear, it makes lesion presence linearly readable from each SAM token, which is how the
+    frame selector's scorer (a linear token weighting and head) and the LLM's projector read them."""
+
+    def __init__(self, channels: int, labels: int, token_head: bool = False) -> None:
         super().__init__()
         self.up1 = nn.ConvTranspose2d(channels, channels, 2, stride=2)
         self.up2 = nn.ConvTranspose2d(channels, max(8, channels // 2), 2, stride=2)
         self.out = nn.Conv2d(max(8, channels // 2), labels, 1)
+        self.token = nn.Conv2d(channels, 1, 1) if token_head else None
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.out(F.gelu(self.up2(F.gelu(self.up1(grid)))))
+
+    def token_logits(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, C, G, G) neck -> (B, G, G) per-token lesion-presence logits (needs `token_head`)."""
+        if self.token is None:
+            raise CheckpointError(
+                "this SAM mask decoder has no token head (pretrain.token_lesion_weight was 0)"
+            )
+        return self.token(grid).squeeze(1)
+
+
+def token_lesion_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Balanced BCE of per-token lesion presence. logits (B, G, G); target (B, S, S) int64 labels at
+    S = r * G (-1 = no mask): a token is positive when any pixel of its r x r block is a lesion
+    (label >= 2). Positive and negative tokens are averaged separately, then together, so the few
+    lesion tokens of a frame (1-4 of 256) weigh as much as the rest."""
+    keep = (target >= 0).flatten(1).all(1)
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    logits, target = logits[keep], target[keep]
+    g = logits.shape[-1]
+    r = target.shape[-1] // g
+    pos = (target >= 2).float().reshape(len(target), g, r, g, r).amax((2, 4))  # (B, G, G)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), pos, reduction="none")
+    parts = [bce[pos > 0.5].mean()] if bool((pos > 0.5).any()) else []
+    parts.append(bce[pos < 0.5].mean())
+    return torch.stack(parts).mean()
 
 
 class TextTower(nn.Module):
@@ -126,6 +158,6 @@ def load_mask_decoder(folder: Path) -> MaskDecoder:
             "`llava-ultra pretrain-encoders`"
         )
     meta = json.loads((Path(folder) / "sam_decoder.json").read_text(encoding="utf-8"))
-    dec = MaskDecoder(meta["channels"], meta["labels"])
+    dec = MaskDecoder(meta["channels"], meta["labels"], bool(meta.get("token_head", False)))
     dec.load_state_dict(load_file(str(Path(folder) / "sam_decoder.safetensors")))
     return dec.eval()

@@ -34,13 +34,18 @@ ENCODER_CHOICES = ("pretrained", "random")
 class EncoderRecipe:
     """The default tiny encoders: a SynthUS frame corpus and a pretraining config."""
 
-    corpus_reports: int = 500
+    corpus_reports: int = 2000
     corpus_seed: int = 0
     hard: bool = False
     steps: int = 500
     batch_size: int = 64
     lr: float = 3e-3
     lesion_weight: float = 30.0
+    token_lesion_weight: float = 1.0
+    """Per-token lesion-presence head on SAM's neck (docs/results.md, section 1): makes lesions
+    linearly readable from SAM's tokens, which the frame selector's scorer needs."""
+    report_batches: bool = True
+    """Whole reports per pretraining batch (their frames are each other's hard negatives)."""
     probe_steps: int = 150
     """Steps of the decoder probe fitted on the random-init SAM (quality table only; not hashed)."""
     quality_frames: int = 600
@@ -59,6 +64,8 @@ class EncoderRecipe:
             batch_size=self.batch_size,
             lr=self.lr,
             lesion_weight=self.lesion_weight,
+            token_lesion_weight=self.token_lesion_weight,
+            report_batches=self.report_batches,
             progress=False,
         )
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..config import SamConfig, VisionConfig, from_dict
 from ..errors import ConfigError, DataError
-from ..model.pretrain_heads import MaskDecoder, TextTower, downsample_labels, mask_loss
+from ..model.pretrain_heads import MaskDecoder, TextTower, downsample_labels, mask_loss, token_lesion_loss
 from .checkpoint import (
     atomic_dir,
     capture_rng,
@@ -102,6 +102,12 @@ class PretrainConfig:
     """Weight of the soft Dice term next to cross-entropy in the mask loss."""
     lesion_weight: float = 30.0
     """Cross-entropy weight of the labels after 'organ' (lesions: a few pixels per frame)."""
+    token_lesion_weight: float = 0.0
+    """Weight of the per-token lesion-presence loss (0: off). A linear 1x1 head on SAM's neck
+    predicts, for each token, whether its patch holds a lesion pixel (balanced BCE against the mask
+    reduced to the token grid). The dense decoder can read lesions non-linearly; this head makes
+    each SAM token carry lesion presence linearly, which is what the frame selector's scorer and
+    the LLM's projector read (docs/results.md). Saved with the decoder (`token_head`)."""
     report_batches: bool = False
     """Fill each batch with whole reports (all frames of a report together) instead of frames drawn
     independently. Frames of one report share site and anatomy and differ in whether the lesion is
@@ -139,9 +145,18 @@ class PretrainConfig:
             raise ConfigError("pretrain.batch_size must be at least 2 (contrastive training needs negatives)")
         if not self.lr > 0:
             raise ConfigError(f"pretrain.lr={self.lr}: use a positive learning rate")
-        if min(self.warmup_steps, self.weight_decay, self.dice_weight, self.lesion_weight) < 0:
+        if (
+            min(
+                self.warmup_steps,
+                self.weight_decay,
+                self.dice_weight,
+                self.lesion_weight,
+                self.token_lesion_weight,
+            )
+            < 0
+        ):
             raise ConfigError(
-                "pretrain.warmup_steps, weight_decay, dice_weight and lesion_weight must be >= 0"
+                "pretrain.warmup_steps, weight_decay, dice_weight, lesion_weight and token_lesion_weight must be >= 0"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +201,7 @@ class Encoders(nn.Module):
                 self.sam = SamVisionModel(SamVisionConfig(**cfg.sam.inline))
             else:
                 self.sam = SamVisionModel.from_pretrained(cfg.sam.path)
-            self.decoder = MaskDecoder(self.sam.config.output_channels, labels)
+            self.decoder = MaskDecoder(self.sam.config.output_channels, labels, cfg.token_lesion_weight > 0)
 
     def image_embed(self, pixels: torch.Tensor) -> torch.Tensor:
         pooled = self.clip(pixel_values=pixels).pooler_output  # (B, Hc), post-layernorm CLS
@@ -196,7 +211,7 @@ class Encoders(nn.Module):
         return self.decoder(self.sam(pixel_values=pixels).last_hidden_state)
 
     def forward(self, clip_pixels, caption_ids, caption_mask, caption_keys, sam_pixels, masks, dice_weight,
-                lesion_weight=10.0):  # fmt: skip
+                lesion_weight=10.0, token_lesion_weight=0.0):  # fmt: skip
         """(contrastive loss, mask loss) of one batch; a part without data contributes an exact 0
         that still touches its parameters (data-parallel ranks must all use every parameter)."""
         zero = self.logit_scale * 0.0
@@ -208,7 +223,12 @@ class Encoders(nn.Module):
             c_loss = zero + sum(p.sum() * 0.0 for p in (*self.clip.parameters(), *self.text.parameters()))
         m_loss = zero
         if self.sam is not None and sam_pixels is not None and masks is not None and bool((masks >= 0).any()):
-            m_loss, _ = mask_loss(self.mask_logits(sam_pixels), masks, dice_weight, lesion_weight)
+            grid = self.sam(pixel_values=sam_pixels).last_hidden_state  # (B, C, G, G)
+            m_loss, _ = mask_loss(self.decoder(grid), masks, dice_weight, lesion_weight)
+            if self.decoder.token is not None:
+                m_loss = m_loss + token_lesion_weight * token_lesion_loss(
+                    self.decoder.token_logits(grid), masks
+                )
         elif self.sam is not None:
             m_loss = zero + sum(p.sum() * 0.0 for p in (*self.sam.parameters(), *self.decoder.parameters()))
         return c_loss, m_loss
@@ -449,6 +469,7 @@ def pretrain(corpus_path: Path, out: Path, cfg: PretrainConfig, *, resume: bool 
             masks=b["masks"].to(acc.device) if b["masks"] is not None else None,
             dice_weight=cfg.dice_weight,
             lesion_weight=cfg.lesion_weight,
+            token_lesion_weight=cfg.token_lesion_weight,
         )
         for i in list(data.bad)[reported:]:
             bar.write(f"skipped frame (cannot be decoded): {data.bad[i]}")
@@ -594,7 +615,8 @@ def save_encoders(model: Encoders, tokenizer: Any, cfg: PretrainConfig, out: Pat
             str(out / "sam_decoder.safetensors"),
         )
         write_json(out / "sam_decoder.json", {"channels": model.sam.config.output_channels,
-                                                "labels": model.decoder.out.out_channels})  # fmt: skip
+                                                "labels": model.decoder.out.out_channels,
+                                                "token_head": model.decoder.token is not None})  # fmt: skip
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -273,6 +273,8 @@ def test_token_lesion_loss_marks_a_token_positive_when_any_pixel_of_its_block_is
     loss = token_lesion_loss(logits, none)
     loss.backward()
     assert float(loss) == 0.0 and logits.grad is not None
+    with pytest.raises(ValueError, match="whole multiple"):
+        token_lesion_loss(torch.zeros(1, 3, 3), target)
 
 
 def test_token_head_trains_saves_and_loads_with_the_decoder(tmp_path):

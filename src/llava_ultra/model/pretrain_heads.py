@@ -89,6 +89,8 @@ def token_lesion_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
         return logits.sum() * 0.0
     logits, target = logits[keep], target[keep]
     g = logits.shape[-1]
+    if target.shape[-1] % g or target.shape[-2] % g:
+        raise ValueError(f"mask {tuple(target.shape[-2:])} is not a whole multiple of the {g}x{g} token grid")
     r = target.shape[-1] // g
     pos = (target >= 2).float().reshape(len(target), g, r, g, r).amax((2, 4))  # (B, G, G)
     bce = F.binary_cross_entropy_with_logits(logits.float(), pos, reduction="none")

@@ -145,19 +145,9 @@ class PretrainConfig:
             raise ConfigError("pretrain.batch_size must be at least 2 (contrastive training needs negatives)")
         if not self.lr > 0:
             raise ConfigError(f"pretrain.lr={self.lr}: use a positive learning rate")
-        if (
-            min(
-                self.warmup_steps,
-                self.weight_decay,
-                self.dice_weight,
-                self.lesion_weight,
-                self.token_lesion_weight,
-            )
-            < 0
-        ):
-            raise ConfigError(
-                "pretrain.warmup_steps, weight_decay, dice_weight, lesion_weight and token_lesion_weight must be >= 0"
-            )
+        for name in ("warmup_steps", "weight_decay", "dice_weight", "lesion_weight", "token_lesion_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"pretrain.{name}={getattr(self, name)}: must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -206,9 +196,6 @@ class Encoders(nn.Module):
     def image_embed(self, pixels: torch.Tensor) -> torch.Tensor:
         pooled = self.clip(pixel_values=pixels).pooler_output  # (B, Hc), post-layernorm CLS
         return F.normalize(self.visual_proj(pooled), dim=-1)
-
-    def mask_logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.sam(pixel_values=pixels).last_hidden_state)
 
     def forward(self, clip_pixels, caption_ids, caption_mask, caption_keys, sam_pixels, masks, dice_weight,
                 lesion_weight=10.0, token_lesion_weight=0.0):  # fmt: skip
